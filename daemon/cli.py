@@ -1,0 +1,299 @@
+"""``chatos-retrain``: a thin adapter over :mod:`daemon.api`.
+
+Expected errors are one line on stderr and a named exit code, never a traceback. ``--json`` prints one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon import api, log, settings, storegen
+from daemon.dataset import DatasetError, verify
+from daemon.store.feedback import QUALITIES
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2  # bad configuration or usage
+EXIT_DATA = 3  # not enough data, unknown dataset version ...
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _load(args: argparse.Namespace) -> settings.Settings:
+    try:
+        s, _ = settings.load(args.config)
+    except settings.ConfigError as exc:
+        for line in exc.errors:
+            print(f"{exc.source}: {line}", file=sys.stderr)
+        raise CliError("", EXIT_CONFIG) from None
+    log.configure(s.log.level, s.log.format, stream=sys.stderr)
+    return s
+
+
+# -- verbs ---------------------------------------------------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = Path(args.file) if args.file else args.config
+    try:
+        _, used = settings.load(path)
+    except settings.ConfigError as exc:
+        for line in exc.errors:
+            print(f"{exc.source}: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{used or 'environment/defaults'}: OK")
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    s = _load(args)
+    data = settings.dump(s)
+    data["effective"] = {"state_dir": str(s.state_dir()), "runtime_dir": str(s.runtime_dir())}
+    if args.json:
+        _print_json(data)
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    s = _load(args)
+    thumbs = True if args.up else False if args.down else None
+    try:
+        path = api.give_feedback(s, args.conversation_id, thumbs_up=thumbs, quality=args.quality, note=args.note)
+    except ValueError as exc:
+        raise CliError(f"feedback not recorded: {exc}", EXIT_CONFIG) from None
+    except OSError as exc:
+        raise CliError(f"cannot write feedback under {s.store.root}: {exc.strerror or exc}") from None
+    if args.json:
+        _print_json({"conversation_id": args.conversation_id, "path": str(path)})
+    else:
+        print(f"recorded feedback for {args.conversation_id} in {path}")
+    return EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        report = api.ingest(s, st)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        r = report
+        print(f"ingested {r.conversations} conversation record(s), {r.feedback_events} feedback event(s) from "
+              f"{r.files_read} file(s); {r.rejected} rejected line(s), {r.deleted} deleted; {r.seconds:.3f}s")
+    return EXIT_OK
+
+
+def cmd_dataset_build(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        try:
+            result = api.build_dataset(s, st)
+        except DatasetError as exc:
+            if args.json:
+                _print_json({"created": False, "version": None, "path": None, "train_count": 0, "eval_count": 0,
+                             "message": str(exc)})
+            raise CliError(f"no dataset built: {exc}", EXIT_DATA) from None
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        print(f"{result.message}: {result.path} ({result.train_count} train, {result.eval_count} eval)")
+    return EXIT_OK
+
+
+def cmd_dataset_list(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        rows = st.datasets()
+    if args.json:
+        _print_json([{"version": r.version, "created_at": r.created_at, "path": r.path, "train_count": r.train_count,
+                      "eval_count": r.eval_count, "content_hash": r.content_hash} for r in rows])
+        return EXIT_OK
+    if not rows:
+        print("no dataset versions yet (chatos-retrain dataset build)")
+    for r in rows:
+        print(f"v{r.version}  {r.created_at}  {r.train_count:>6} train  {r.eval_count:>5} eval  {r.path}")
+    return EXIT_OK
+
+
+def cmd_dataset_show(args: argparse.Namespace) -> int:
+    s = _load(args)
+    version = int(str(args.version).lstrip("v")) if str(args.version).lstrip("v").isdigit() else None
+    if version is None:
+        raise CliError(f"not a dataset version: {args.version!r} (expected N or vN)", EXIT_CONFIG)
+    with api.open_state(s) as st:
+        row = st.dataset(version)
+    if row is None:
+        raise CliError(f"no dataset v{version} (see: chatos-retrain dataset list)", EXIT_DATA)
+    problems = verify(Path(row.path))
+    man = dict(row.manifest)
+    if args.json:
+        man["path"] = row.path
+        man["problems"] = problems
+        _print_json(man)
+        return EXIT_OK
+    c = man["counts"]
+    print(f"v{row.version}  created {row.created_at}\n  path: {row.path}")
+    print(f"  train {c['train']}, eval {c['eval']}, duplicates removed {c['duplicates_removed']}")
+    print(f"  by score: {c['by_score']}  by mode: {c['by_mode']}")
+    print(f"  by model: {c['by_model']}")
+    print(f"  PII scrubbed: {man['pii_scrubbed'] or 'none'}")
+    print(f"  filters: {json.dumps(man['filters'])}")
+    print(f"  content hash: {man['content_hash']}")
+    print(f"  sources: {len(man['sources'])} file(s)")
+    print("  files: OK" if not problems else "  PROBLEMS: " + "; ".join(problems))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        status = api.store_status(s, st)
+    if args.json:
+        _print_json(status.as_json())
+        return EXIT_OK
+    c = status.conversations
+    print(f"store:     {status.store_root}" + ("" if Path(status.store_root).is_dir() else "  (missing)"))
+    print(f"state:     {status.state_dir}")
+    print(f"files:     {status.files_tracked} tracked")
+    print(f"conversations: {c['total']} total, {c['eligible']} eligible ({c['positive']} positive), "
+          f"{c['deleted']} deleted, {c['unusable']} unusable, {c['rejected_lines']} rejected line(s)")
+    print(f"feedback:  {status.feedback_events} event(s), {status.feedback_waiting} waiting for their conversation")
+    latest = f"v{status.latest_dataset}" if status.latest_dataset else "none"
+    print(f"dataset:   latest {latest}; {status.new_eligible_since_dataset} new eligible since")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a demo ChatOS store with its own config and state, then ingest it and build a dataset."""
+    base = Path(args.dir).expanduser().absolute()
+    store = base / "ChatOS-Memory"
+    cfg = base / "retrain.yaml"
+    if not store.exists():
+        truth = storegen.generate_store(store, args.records, days=7, seed=42, feedback_fraction=0.5)
+        print(f"generated a demo ChatOS store: {store} ({len(truth.conversations)} conversations, "
+              f"{truth.feedback_events} feedback events)")
+    if not cfg.exists():
+        cfg.write_text(
+            "# Demo configuration written by `chatos-retrain demo`; paths are relative to this file.\n"
+            "store:\n  root: ChatOS-Memory\nstate:\n  dir: state\n"
+            "policy:\n  min_new_examples: 10\n  min_total_examples: 20\n  cooldown: 0s\n"
+            "training:\n  backend: transformers\n",
+            encoding="utf-8",
+        )
+    args.config = cfg
+    s = _load(args)
+    with api.open_state(s) as st:
+        try:
+            result = api.build_dataset(s, st)
+        except DatasetError as exc:
+            raise CliError(f"no dataset built: {exc}", EXIT_DATA) from None
+        status = api.store_status(s, st)
+    print(f"{result.message}: {result.path} ({result.train_count} train, {result.eval_count} eval)")
+    print(f"{status.conversations['total']} conversations ingested, {status.conversations['eligible']} eligible")
+    print(f"try: chatos-retrain --config {cfg} status")
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------------------------------
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatos-retrain",
+        description="Continuous LoRA retraining from a ChatOS conversation store.",
+    )
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config file (default: /etc/chatos-retrain/retrain.yaml, "
+                             "then ~/.config/chatos-retrain/retrain.yaml, else built-in defaults)")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p_cfg = sub.add_parser("config", help="check or show the configuration")
+    cfg_sub = p_cfg.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = cfg_sub.add_parser("check", help="validate a config file; prints every error as At 'section.key': message")
+    p.add_argument("file", nargs="?", help="file to check (default: --config or the search path)")
+    p.set_defaults(func=cmd_config_check)
+    p = cfg_sub.add_parser("show", help="print the effective configuration (YAML, or --json)")
+    _json_flag(p)
+    p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("feedback", help="record thumbs up/down or a quality rating for a conversation")
+    p.add_argument("conversation_id")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--up", action="store_true", help="thumbs up (score 1)")
+    g.add_argument("--down", action="store_true", help="thumbs down (score -1)")
+    g.add_argument("--quality", choices=QUALITIES, help="a ChatOS quality rating")
+    p.add_argument("--note", help="free-text feedback kept with the event")
+    _json_flag(p)
+    p.set_defaults(func=cmd_feedback)
+
+    p = sub.add_parser("ingest", help="read what is new in the ChatOS store into state")
+    _json_flag(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p_ds = sub.add_parser("dataset", help="build, list or show dataset versions")
+    ds_sub = p_ds.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = ds_sub.add_parser("build", help="ingest, then write the next dataset version if the eligible set changed")
+    _json_flag(p)
+    p.set_defaults(func=cmd_dataset_build)
+    p = ds_sub.add_parser("list", help="list dataset versions")
+    _json_flag(p)
+    p.set_defaults(func=cmd_dataset_list)
+    p = ds_sub.add_parser("show", help="show one version's manifest and check its files")
+    p.add_argument("version", help="N or vN")
+    _json_flag(p)
+    p.set_defaults(func=cmd_dataset_show)
+
+    p = sub.add_parser("status", help="store, state and dataset counts")
+    _json_flag(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="generate a demo store with its own config and state, ingest it, build a dataset")
+    p.add_argument("--dir", default=os.path.join(os.environ.get("XDG_DATA_HOME", "~/.local/share"),
+                                                 "chatos-retrain", "demo"),
+                   help="where the demo store, config and state live (default: %(default)s)")
+    p.add_argument("--records", type=int, default=400, help="chat requests in a new demo store")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as exc:
+        if str(exc):
+            print(f"chatos-retrain: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except settings.ConfigError as exc:  # pragma: no cover - _load turns these into CliError
+        print(f"chatos-retrain: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

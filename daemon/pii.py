@@ -1,0 +1,53 @@
+"""PII scrub (pure): emails, phone numbers, API keys/tokens and IPv4 addresses become placeholders.
+
+Conservative on purpose: a pattern that also eats ordinary text (version numbers, code literals) costs training
+quality; a missed secret is worse, so the secret patterns are the broad ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+PLACEHOLDER = {"email": "[EMAIL]", "phone": "[PHONE]", "secret": "[SECRET]", "ipv4": "[IPV4]"}
+
+_SECRET = re.compile(
+    r"""(?x)
+    \b(?:
+        sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}          # OpenAI / Anthropic style
+      | gh[pousr]_[A-Za-z0-9]{36,}                     # GitHub tokens
+      | github_pat_[A-Za-z0-9_]{40,}
+      | xox[abprs]-[A-Za-z0-9\-]{10,}                  # Slack
+      | AKIA[0-9A-Z]{16}                               # AWS access key id
+      | AIza[0-9A-Za-z_\-]{35}                         # Google API key
+      | hf_[A-Za-z0-9]{30,}                            # Hugging Face
+      | glpat-[A-Za-z0-9_\-]{20,}                      # GitLab
+      | eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}   # JWT
+    )
+    | (?<=Bearer\ )[A-Za-z0-9._~+/\-]{16,}=*
+    | (?i:(?<=api_key=)|(?<=apikey=)|(?<=token=)|(?<=secret=)|(?<=password=))[^\s&"']{8,}
+    | -----BEGIN\ [A-Z ]*PRIVATE\ KEY-----[\s\S]*?-----END\ [A-Z ]*PRIVATE\ KEY-----
+    """
+)
+_EMAIL = re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b")
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+# International (+CC ...) or NANP-like (3-3-4 with separators); needs separators so plain integers survive.
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]\d{2,4}){2,4}"
+    r"|\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}|\d{3}[.\-]\d{3}[.\-]\d{4})(?!\w)"
+)
+
+_ORDER = (("secret", _SECRET), ("email", _EMAIL), ("ipv4", _IPV4), ("phone", _PHONE))
+
+
+def scrub(text: str, kinds: Iterable[str], counts: Counter[str] | None = None) -> str:
+    """Replace every match of the enabled ``kinds`` with its placeholder; add what was replaced to ``counts``."""
+    enabled = set(kinds)
+    for kind, pattern in _ORDER:
+        if kind not in enabled:
+            continue
+        text, n = pattern.subn(PLACEHOLDER[kind], text)
+        if n and counts is not None:
+            counts[kind] += n
+    return text

@@ -1,0 +1,446 @@
+"""SQLite state (WAL) under the state dir: the only module that speaks SQL.
+
+Tables: file cursors, conversations (+ where each was seen), feedback events and the latest label per
+conversation, rejected lines, dataset versions and their members, eval pins. Schema changes are migrations
+keyed by ``PRAGMA user_version``. Files and folders created here are private (0700 / 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.store.tail import Cursor
+
+DB_NAME = "state.sqlite3"
+
+MIGRATIONS: list[str] = [
+    # 1: foundation
+    """
+    CREATE TABLE files (
+        path TEXT PRIMARY KEY, kind TEXT NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL,
+        size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, offset INTEGER NOT NULL, lines INTEGER NOT NULL,
+        head_len INTEGER NOT NULL, head_hash TEXT NOT NULL, tail_len INTEGER NOT NULL, tail_hash TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE conversations (
+        cid TEXT PRIMARY KEY, rank INTEGER NOT NULL, messages TEXT NOT NULL, mode TEXT NOT NULL, model TEXT,
+        quality TEXT, thumbs_up INTEGER, inline_score INTEGER NOT NULL, inline_rated INTEGER NOT NULL,
+        usable INTEGER NOT NULL, started_at TEXT, src_path TEXT NOT NULL, src_offset INTEGER NOT NULL,
+        src_len INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0, deleted_at TEXT,
+        first_seen TEXT NOT NULL, updated_at TEXT NOT NULL
+    );
+    CREATE TABLE sightings (
+        path TEXT NOT NULL, cid TEXT NOT NULL, rank INTEGER NOT NULL, PRIMARY KEY (path, cid)
+    ) WITHOUT ROWID;
+    CREATE INDEX sightings_cid ON sightings (cid);
+    CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY, path TEXT NOT NULL, line INTEGER NOT NULL, cid TEXT NOT NULL,
+        thumbs_up INTEGER, quality TEXT, note TEXT, ts TEXT NOT NULL, score INTEGER NOT NULL
+    );
+    CREATE INDEX feedback_path ON feedback (path);
+    CREATE INDEX feedback_cid ON feedback (cid, ts, id);
+    CREATE TABLE labels (
+        cid TEXT PRIMARY KEY, score INTEGER NOT NULL, thumbs_up INTEGER, quality TEXT, ts TEXT NOT NULL,
+        feedback_id INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE rejects (
+        path TEXT NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL, line_hash TEXT NOT NULL,
+        PRIMARY KEY (path, line)
+    ) WITHOUT ROWID;
+    CREATE TABLE datasets (
+        version INTEGER PRIMARY KEY, created_at TEXT NOT NULL, path TEXT NOT NULL, fingerprint TEXT NOT NULL,
+        content_hash TEXT NOT NULL, train_count INTEGER NOT NULL, eval_count INTEGER NOT NULL, manifest TEXT NOT NULL
+    );
+    CREATE TABLE dataset_members (
+        version INTEGER NOT NULL, cid TEXT NOT NULL, split TEXT NOT NULL, PRIMARY KEY (version, cid)
+    ) WITHOUT ROWID;
+    CREATE INDEX dataset_members_cid ON dataset_members (cid);
+    CREATE TABLE eval_pins (cid TEXT PRIMARY KEY, pinned_at TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    """,
+]
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make the leaf 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class ConvRow:
+    """A conversation ready to upsert (from :mod:`daemon.store.records`)."""
+
+    cid: str
+    rank: int
+    messages: str
+    mode: str
+    model: str | None
+    quality: str | None
+    thumbs_up: bool | None
+    inline_score: int
+    inline_rated: bool
+    usable: bool
+    started_at: str | None
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRow:
+    path: str
+    line: int
+    cid: str
+    thumbs_up: bool | None
+    quality: str | None
+    note: str | None
+    ts: str
+    score: int
+
+
+@dataclass(frozen=True, slots=True)
+class Eligible:
+    cid: str
+    messages: str
+    mode: str
+    model: str | None
+    score: int
+    rated: bool
+    src_path: str
+    src_offset: int
+    src_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRow:
+    version: int
+    created_at: str
+    path: str
+    fingerprint: str
+    content_hash: str
+    train_count: int
+    eval_count: int
+    manifest: dict[str, Any]
+
+
+class State:
+    """One connection to the state database. Not shared between threads; open one per thread."""
+
+    def __init__(self, state_dir: Path, *, timeout_s: float = 30.0) -> None:
+        self.dir = private_dir(state_dir)
+        self.path = self.dir / DB_NAME
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        self.conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        self._depth = 0
+        self.migrate()
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction (BEGIN IMMEDIATE); nested uses join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise RuntimeError(
+                f"state database {self.path} has schema v{current}, newer than this version knows (v{len(MIGRATIONS)})"
+            )
+        for version in range(current, len(MIGRATIONS)):
+            with self.transaction():
+                for stmt in MIGRATIONS[version].split(";"):
+                    if stmt.strip():
+                        self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version={version + 1}")
+        for suffix in ("-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                os.chmod(p, 0o600)
+
+    # -- cursors -------------------------------------------------------------------------------------------
+
+    def cursors(self) -> dict[str, Cursor]:
+        rows = self.conn.execute(
+            "SELECT path, kind, dev, ino, size, mtime_ns, offset, lines, head_len, head_hash, tail_len, tail_hash"
+            " FROM files"
+        )
+        return {r[0]: Cursor(*r) for r in rows}
+
+    def cursor(self, path: str) -> Cursor | None:
+        r = self.conn.execute(
+            "SELECT path, kind, dev, ino, size, mtime_ns, offset, lines, head_len, head_hash, tail_len, tail_hash"
+            " FROM files WHERE path = ?",
+            (path,),
+        ).fetchone()
+        return Cursor(*r) if r else None
+
+    def save_cursor(self, c: Cursor) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO files (path, kind, dev, ino, size, mtime_ns, offset, lines, head_len, head_hash,"
+            " tail_len, tail_hash, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (c.path, c.kind, c.dev, c.ino, c.size, c.mtime_ns, c.offset, c.lines, c.head_len, c.head_hash,
+             c.tail_len, c.tail_hash, utcnow()),
+        )
+
+    def drop_cursor(self, path: str) -> None:
+        self.conn.execute("DELETE FROM files WHERE path = ?", (path,))
+
+    # -- conversations -------------------------------------------------------------------------------------
+
+    def upsert_conversations(self, rows: Sequence[ConvRow]) -> None:
+        """Insert or update; content from a higher-ranked source (logs/) wins; deleted stays deleted."""
+        now = utcnow()
+        self.conn.executemany(
+            "INSERT INTO conversations (cid, rank, messages, mode, model, quality, thumbs_up, inline_score,"
+            " inline_rated, usable, started_at, src_path, src_offset, src_len, first_seen, updated_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(cid) DO UPDATE SET rank=excluded.rank, messages=excluded.messages, mode=excluded.mode,"
+            " model=excluded.model, quality=excluded.quality, thumbs_up=excluded.thumbs_up,"
+            " inline_score=excluded.inline_score, inline_rated=excluded.inline_rated, usable=excluded.usable,"
+            " started_at=excluded.started_at, src_path=excluded.src_path, src_offset=excluded.src_offset,"
+            " src_len=excluded.src_len, updated_at=excluded.updated_at"
+            " WHERE excluded.rank >= conversations.rank",
+            [
+                (r.cid, r.rank, r.messages, r.mode, r.model, r.quality, r.thumbs_up, r.inline_score, r.inline_rated,
+                 r.usable, r.started_at, r.path, r.offset, r.length, now, now)
+                for r in rows
+            ],
+        )
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO sightings (path, cid, rank) VALUES (?,?,?)", [(r.path, r.cid, r.rank) for r in rows]
+        )
+
+    def sighted_in(self, path: str) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT cid FROM sightings WHERE path = ?", (path,))}
+
+    def forget_path(self, path: str) -> None:
+        """Drop everything read from ``path`` (before it is read again from byte 0)."""
+        self.conn.execute("DELETE FROM sightings WHERE path = ?", (path,))
+        cids = [r[0] for r in self.conn.execute("SELECT DISTINCT cid FROM feedback WHERE path = ?", (path,))]
+        self.conn.execute("DELETE FROM feedback WHERE path = ?", (path,))
+        self.refresh_labels(cids)
+
+    def reconcile_vanished(self, vanished: Iterable[str]) -> int:
+        """Conversations no longer in any logs/ file (or in no file at all) are marked deleted. Returns how many."""
+        now = utcnow()
+        marked = 0
+        for cid in vanished:
+            row = self.conn.execute(
+                "SELECT SUM(rank = 2), COUNT(*) FROM sightings WHERE cid = ?", (cid,)
+            ).fetchone()
+            in_logs, anywhere = row[0] or 0, row[1]
+            was_logs = self.conn.execute("SELECT rank FROM conversations WHERE cid = ?", (cid,)).fetchone()
+            if in_logs == 0 and (anywhere == 0 or (was_logs and was_logs[0] == 2)):
+                cur = self.conn.execute(
+                    "UPDATE conversations SET deleted = 1, deleted_at = ? WHERE cid = ? AND deleted = 0", (now, cid)
+                )
+                marked += cur.rowcount
+        return marked
+
+    def mark_deleted(self, cid: str) -> bool:
+        cur = self.conn.execute(
+            "UPDATE conversations SET deleted = 1, deleted_at = ? WHERE cid = ? AND deleted = 0", (utcnow(), cid)
+        )
+        return cur.rowcount > 0
+
+    # -- feedback ------------------------------------------------------------------------------------------
+
+    def add_feedback(self, rows: Sequence[FeedbackRow]) -> None:
+        self.conn.executemany(
+            "INSERT INTO feedback (path, line, cid, thumbs_up, quality, note, ts, score) VALUES (?,?,?,?,?,?,?,?)",
+            [(r.path, r.line, r.cid, r.thumbs_up, r.quality, r.note, r.ts, r.score) for r in rows],
+        )
+        self.refresh_labels({r.cid for r in rows})
+
+    def refresh_labels(self, cids: Iterable[str]) -> None:
+        """Recompute the effective label (latest event by timestamp, then arrival) for ``cids``."""
+        for cid in cids:
+            row = self.conn.execute(
+                "SELECT id, score, thumbs_up, quality, ts FROM feedback WHERE cid = ? ORDER BY ts DESC, id DESC LIMIT 1",
+                (cid,),
+            ).fetchone()
+            if row is None:
+                self.conn.execute("DELETE FROM labels WHERE cid = ?", (cid,))
+            else:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO labels (cid, score, thumbs_up, quality, ts, feedback_id) VALUES (?,?,?,?,?,?)",
+                    (cid, row[1], row[2], row[3], row[4], row[0]),
+                )
+
+    # -- rejected lines ------------------------------------------------------------------------------------
+
+    def rejects_for(self, path: str) -> dict[int, str]:
+        return {r[0]: r[1] for r in self.conn.execute("SELECT line, line_hash FROM rejects WHERE path = ?", (path,))}
+
+    def replace_rejects(self, path: str, rows: Sequence[tuple[int, str, str]], *, from_line: int = 0) -> None:
+        """Record rejected lines ``(line, reason, line_hash)`` of ``path`` at or after ``from_line``."""
+        self.conn.execute("DELETE FROM rejects WHERE path = ? AND line >= ?", (path, from_line))
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO rejects (path, line, reason, line_hash) VALUES (?,?,?,?)",
+            [(path, line, reason, h) for line, reason, h in rows],
+        )
+
+    def drop_rejects(self, path: str) -> None:
+        self.conn.execute("DELETE FROM rejects WHERE path = ?", (path,))
+
+    # -- queries for datasets and status -------------------------------------------------------------------
+
+    _ELIGIBLE = (
+        " FROM conversations c LEFT JOIN labels l ON l.cid = c.cid"
+        " WHERE c.deleted = 0 AND c.usable = 1 AND c.mode IN ({modes})"
+        " AND COALESCE(l.score, c.inline_score) >= ? AND (l.cid IS NOT NULL OR c.inline_rated = 1 OR ?)"
+    )
+
+    def _eligible_sql(self, select: str, modes: Sequence[str]) -> str:
+        return select + self._ELIGIBLE.format(modes=",".join("?" * len(modes)))
+
+    def eligible(self, modes: Sequence[str], min_score: int, include_unrated: bool) -> Iterator[Eligible]:
+        sql = self._eligible_sql(
+            "SELECT c.cid, c.messages, c.mode, c.model, COALESCE(l.score, c.inline_score),"
+            " (l.cid IS NOT NULL OR c.inline_rated = 1), c.src_path, c.src_offset, c.src_len",
+            modes,
+        ) + " ORDER BY c.cid"
+        for r in self.conn.execute(sql, (*modes, min_score, include_unrated)):
+            yield Eligible(r[0], r[1], r[2], r[3], int(r[4]), bool(r[5]), r[6], r[7], r[8])
+
+    def eligible_counts(self, modes: Sequence[str], min_score: int, include_unrated: bool) -> dict[str, int]:
+        """Eligible total, positives among them, and how many are not in the latest dataset version."""
+        latest = self.latest_dataset_version() or 0
+        sql = self._eligible_sql(
+            "SELECT COUNT(*), SUM(COALESCE(l.score, c.inline_score) > 0),"
+            " SUM(NOT EXISTS (SELECT 1 FROM dataset_members m WHERE m.version = ? AND m.cid = c.cid))",
+            modes,
+        )
+        row = self.conn.execute(sql, (latest, *modes, min_score, include_unrated)).fetchone()
+        return {"eligible": row[0] or 0, "positive": row[1] or 0, "new_since_dataset": row[2] or 0}
+
+    def counts(self) -> dict[str, int]:
+        one = self.conn.execute
+        return {
+            "files": one("SELECT COUNT(*) FROM files").fetchone()[0],
+            "conversations": one("SELECT COUNT(*) FROM conversations").fetchone()[0],
+            "deleted": one("SELECT COUNT(*) FROM conversations WHERE deleted = 1").fetchone()[0],
+            "unusable": one("SELECT COUNT(*) FROM conversations WHERE usable = 0 AND deleted = 0").fetchone()[0],
+            "rejected_lines": one("SELECT COUNT(*) FROM rejects").fetchone()[0],
+            "feedback_events": one("SELECT COUNT(*) FROM feedback").fetchone()[0],
+            "feedback_waiting": one(
+                "SELECT COUNT(*) FROM labels l WHERE NOT EXISTS (SELECT 1 FROM conversations c WHERE c.cid = l.cid)"
+            ).fetchone()[0],
+        }
+
+    def conversation(self, cid: str) -> dict[str, Any] | None:
+        cur = self.conn.execute(
+            "SELECT c.*, l.score AS label_score, l.ts AS label_ts FROM conversations c"
+            " LEFT JOIN labels l ON l.cid = c.cid WHERE c.cid = ?",
+            (cid,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    # -- datasets ------------------------------------------------------------------------------------------
+
+    def latest_dataset_version(self) -> int | None:
+        row = self.conn.execute("SELECT MAX(version) FROM datasets").fetchone()
+        return row[0]
+
+    def dataset(self, version: int) -> DatasetRow | None:
+        r = self.conn.execute(
+            "SELECT version, created_at, path, fingerprint, content_hash, train_count, eval_count, manifest"
+            " FROM datasets WHERE version = ?",
+            (version,),
+        ).fetchone()
+        return DatasetRow(*r[:7], json.loads(r[7])) if r else None
+
+    def datasets(self) -> list[DatasetRow]:
+        rows = self.conn.execute(
+            "SELECT version, created_at, path, fingerprint, content_hash, train_count, eval_count, manifest"
+            " FROM datasets ORDER BY version"
+        ).fetchall()
+        return [DatasetRow(*r[:7], json.loads(r[7])) for r in rows]
+
+    def add_dataset(self, row: DatasetRow, members: Iterable[tuple[str, str]]) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO datasets (version, created_at, path, fingerprint, content_hash, train_count, eval_count,"
+                " manifest) VALUES (?,?,?,?,?,?,?,?)",
+                (row.version, row.created_at, row.path, row.fingerprint, row.content_hash, row.train_count,
+                 row.eval_count, json.dumps(row.manifest)),
+            )
+            self.conn.executemany(
+                "INSERT INTO dataset_members (version, cid, split) VALUES (?,?,?)",
+                ((row.version, cid, split) for cid, split in members),
+            )
+
+    def members(self, version: int) -> list[tuple[str, str]]:
+        return self.conn.execute(
+            "SELECT cid, split FROM dataset_members WHERE version = ? ORDER BY cid", (version,)
+        ).fetchall()
+
+    def eval_pins(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT cid FROM eval_pins")}
+
+    def add_eval_pins(self, cids: Iterable[str]) -> None:
+        now = utcnow()
+        self.conn.executemany("INSERT OR IGNORE INTO eval_pins (cid, pinned_at) VALUES (?,?)", ((c, now) for c in cids))
+
+    # -- key/value -----------------------------------------------------------------------------------------
+
+    def get_kv(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_kv(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?,?)", (key, value))
+

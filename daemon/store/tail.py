@@ -1,0 +1,181 @@
+"""Durable JSONL cursors: read only complete new lines; notice truncation, replacement, rewrites and deletion.
+
+A cursor is (device, inode, size, mtime, offset, complete lines before offset, hash of the first <= 4 KiB and hash
+of the <= 1 KiB before ``offset``). The head hash catches a file replaced or rewritten from the start; the boundary
+hash catches an in-place rewrite (ChatOS deleting a chat) that happens to leave the file as long as before.
+When any of them disagrees with the file, the file is read again from byte 0 and its records reconciled.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Literal
+
+HEAD_BYTES = 4096
+BOUNDARY_BYTES = 1024
+CHUNK = 1 << 20
+
+Mode = Literal["new", "append", "reread", "unchanged", "gone", "unreadable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    path: str
+    kind: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    offset: int
+    lines: int
+    head_len: int
+    head_hash: str
+    tail_len: int
+    tail_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    number: int  # 1-based line number in the file
+    offset: int  # byte offset of the line's first byte
+    data: bytes  # without the trailing newline
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to do with one file now. ``reason`` says why a re-read is needed (for the log)."""
+
+    path: str
+    mode: Mode
+    reason: str = ""
+    st: os.stat_result | None = None
+    start: int = 0
+    start_line: int = 0
+
+
+def _hash(fd: int, start: int, length: int) -> str:
+    data = os.pread(fd, length, start) if length else b""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def plan(path: str, cursor: Cursor | None) -> Plan:
+    """Decide, from stat and two small hashes, how to read ``path`` given its last cursor."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Plan(path, "gone", "file deleted") if cursor else Plan(path, "unchanged")
+    except OSError as exc:
+        return Plan(path, "unreadable", f"cannot stat: {exc.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        what = "directory" if stat.S_ISDIR(st.st_mode) else "special file"
+        if cursor:
+            return Plan(path, "gone", f"replaced by a {what}")
+        return Plan(path, "unreadable", f"not a regular file ({what})")
+    if cursor is None:
+        return Plan(path, "new", "", st)
+    if (st.st_dev, st.st_ino) != (cursor.dev, cursor.ino):
+        return Plan(path, "reread", "replaced (new inode)", st)
+    if st.st_size < cursor.offset:
+        return Plan(path, "reread", f"truncated ({st.st_size} < {cursor.offset} bytes read)", st)
+    if st.st_size == cursor.size and st.st_mtime_ns == cursor.mtime_ns:
+        return Plan(path, "unchanged", "", st)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return Plan(path, "unreadable", f"cannot open: {exc.strerror}")
+    try:
+        if _hash(fd, 0, cursor.head_len) != cursor.head_hash:
+            return Plan(path, "reread", "rewritten (start of file changed)", st)
+        if _hash(fd, cursor.offset - cursor.tail_len, cursor.tail_len) != cursor.tail_hash:
+            return Plan(path, "reread", "rewritten (already-read bytes changed)", st)
+    finally:
+        os.close(fd)
+    if st.st_size == cursor.offset:
+        # Same bytes, only the mtime moved (touch, or a rewrite with identical content): just record it.
+        return Plan(path, "unchanged", "", st)
+    return Plan(path, "append", "", st, cursor.offset, cursor.lines)
+
+
+def open_for_read(path: str) -> int:
+    """Open a regular file without blocking (a FIFO swapped in after ``plan`` must not hang us)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
+def read_lines(fd: int, start: int, start_line: int, max_line: int) -> Iterator[Line | tuple[int, int, int]]:
+    """Complete lines from ``start`` to the end of file, as :class:`Line`.
+
+    A line longer than ``max_line`` bytes is not kept in memory; it is yielded as ``(number, offset, length)`` so the
+    caller can reject it. A partial last line (no newline yet) is not yielded: it waits for its writer.
+    """
+    pos = start
+    number = start_line
+    pending = bytearray()
+    pending_off = start
+    oversize = False
+    while True:
+        chunk = os.pread(fd, CHUNK, pos)
+        if not chunk:
+            return
+        pos += len(chunk)
+        begin = 0
+        while True:
+            nl = chunk.find(b"\n", begin)
+            if nl < 0:
+                if not oversize:
+                    pending += chunk[begin:]
+                    if len(pending) > max_line:
+                        oversize = True
+                        pending = bytearray()
+                break
+            number += 1
+            if oversize:
+                yield (number, pending_off, pos - len(chunk) + nl - pending_off)
+                oversize = False
+            else:
+                if pending:
+                    pending += chunk[begin:nl]
+                    data = bytes(pending)
+                    pending = bytearray()
+                else:
+                    data = chunk[begin:nl]
+                if len(data) > max_line:
+                    yield (number, pending_off, len(data))
+                else:
+                    yield Line(number, pending_off, data)
+            begin = nl + 1
+            pending_off = pos - len(chunk) + begin
+
+
+def cursor_after(path: str, kind: str, fd: int, st: os.stat_result, offset: int, lines: int) -> Cursor:
+    """The cursor to store after reading up to ``offset`` (the byte after the last complete line)."""
+    head_len = min(HEAD_BYTES, offset)
+    tail_len = min(BOUNDARY_BYTES, offset)
+    return Cursor(
+        path=path,
+        kind=kind,
+        dev=st.st_dev,
+        ino=st.st_ino,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        offset=offset,
+        lines=lines,
+        head_len=head_len,
+        head_hash=_hash(fd, 0, head_len),
+        tail_len=tail_len,
+        tail_hash=_hash(fd, offset - tail_len, tail_len),
+    )
+
+
+def touched(cursor: Cursor, st: os.stat_result) -> Cursor:
+    """The same cursor with the file's new size/mtime (nothing new to read)."""
+    return replace(cursor, size=st.st_size, mtime_ns=st.st_mtime_ns)
