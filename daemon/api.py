@@ -10,7 +10,7 @@ from typing import Any
 
 from daemon import dataset
 from daemon.settings import Settings
-from daemon.state import State
+from daemon.state import State, utcnow
 from daemon.store import feedback
 from daemon.store.ingest import Ingestor, IngestReport
 
@@ -22,7 +22,10 @@ def open_state(settings: Settings) -> State:
 def ingest(settings: Settings, state: State, paths: Iterable[str] | None = None) -> IngestReport:
     """Read what is new in the store (all of it, or just ``paths``) into state."""
     ing = Ingestor(state, settings.store.root, max_line_bytes=settings.store.max_line_bytes)
-    return ing.scan(paths)
+    report = ing.scan(paths)
+    with state.transaction():
+        state.set_kv("last_ingest_at", utcnow())
+    return report
 
 
 def build_dataset(settings: Settings, state: State, *, ingest_first: bool = True) -> dataset.BuildResult:
@@ -49,6 +52,7 @@ class StoreStatus:
     feedback_waiting: int
     new_eligible_since_dataset: int
     latest_dataset: int | None
+    last_ingest_at: str | None
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,4 +78,5 @@ def store_status(settings: Settings, state: State) -> StoreStatus:
         feedback_waiting=c["feedback_waiting"],
         new_eligible_since_dataset=e["new_since_dataset"],
         latest_dataset=state.latest_dataset_version(),
+        last_ingest_at=state.get_kv("last_ingest_at"),
     )

@@ -178,6 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"feedback:  {status.feedback_events} event(s), {status.feedback_waiting} waiting for their conversation")
     latest = f"v{status.latest_dataset}" if status.latest_dataset else "none"
     print(f"dataset:   latest {latest}; {status.new_eligible_since_dataset} new eligible since")
+    print(f"as of:     last ingest {status.last_ingest_at or 'never'} (chatos-retrain ingest reads what is new)")
     return EXIT_OK
 
 

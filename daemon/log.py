@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -70,7 +71,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
-def _drop_logger_for_ours(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _drop_logger_for_ours(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Our own loggers are named ``daemon.*``; keep ``logger`` only for third-party lines, where it says who spoke."""
     if str(event.get("logger", "")).startswith("daemon"):
         event.pop("logger", None)

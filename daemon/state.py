@@ -137,6 +137,10 @@ class DatasetRow:
     manifest: dict[str, Any]
 
 
+def _dataset_row(r: Sequence[Any]) -> DatasetRow:
+    return DatasetRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), json.loads(r[7]))
+
+
 class State:
     """One connection to the state database. Not shared between threads; open one per thread."""
 
@@ -393,7 +397,7 @@ class State:
 
     def latest_dataset_version(self) -> int | None:
         row = self.conn.execute("SELECT MAX(version) FROM datasets").fetchone()
-        return row[0]
+        return int(row[0]) if row[0] is not None else None
 
     def dataset(self, version: int) -> DatasetRow | None:
         r = self.conn.execute(
@@ -401,14 +405,14 @@ class State:
             " FROM datasets WHERE version = ?",
             (version,),
         ).fetchone()
-        return DatasetRow(*r[:7], json.loads(r[7])) if r else None
+        return _dataset_row(r) if r else None
 
     def datasets(self) -> list[DatasetRow]:
         rows = self.conn.execute(
             "SELECT version, created_at, path, fingerprint, content_hash, train_count, eval_count, manifest"
             " FROM datasets ORDER BY version"
         ).fetchall()
-        return [DatasetRow(*r[:7], json.loads(r[7])) for r in rows]
+        return [_dataset_row(r) for r in rows]
 
     def add_dataset(self, row: DatasetRow, members: Iterable[tuple[str, str]]) -> None:
         with self.transaction():

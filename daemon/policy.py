@@ -1,0 +1,234 @@
+"""When to retrain: pure rules over counts, the last runs, the config and ``now``, with reasons an operator reads.
+
+``decide`` checks every rule (never short-circuits) so ``Decision.blockers`` lists all that failed; ``reason`` is the
+most useful of them (a running job first, then the data thresholds, then the timing rules), or the "ready" sentence.
+All times are timezone-aware and handled in UTC (no DST); training windows are 5-field cron expressions in UTC
+evaluated with APScheduler 3.x's ``CronTrigger``.
+
+``runs_today`` counts runs started in the current UTC day (since ``day_start(now)``, 00:00 UTC), so the daily limit
+resets at midnight UTC rather than rolling over 24 hours; callers count runs with ``started_at >= day_start(now)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.triggers.cron import CronTrigger
+
+from daemon.settings import PolicySettings, Window
+
+_SECOND = timedelta(seconds=1)
+_TINY = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    """What the policy needs to know, counted by the caller from the state database."""
+
+    new_examples: int  # eligible examples not in the last *trained* dataset
+    total_examples: int  # eligible examples now
+    positive_examples: int  # of those, how many score positive
+    last_trained_version: int | None  # dataset version of the last training run, None before the first
+    last_run_at: datetime | None  # start of the last training run (any outcome), aware
+    runs_today: int  # runs started since 00:00 UTC today (see module docstring)
+    job_running: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one evaluation: ``reason`` is one sentence for ``status``; ``numbers`` is JSON-able."""
+
+    train: bool
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    blockers: list[str] = field(default_factory=list)
+    next_window: datetime | None = None
+
+
+@dataclass(frozen=True)
+class OpenWindow:
+    """A training window open at some instant: which one, when it opened and when it closes."""
+
+    window: Window
+    opened_at: datetime
+    closes_at: datetime
+
+
+def day_start(now: datetime) -> datetime:
+    """00:00 UTC of ``now``'s UTC day: the boundary for ``PolicyInput.runs_today``."""
+    n = _utc(now, "now")
+    return n.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def decide(inputs: PolicyInput, cfg: PolicySettings, now: datetime) -> Decision:
+    """Evaluate every rule at ``now`` (aware; naive raises ValueError) and explain the outcome."""
+    now = _utc(now, "now")
+    last_run = _utc(inputs.last_run_at, "last_run_at") if inputs.last_run_at is not None else None
+
+    version = inputs.last_trained_version
+    since = f"since v{version}" if version is not None else "(no model trained yet)"
+    total, positive = inputs.total_examples, inputs.positive_examples
+    ratio = positive / total if total > 0 else None
+
+    cooldown_left = 0.0
+    if last_run is not None:
+        cooldown_left = max(0.0, cfg.cooldown - (now - last_run).total_seconds())
+
+    open_win = current_window(cfg, now)
+    next_open = next_window_open(cfg, now)
+    window_ok = not cfg.windows or open_win is not None
+
+    blockers: list[str] = []
+    window_blocker: str | None = None
+    if inputs.job_running:
+        blockers.append("a training job is running")
+    if inputs.new_examples < cfg.min_new_examples:
+        blockers.append(f"{inputs.new_examples}/{cfg.min_new_examples} new rated examples {since}")
+    if total < cfg.min_total_examples:
+        blockers.append(f"{total}/{cfg.min_total_examples} rated examples in total")
+    if ratio is None:
+        blockers.append("no rated examples yet, so no positive ratio")
+    elif ratio < cfg.min_positive_ratio:
+        blockers.append(
+            f"positive ratio {_pct(positive, total)} ({positive}/{total}) is below the required "
+            f"{_pct_float(cfg.min_positive_ratio)}"
+        )
+    if inputs.runs_today >= cfg.max_runs_per_day:
+        reset = day_start(now) + timedelta(days=1)
+        blockers.append(
+            f"daily limit reached: {inputs.runs_today}/{cfg.max_runs_per_day} runs today; "
+            f"resets 00:00 UTC (in {_span(reset - now)})"
+        )
+    if last_run is not None and cooldown_left > 0:
+        blockers.append(f"cooldown: {_span(timedelta(seconds=cooldown_left))} left (last run {_clock(last_run, now)})")
+    if not window_ok:
+        if next_open is None:
+            window_blocker = "outside training windows; none of them opens again"
+        else:
+            window_blocker = (
+                f"outside training windows; next opens {_clock(next_open, now)} (in {_span(next_open - now)})"
+            )
+        blockers.append(window_blocker)
+
+    numbers: dict[str, Any] = {
+        "now": now.isoformat(),
+        "new_examples": inputs.new_examples,
+        "min_new_examples": cfg.min_new_examples,
+        "total_examples": total,
+        "min_total_examples": cfg.min_total_examples,
+        "positive_examples": positive,
+        "positive_ratio": ratio,
+        "min_positive_ratio": cfg.min_positive_ratio,
+        "last_trained_version": inputs.last_trained_version,
+        "last_run_at": last_run.isoformat() if last_run else None,
+        "cooldown_s": cfg.cooldown,
+        "cooldown_left_s": cooldown_left,
+        "runs_today": inputs.runs_today,
+        "max_runs_per_day": cfg.max_runs_per_day,
+        "job_running": inputs.job_running,
+        "windows": [{"cron": w.cron, "duration_s": w.duration} for w in cfg.windows],
+        "window_open": window_ok,
+        "window_opened_at": open_win.opened_at.isoformat() if open_win else None,
+        "window_closes_at": open_win.closes_at.isoformat() if open_win else None,
+        "next_window": next_open.isoformat() if next_open else None,
+    }
+
+    if blockers:
+        reason = blockers[0]
+        if window_blocker is not None and window_blocker is not reason and next_open is not None:
+            reason += f"; window opens {_clock(next_open, now)}"
+        return Decision(False, reason, numbers, blockers, next_open)
+
+    reason = f"ready: {inputs.new_examples} new rated examples {since}, {total} total, {_pct(positive, total)} positive"
+    return Decision(True, reason, numbers, [], next_open)
+
+
+def current_window(cfg: PolicySettings, now: datetime) -> OpenWindow | None:
+    """The window open at ``now``, if any (the one closing last when several overlap).
+
+    A window opens at each fire time ``f`` of its cron and is open for ``f <= now < f + duration``.
+    """
+    now = _utc(now, "now")
+    best: OpenWindow | None = None
+    for w in cfg.windows:
+        fired = _last_fire(w.cron, now, timedelta(seconds=w.duration))
+        if fired is None:
+            continue
+        ow = OpenWindow(w, fired, fired + timedelta(seconds=w.duration))
+        if best is None or ow.closes_at > best.closes_at:
+            best = ow
+    return best
+
+
+def next_window_open(cfg: PolicySettings, now: datetime) -> datetime | None:
+    """The next time after ``now`` that any window opens; None when there are no windows (always open)."""
+    now = _utc(now, "now")
+    times = [t for t in (_trigger(w.cron).get_next_fire_time(None, now + _TINY) for w in cfg.windows) if t]
+    return min((t.astimezone(UTC) for t in times), default=None)
+
+
+@functools.lru_cache(maxsize=64)
+def _trigger(cron: str) -> CronTrigger:
+    return CronTrigger.from_crontab(cron, timezone="UTC")
+
+
+def _last_fire(cron: str, now: datetime, duration: timedelta) -> datetime | None:
+    """The latest fire time in ``(now - duration, now]``, or None. Bisects, so frequent crons cost ~log2(duration)."""
+    trig = _trigger(cron)
+    first: datetime | None = trig.get_next_fire_time(None, now - duration + _TINY)
+    if first is None or first > now:
+        return None
+    # Invariant: lo is a fire time <= now, and no fire time lies in [hi, now] once hi has moved below now.
+    lo, hi = first.astimezone(UTC), now
+    while hi - lo > _SECOND:
+        mid = lo + (hi - lo) / 2
+        f: datetime | None = trig.get_next_fire_time(None, mid)
+        if f is not None and f <= now:
+            lo = f.astimezone(UTC)
+        else:
+            hi = mid
+    # Cron fire times are whole minutes apart, so no other fire fits between lo and hi (< 1 s apart).
+    return lo
+
+
+def _utc(t: datetime, name: str) -> datetime:
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, got naive {t.isoformat()}")
+    return t.astimezone(UTC)
+
+
+def _span(d: timedelta) -> str:
+    """A remaining time, rounded up to the minute: ``2h14m``, ``45m``, ``1d3h``; under a minute in seconds."""
+    s = max(0.0, d.total_seconds())
+    if s < 60:
+        return f"{math.ceil(s)}s"
+    m = math.ceil(s / 60)
+    days, m = divmod(m, 1440)
+    hours, mins = divmod(m, 60)
+    if days:
+        return f"{days}d{hours}h" if not mins else f"{days}d{hours}h{mins}m"
+    if hours:
+        return f"{hours}h{mins:02d}m"
+    return f"{mins}m"
+
+
+def _clock(t: datetime, now: datetime) -> str:
+    """``03:10 UTC`` when within a day of ``now``, else with the date."""
+    if abs(t - now) < timedelta(days=1):
+        return t.strftime("%H:%M UTC")
+    return t.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _pct(part: int, whole: int) -> str:
+    """Percentage of counts, floored to 0.1 so a ratio under a threshold never prints as reaching it."""
+    tenths = part * 1000 // whole
+    return f"{tenths // 10}%" if tenths % 10 == 0 else f"{tenths / 10:.1f}%"
+
+
+def _pct_float(x: float) -> str:
+    s = f"{x * 100:.1f}"
+    return (s[:-2] if s.endswith(".0") else s) + "%"

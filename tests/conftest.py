@@ -1,0 +1,50 @@
+"""Shared fixtures: a real temp ChatOS store, settings pointing at it, and a real state database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon import settings as settings_mod
+from daemon.state import State
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test sees the developer's config, env overrides or systemd variables."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("CHATOS_RETRAIN_") or key in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY", "NOTIFY_SOCKET"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(settings_mod, "SEARCH_PATH", (tmp_path / "no-such-config.yaml",))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "ChatOS-Memory"
+    for sub in ("logs", "training_data", "feedback"):
+        (root / sub).mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, store: Path) -> Any:
+    def make(**sections: dict[str, Any]) -> settings_mod.Settings:
+        data: dict[str, Any] = {"store": {"root": str(store)}, "state": {"dir": str(tmp_path / "state")}}
+        for k, v in sections.items():
+            data.setdefault(k, {}).update(v)
+        return settings_mod.Settings(**data)
+
+    return make
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[State]:
+    st = State(tmp_path / "state")
+    yield st
+    st.close()
+

@@ -1,0 +1,66 @@
+"""Small helpers shared by tests (importable as ``helpers``: tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+def write_lines(path: Path, objs: list[dict[str, Any]], mode: str = "a") -> None:
+    """Append (or write) records the way ChatOS does: json.dumps + newline, one line each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open(mode, encoding="ascii") as f:
+        for o in objs:
+            f.write(json.dumps(o) + "\n")
+
+
+def rec(cid: str, user: str = "How do I reverse a list?", answer: str = "Use xs[::-1].", **kw: Any) -> dict[str, Any]:
+    """A minimal but complete ChatOS full record."""
+    base: dict[str, Any] = {
+        "session_id": "3f2a9c0d1e4b5a67",
+        "conversation_id": cid,
+        "started_at": "2025-12-05T14:03:11.123456",
+        "ended_at": "2025-12-05T14:03:15.654321",
+        "messages": [
+            {"role": "user", "content": user, "timestamp": "2025-12-05T14:03:11.123500", "model": None,
+             "tokens": None, "latency_ms": None},
+            {"role": "assistant", "content": answer, "timestamp": "2025-12-05T14:03:15.654000",
+             "model": "qwen2.5:7b", "tokens": None, "latency_ms": 4530.2},
+        ],
+        "mode": "normal",
+        "rag_enabled": True,
+        "rag_context": None,
+        "project_id": None,
+        "project_name": None,
+        "models_used": ["qwen2.5:7b"],
+        "chosen_model": "qwen2.5:7b",
+        "council_votes": {"qwen2.5:7b": 13},
+        "quality": "unrated",
+        "user_feedback": None,
+        "thumbs_up": None,
+        "total_tokens": 0,
+        "total_latency_ms": 4530.2,
+        "error": None,
+    }
+    base.update(kw)
+    return base
+
+
+def fb(cid: str, thumbs_up: bool | None = True, quality: str | None = None, ts: str | None = None) -> dict[str, Any]:
+    ev: dict[str, Any] = {"conversation_id": cid}
+    if thumbs_up is not None:
+        ev["thumbs_up"] = thumbs_up
+    if quality is not None:
+        ev["quality"] = quality
+    ev["timestamp"] = ts or datetime(2026, 11, 25, 10, 0, 0).isoformat()
+    return ev
+
+
+def logs_file(root: Path, day: str = "2025-12-05") -> Path:
+    return root / "logs" / f"conversations_{day}.jsonl"
+
+
+def feedback_file(root: Path, day: str = "2026-11-25") -> Path:
+    return root / "feedback" / f"feedback_{day}.jsonl"
