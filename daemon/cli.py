@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
-from daemon import api, log, settings, storegen
+from daemon import api, control, log, settings, storegen
 from daemon.dataset import DatasetError, verify
+from daemon.pipeline import CycleRequest, run_cycle
+from daemon.service import SOCKET_NAME, Service
 from daemon.store.feedback import QUALITIES
 
 EXIT_OK = 0
@@ -162,13 +164,34 @@ def cmd_dataset_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _socket(s: settings.Settings) -> Path:
+    return s.runtime_dir() / SOCKET_NAME
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     s = _load(args)
-    with api.open_state(s) as st:
-        status = api.store_status(s, st)
-    if args.json:
-        _print_json(status.as_json())
-        return EXIT_OK
+    try:
+        live = control.request(_socket(s), {"cmd": "status"}, timeout=10.0)
+    except control.ControlUnavailable:
+        live = None
+    if live is not None:
+        if args.json:
+            _print_json(live)
+            return EXIT_OK
+        svc, last = live["service"], live.get("last_cycle") or {}
+        print(f"service:   running (pid {svc['pid']}, since {svc['started_at']}), watcher: {svc['watcher']}")
+        print(f"phase:     {svc['status']}")
+        if last:
+            print(f"last cycle: {last['cycle_id']} -> {last['outcome']}: {last['reason']}")
+        print(f"next window: {svc['next_window'] or ('always open' if not svc['windows'] else 'none')}")
+        status = api.StoreStatus(**live["store"])
+    else:
+        with api.open_state(s) as st:
+            status = api.store_status(s, st)
+        if args.json:
+            _print_json({"service": None, **status.as_json()})
+            return EXIT_OK
+        print("service:   not running (state only)")
     c = status.conversations
     print(f"store:     {status.store_root}" + ("" if Path(status.store_root).is_dir() else "  (missing)"))
     print(f"state:     {status.state_dir}")
@@ -179,6 +202,69 @@ def cmd_status(args: argparse.Namespace) -> int:
     latest = f"v{status.latest_dataset}" if status.latest_dataset else "none"
     print(f"dataset:   latest {latest}; {status.new_eligible_since_dataset} new eligible since")
     print(f"as of:     last ingest {status.last_ingest_at or 'never'} (chatos-retrain ingest reads what is new)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the service in the foreground (systemd's ExecStart)."""
+    try:
+        s, used = settings.load(args.config)
+    except settings.ConfigError as exc:
+        for line in exc.errors:
+            print(f"{exc.source}: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.configure(s.log.level, s.log.format)
+    svc = Service(used, initial=s)
+    svc.install_signals()
+    return svc.run()
+
+
+def _print_progress(update: dict[str, Any]) -> None:
+    if not update.get("heartbeat"):
+        print(f"  {update.get('phase')}: {update.get('detail', '')}", file=sys.stderr)
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    """Run a cycle now (thresholds ignored, single flight kept): through the service, or here when none runs."""
+    s = _load(args)
+    try:
+        result = control.request(
+            _socket(s), {"cmd": "trigger", "wait": args.wait}, timeout=None if args.wait else 30.0,
+            on_progress=_print_progress if (args.wait and not args.json) else None,
+        )
+    except control.ControlUnavailable:
+        with api.open_state(s) as st:
+            result = run_cycle(s, st, CycleRequest(None, forced=True, origins=["cli"]),
+                               progress=None if args.json else lambda p, d: _print_progress({"phase": p, "detail": d}))
+            result_json = result.as_json()
+        result = {**result_json, "ran": "in this process (no service running)"}
+    except control.ControlError as exc:
+        raise CliError(f"trigger refused: {exc}") from None
+    if args.json:
+        _print_json(result)
+    elif "cycle_id" in result:
+        print(f"{result['cycle_id']}: {result['outcome']}: {result['reason']}")
+    else:
+        print("cycle queued in the running service (use --wait to follow it)")
+    return EXIT_ERROR if result.get("outcome") == "error" else EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    s = _load(args)
+    try:
+        result = control.request(_socket(s), {"cmd": "reload"}, timeout=60.0)
+    except control.ControlUnavailable as exc:
+        raise CliError(f"service not running: {exc}") from None
+    except control.ControlError as exc:
+        raise CliError(f"reload failed: {exc}") from None
+    if args.json:
+        _print_json(result)
+    elif result.get("reloaded"):
+        print("configuration reloaded")
+    else:
+        for line in result.get("errors", []):
+            print(line, file=sys.stderr)
+        raise CliError("new configuration rejected; the service keeps the old one", EXIT_CONFIG)
     return EXIT_OK
 
 
@@ -269,6 +355,18 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="store, state and dataset counts")
     _json_flag(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("run", help="run the service in the foreground (what systemd starts)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("trigger", help="run a cycle now, ignoring thresholds (not single flight)")
+    p.add_argument("--wait", action="store_true", help="wait for the cycle and show its progress")
+    _json_flag(p)
+    p.set_defaults(func=cmd_trigger)
+
+    p = sub.add_parser("reload", help="ask the running service to reload its configuration")
+    _json_flag(p)
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("demo", help="generate a demo store with its own config and state, ingest it, build a dataset")
     p.add_argument("--dir", default=os.path.join(os.environ.get("XDG_DATA_HOME", "~/.local/share"),

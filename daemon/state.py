@@ -66,6 +66,14 @@ MIGRATIONS: list[str] = [
     CREATE TABLE eval_pins (cid TEXT PRIMARY KEY, pinned_at TEXT NOT NULL) WITHOUT ROWID;
     CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
     """,
+    # 2: service cycles (one row per cycle, with its canonical summary)
+    """
+    CREATE TABLE cycles (
+        cycle_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, outcome TEXT NOT NULL, reason TEXT NOT NULL,
+        trained INTEGER NOT NULL DEFAULT 0, summary TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX cycles_started ON cycles (started_at);
+    """,
 ]
 
 
@@ -78,6 +86,12 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+def _json_ids(ids: Iterable[str]) -> str | None:
+    """``ids`` as one JSON array parameter (read back with ``json_each``), or None when there are none."""
+    listed = list(ids)
+    return json.dumps(listed) if listed else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,20 +290,18 @@ class State:
 
     def reconcile_vanished(self, vanished: Iterable[str]) -> int:
         """Conversations no longer in any logs/ file (or in no file at all) are marked deleted. Returns how many."""
-        now = utcnow()
-        marked = 0
-        for cid in vanished:
-            row = self.conn.execute(
-                "SELECT SUM(rank = 2), COUNT(*) FROM sightings WHERE cid = ?", (cid,)
-            ).fetchone()
-            in_logs, anywhere = row[0] or 0, row[1]
-            was_logs = self.conn.execute("SELECT rank FROM conversations WHERE cid = ?", (cid,)).fetchone()
-            if in_logs == 0 and (anywhere == 0 or (was_logs and was_logs[0] == 2)):
-                cur = self.conn.execute(
-                    "UPDATE conversations SET deleted = 1, deleted_at = ? WHERE cid = ? AND deleted = 0", (now, cid)
-                )
-                marked += cur.rowcount
-        return marked
+        ids = _json_ids(vanished)
+        if ids is None:
+            return 0
+        # One statement for the whole set: a per-id loop costs three queries per conversation of a re-read file.
+        cur = self.conn.execute(
+            "UPDATE conversations SET deleted = 1, deleted_at = ?"
+            " WHERE deleted = 0 AND cid IN (SELECT value FROM json_each(?))"
+            " AND NOT EXISTS (SELECT 1 FROM sightings s WHERE s.cid = conversations.cid AND s.rank = 2)"
+            " AND (rank = 2 OR NOT EXISTS (SELECT 1 FROM sightings s WHERE s.cid = conversations.cid))",
+            (utcnow(), ids),
+        )
+        return cur.rowcount
 
     def mark_deleted(self, cid: str) -> bool:
         cur = self.conn.execute(
@@ -308,18 +320,22 @@ class State:
 
     def refresh_labels(self, cids: Iterable[str]) -> None:
         """Recompute the effective label (latest event by timestamp, then arrival) for ``cids``."""
-        for cid in cids:
-            row = self.conn.execute(
-                "SELECT id, score, thumbs_up, quality, ts FROM feedback WHERE cid = ? ORDER BY ts DESC, id DESC LIMIT 1",
-                (cid,),
-            ).fetchone()
-            if row is None:
-                self.conn.execute("DELETE FROM labels WHERE cid = ?", (cid,))
-            else:
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO labels (cid, score, thumbs_up, quality, ts, feedback_id) VALUES (?,?,?,?,?,?)",
-                    (cid, row[1], row[2], row[3], row[4], row[0]),
-                )
+        ids = _json_ids(cids)
+        if ids is None:
+            return
+        # Set-based: a SELECT + INSERT per id made feedback ingest the slowest part of a cold ingest.
+        self.conn.execute(
+            "DELETE FROM labels WHERE cid IN (SELECT value FROM json_each(?))"
+            " AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.cid = labels.cid)",
+            (ids,),
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO labels (cid, score, thumbs_up, quality, ts, feedback_id)"
+            " SELECT f.cid, f.score, f.thumbs_up, f.quality, f.ts, f.id"
+            " FROM (SELECT DISTINCT value AS cid FROM json_each(?)) t JOIN feedback f ON f.id ="
+            " (SELECT id FROM feedback WHERE cid = t.cid ORDER BY ts DESC, id DESC LIMIT 1)",
+            (ids,),
+        )
 
     # -- rejected lines ------------------------------------------------------------------------------------
 
@@ -357,9 +373,12 @@ class State:
         for r in self.conn.execute(sql, (*modes, min_score, include_unrated)):
             yield Eligible(r[0], r[1], r[2], r[3], int(r[4]), bool(r[5]), r[6], r[7], r[8])
 
-    def eligible_counts(self, modes: Sequence[str], min_score: int, include_unrated: bool) -> dict[str, int]:
-        """Eligible total, positives among them, and how many are not in the latest dataset version."""
-        latest = self.latest_dataset_version() or 0
+    def eligible_counts(
+        self, modes: Sequence[str], min_score: int, include_unrated: bool, since_version: int | None = None
+    ) -> dict[str, int]:
+        """Eligible total, positives among them, and how many are not in dataset ``since_version`` (default: the
+        latest version)."""
+        latest = self.latest_dataset_version() or 0 if since_version is None else since_version
         sql = self._eligible_sql(
             "SELECT COUNT(*), SUM(COALESCE(l.score, c.inline_score) > 0),"
             " SUM(NOT EXISTS (SELECT 1 FROM dataset_members m WHERE m.version = ? AND m.cid = c.cid))",
@@ -438,6 +457,26 @@ class State:
     def add_eval_pins(self, cids: Iterable[str]) -> None:
         now = utcnow()
         self.conn.executemany("INSERT OR IGNORE INTO eval_pins (cid, pinned_at) VALUES (?,?)", ((c, now) for c in cids))
+
+    # -- cycles ---------------------------------------------------------------------------------------------
+
+    def record_cycle(self, cycle_id: str, started_at: str, outcome: str, reason: str, summary: dict[str, Any],
+                     *, trained: bool = False) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO cycles (cycle_id, started_at, outcome, reason, trained, summary)"
+            " VALUES (?,?,?,?,?,?)",
+            (cycle_id, started_at, outcome, reason, trained, json.dumps(summary, default=str)),
+        )
+
+    def last_cycle(self) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT summary FROM cycles ORDER BY started_at DESC LIMIT 1").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def runs_since(self, iso: str) -> int:
+        """Training runs started at or after ``iso`` (for the policy's daily limit)."""
+        return int(self.conn.execute(
+            "SELECT COUNT(*) FROM cycles WHERE trained = 1 AND started_at >= ?", (iso,)
+        ).fetchone()[0])
 
     # -- key/value -----------------------------------------------------------------------------------------
 

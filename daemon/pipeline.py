@@ -1,0 +1,314 @@
+"""One cycle: ingest -> decide -> dataset -> (train -> gate -> export -> register), and the single-flight worker.
+
+A cycle is a plain function of (settings, state, request); the :class:`Worker` runs at most one at a time and
+folds every request that arrives during a run into exactly one follow-up cycle.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from daemon import api, dataset, log, policy
+from daemon.settings import Settings
+from daemon.state import State
+
+_log = log.get("daemon.pipeline")
+
+Progress = Callable[[str, str], None]  # (phase, detail)
+
+
+@dataclass
+class CycleRequest:
+    """What to do: ``paths`` None = full scan; ``forced`` = an operator trigger (thresholds ignored)."""
+
+    paths: set[str] | None = None
+    forced: bool = False
+    origins: list[str] = field(default_factory=list)
+
+    def merge(self, other: CycleRequest) -> None:
+        if self.paths is None or other.paths is None:
+            self.paths = None
+        else:
+            self.paths |= other.paths
+        self.forced = self.forced or other.forced
+        self.origins.extend(other.origins)
+
+
+@dataclass
+class CycleResult:
+    cycle_id: str
+    outcome: str  # skipped | dataset | not_configured | no_data | error | aborted
+    decision: bool
+    reason: str
+    forced: bool = False
+    dataset_version: int | None = None
+    dataset_created: bool = False
+    job_id: str | None = None
+    job_status: str | None = None
+    model_tag: str | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    numbers: dict[str, Any] = field(default_factory=dict)
+    started_at: str = ""
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "cycle_id": self.cycle_id,
+            "outcome": self.outcome,
+            "decision": "train" if self.decision else "wait",
+            "reason": self.reason,
+            "forced": self.forced,
+            "dataset_version": self.dataset_version,
+            "dataset_created": self.dataset_created,
+            "job_id": self.job_id,
+            "job_status": self.job_status,
+            "model_tag": self.model_tag,
+            "counts": self.counts,
+            "timings": self.timings,
+            "started_at": self.started_at,
+            "error": self.error,
+        }
+
+
+class Aborted(Exception):
+    """The service is stopping: the cycle ends between steps."""
+
+
+@contextmanager
+def _cycle_lock(state: State) -> Iterator[None]:
+    """Single flight across processes too: a CLI ``trigger`` without a service waits for a running cycle."""
+    fd = os.open(state.dir / "cycle.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def new_cycle_id() -> str:
+    return f"c-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(2)}"
+
+
+def policy_input(settings: Settings, state: State, now: datetime) -> policy.PolicyInput:
+    """Count what the policy needs from state."""
+    d = settings.dataset
+    trained = state.get_kv("last_trained_dataset")
+    trained_v = int(trained) if trained else None
+    counts = state.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
+    last_run = state.get_kv("last_run_at")
+    runs = state.runs_since(policy.day_start(now).isoformat())
+    return policy.PolicyInput(
+        new_examples=counts["new_since_dataset"],
+        total_examples=counts["eligible"],
+        positive_examples=counts["positive"],
+        last_trained_version=trained_v,
+        last_run_at=datetime.fromisoformat(last_run) if last_run else None,
+        runs_today=runs,
+        job_running=False,
+    )
+
+
+def training_configured(settings: Settings) -> str | None:
+    """Why training cannot run with this config, or None when it can."""
+    if not settings.training.base_model:
+        return "training not configured: set training.base_model (a local model folder) to train"
+    return None
+
+
+def run_cycle(
+    settings: Settings,
+    state: State,
+    request: CycleRequest,
+    *,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+    cycle_id: str | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> CycleResult:
+    """Run one cycle and log one ``cycle.summary`` line. Never raises for expected failures."""
+    cid = cycle_id or new_cycle_id()
+    stop = stop or threading.Event()
+    report: Callable[[str, str], None] = progress or (lambda phase, detail: None)
+    result = CycleResult(cid, "skipped", False, "", forced=request.forced, started_at=now().isoformat())
+    t_cycle = time.perf_counter()
+
+    def step(phase: str, detail: str = "") -> None:
+        if stop.is_set():
+            raise Aborted(f"stopped before {phase}")
+        report(phase, detail)
+
+    def timed(name: str, t0: float) -> None:
+        result.timings[name] = round(time.perf_counter() - t0, 4)
+
+    with structlog.contextvars.bound_contextvars(cycle_id=cid), _cycle_lock(state):
+        _log.info("cycle.started", forced=request.forced, origins=request.origins[:10],
+                  paths=None if request.paths is None else len(request.paths))
+        try:
+            step("ingesting", "full scan" if request.paths is None else f"{len(request.paths)} changed file(s)")
+            t0 = time.perf_counter()
+            rep = api.ingest(settings, state, None if request.paths is None else sorted(request.paths))
+            timed("ingest", t0)
+            result.counts["ingest"] = {k: v for k, v in rep.as_dict().items() if k != "seconds"}
+
+            step("deciding")
+            t0 = time.perf_counter()
+            pin = policy_input(settings, state, now())
+            decision = policy.decide(pin, settings.policy, now())
+            timed("decide", t0)
+            result.numbers = decision.numbers
+            result.counts["eligible"] = pin.total_examples
+            result.counts["new"] = pin.new_examples
+            if request.forced:
+                result.decision = True
+                result.reason = "triggered by an operator (thresholds ignored)" + (
+                    "" if decision.train else f"; policy alone would wait: {decision.reason}")
+            else:
+                result.decision, result.reason = decision.train, decision.reason
+            _log.info("cycle.decided", train=result.decision, reason=result.reason,
+                      new_examples=pin.new_examples, total_examples=pin.total_examples)
+            if not result.decision:
+                return result
+
+            step("building dataset")
+            t0 = time.perf_counter()
+            try:
+                built = dataset.build(state, settings.dataset, str(settings.store.root))
+            except dataset.DatasetError as exc:
+                result.outcome, result.reason = "no_data", str(exc)
+                return result
+            finally:
+                timed("dataset", t0)
+            result.dataset_version, result.dataset_created = built.version, built.created
+            result.outcome = "dataset"
+
+            why_not = training_configured(settings)
+            if why_not:
+                result.outcome, result.reason = "not_configured", f"dataset v{built.version} ready; {why_not}"
+                return result
+            result.outcome, result.reason = "not_configured", f"dataset v{built.version} ready; training stage pending"
+            return result
+        except Aborted as exc:
+            result.outcome, result.reason = "aborted", str(exc)
+            return result
+        except Exception as exc:  # a bug or an environment failure: report it, keep the service alive
+            result.outcome, result.error = "error", f"{type(exc).__name__}: {exc}"
+            result.reason = f"cycle failed: {result.error}"
+            _log.exception("cycle.failed")
+            return result
+        finally:
+            result.timings["total"] = round(time.perf_counter() - t_cycle, 4)
+            with state.transaction():
+                state.record_cycle(result.cycle_id, result.started_at, result.outcome, result.reason, result.as_json())
+            _log.info(
+                "cycle.summary", outcome=result.outcome, decision="train" if result.decision else "wait",
+                reason=result.reason, forced=result.forced, dataset_version=result.dataset_version,
+                dataset_created=result.dataset_created, job_id=result.job_id, model_tag=result.model_tag,
+                counts=result.counts, timings=result.timings,
+            )
+
+
+@dataclass
+class Ticket:
+    """A handle on the cycle that will serve a request (the current one's follow-up when one is running)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    result: CycleResult | None = None
+    progress: list[Callable[[str, str], None]] = field(default_factory=list)
+
+
+class Worker:
+    """Single flight: one cycle at a time; requests during a run are merged into exactly one follow-up."""
+
+    def __init__(self, run: Callable[[CycleRequest, Progress], CycleResult]) -> None:
+        self._run = run
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: CycleRequest | None = None
+        self._pending_tickets: list[Ticket] = []
+        self._running = False
+        self._closed = False
+        self.cycles_run = 0
+        self._thread = threading.Thread(target=self._loop, name="pipeline-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._running or self._pending is not None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, request: CycleRequest, on_progress: Callable[[str, str], None] | None = None) -> Ticket:
+        ticket = Ticket()
+        if on_progress:
+            ticket.progress.append(on_progress)
+        with self._lock:
+            if self._closed:
+                ticket.result = None
+                ticket.done.set()
+                return ticket
+            if self._pending is None:
+                self._pending = request
+            else:
+                self._pending.merge(request)
+            self._pending_tickets.append(ticket)
+            self._wake.notify()
+        return ticket
+
+    def close(self, timeout: float) -> bool:
+        """Take no more requests, drop the queued follow-up, wait up to ``timeout`` for the running cycle."""
+        with self._lock:
+            self._closed = True
+            dropped = self._pending_tickets
+            self._pending, self._pending_tickets = None, []
+            self._wake.notify()
+        for t in dropped:
+            t.done.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                if self._closed and self._pending is None:
+                    return
+                request, tickets = self._pending, self._pending_tickets
+                self._pending, self._pending_tickets = None, []
+                self._running = True
+            assert request is not None
+
+            def fan_out(phase: str, detail: str, tickets: list[Ticket] = tickets) -> None:
+                for t in tickets:
+                    for cb in t.progress:
+                        try:
+                            cb(phase, detail)
+                        except Exception:  # a listener that went away must not break the cycle
+                            _log.debug("progress.listener_failed")
+
+            try:
+                result = self._run(request, fan_out)
+            except Exception as exc:  # run() already catches; this is the last line of defence
+                _log.exception("worker.cycle_crashed")
+                result = CycleResult(new_cycle_id(), "error", False, f"cycle crashed: {exc}", error=str(exc))
+            with self._lock:
+                self._running = False
+                self.cycles_run += 1
+            for t in tickets:
+                t.result = result
+                t.done.set()
