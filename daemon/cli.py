@@ -234,10 +234,9 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         )
     except control.ControlUnavailable:
         with api.open_state(s) as st:
-            result = run_cycle(s, st, CycleRequest(None, forced=True, origins=["cli"]),
-                               progress=None if args.json else lambda p, d: _print_progress({"phase": p, "detail": d}))
-            result_json = result.as_json()
-        result = {**result_json, "ran": "in this process (no service running)"}
+            local = run_cycle(s, st, CycleRequest(None, forced=True, origins=["cli"]),
+                              progress=None if args.json else lambda p, d: _print_progress({"phase": p, "detail": d}))
+        result = {**local.as_json(), "ran": "in this process (no service running)"}
     except control.ControlError as exc:
         raise CliError(f"trigger refused: {exc}") from None
     if args.json:

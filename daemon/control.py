@@ -402,7 +402,7 @@ def request(
             raise ControlUnavailable(f"cannot reach the service at {path}: {exc.strerror or exc}") from None
         try:
             # The service may answer (a refusal) and close before reading all of the request: read that answer.
-            if True:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(encode(payload))
             for line in _lines(sock):
                 msg = _decode_reply(line)

@@ -69,6 +69,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root.setLevel(_LEVELS.get(level, logging.INFO))
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # watchdog reports queue overflows as warnings and the watcher turns them into rescans: never drop them.
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 def _drop_logger_for_ours(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import structlog
+import yaml
 
-from daemon import api, dataset, log, policy
+from daemon import api, dataset, gate, log, policy, runner, templates
 from daemon.settings import Settings
 from daemon.state import State
 
@@ -120,6 +122,131 @@ def policy_input(settings: Settings, state: State, now: datetime) -> policy.Poli
     )
 
 
+def champion(state: State) -> tuple[str | None, Path | None, float | None]:
+    """The promoted job now serving as champion: (job id, adapter dir, its eval loss), or Nones."""
+    job_id = state.get_kv("champion_job")
+    row = state.job(job_id) if job_id else None
+    if not row or not row.get("result"):
+        return None, None, None
+    res = row["result"]
+    return job_id, Path(res["adapter_dir"]), res.get("eval_loss_after")
+
+
+def backoff_until(state: State) -> datetime | None:
+    raw = state.get_kv("train_backoff_until")
+    return datetime.fromisoformat(raw) if raw else None
+
+
+def _train_and_gate(
+    settings: Settings,
+    state: State,
+    result: CycleResult,
+    version: int,
+    ds_path: Path,
+    stop: threading.Event,
+    cancel: threading.Event,
+    step: Callable[[str, str], None],
+    report: Progress,
+    now: Callable[[], datetime],
+) -> None:
+    """train -> gate for one dataset version; fills ``result``. Export comes after a promotion."""
+    t = settings.training
+    champ_id, champ_adapter, _ = champion(state)
+    if champ_adapter is not None and not champ_adapter.is_dir():
+        _log.warning("gate.champion_missing", job_id=champ_id, adapter=str(champ_adapter))
+        champ_id, champ_adapter = None, None
+    job_id = runner.new_job_id()
+    overrides: dict[str, Any] = {}
+    if t.config_template is not None:
+        overrides = yaml.safe_load(t.config_template.read_text()) or {}
+    try:
+        cfg = runner.render_job_config(
+            overrides, job_id=job_id, job_dir=state.dir / "jobs" / job_id, base_model=t.base_model,
+            chat_template=t.chat_template, backend=t.backend, train_path=ds_path / "train.jsonl",
+            eval_path=ds_path / "eval.jsonl", max_steps=t.max_steps, champion_adapter=champ_adapter,
+        )
+    except templates.UnknownTemplate as exc:
+        result.outcome, result.reason = "error", f"training.chat_template: {exc}"
+        return
+    step("training", f"job {job_id} on dataset v{version}")
+    t0 = time.perf_counter()
+    with state.transaction():
+        state.set_kv("last_run_at", now().isoformat())
+    result.job_id = job_id
+    try:
+        job = runner.start_job(state, python=t.python, config=cfg, dataset_version=version,
+                               cycle_id=result.cycle_id, env=t.env)
+    except OSError as exc:
+        result.outcome, result.job_status = "train_failed", "failed"
+        result.reason = f"cannot start the trainer {t.python}: {exc.strerror or exc}"
+        _set_backoff(settings, state, now())
+        return
+
+    def on_step(m: dict[str, Any]) -> None:
+        loss = m.get("train_loss")
+        report("training", f"job {job_id} step {m.get('step')}/{t.max_steps}"
+               + (f" loss {loss:.4f}" if isinstance(loss, int | float) else ""))
+
+    outcome = runner.supervise(state, job, timeout_s=t.timeout, cancel=cancel, stop=stop, on_progress=on_step)
+    result.timings["train"] = round(time.perf_counter() - t0, 4)
+    conclude_job(settings, state, result, outcome, step, now)
+
+
+def conclude_job(
+    settings: Settings,
+    state: State,
+    result: CycleResult,
+    outcome: runner.JobOutcome,
+    step: Callable[[str, str], None],
+    now: Callable[[], datetime],
+) -> None:
+    """After a job ended (supervised now, or re-attached after a restart): backoff on failure, else the gate."""
+    job_id = outcome.job_id
+    result.job_id = job_id
+    result.job_status = outcome.status
+    if outcome.status != "succeeded" or outcome.result is None:
+        result.outcome = "train_failed" if outcome.status != "cancelled" else "cancelled"
+        result.reason = f"job {job_id} {outcome.status}: {outcome.reason}"
+        if outcome.status != "cancelled":
+            _set_backoff(settings, state, now())
+        return
+    with state.transaction():
+        state.set_kv("train_failures", "0")
+        state.set_kv("train_backoff_until", "")
+    step("gating", f"job {job_id}")
+    row = state.job(job_id) or {}
+    try:
+        used = (yaml.safe_load(Path(row["config_path"]).read_text()) or {}).get("gate", {}).get("champion_adapter")
+    except (OSError, KeyError, yaml.YAMLError):
+        used = None
+    res = outcome.result
+    champ_id = state.get_kv("champion_job") if used else None
+    champ_loss = res.get("champion_eval_loss") if used else res.get("eval_loss_before")
+    name = f"champion {champ_id}" if used else "the base model"
+    g = gate.decide(res.get("eval_loss_after"), champ_loss, settings.gate.tolerance, champion_name=name)
+    result.counts["gate"] = g.numbers
+    with state.transaction():
+        state.update_job(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
+        if g.promote:
+            state.set_kv("champion_job", job_id)
+            state.set_kv("last_trained_dataset", str(row.get("dataset_version", "")))
+    _log.info("gate.decided", job_id=job_id, promote=g.promote, reason=g.reason, **g.numbers)
+    result.job_status = "promoted" if g.promote else "rejected"
+    result.outcome = "promoted" if g.promote else "rejected"
+    result.dataset_version = result.dataset_version or row.get("dataset_version")
+    result.reason = f"job {job_id} {g.reason}"
+
+
+def _set_backoff(settings: Settings, state: State, now: datetime) -> None:
+    failures = int(state.get_kv("train_failures", "0") or 0) + 1
+    delay = min(settings.training.retry_backoff * 2 ** (failures - 1), 86400.0)
+    until = now + timedelta(seconds=delay)
+    with state.transaction():
+        state.set_kv("train_failures", str(failures))
+        state.set_kv("train_backoff_until", until.isoformat())
+    _log.warning("training.backoff", failures=failures, retry_at=until.isoformat())
+
+
 def training_configured(settings: Settings) -> str | None:
     """Why training cannot run with this config, or None when it can."""
     if not settings.training.base_model:
@@ -133,13 +260,16 @@ def run_cycle(
     request: CycleRequest,
     *,
     stop: threading.Event | None = None,
+    cancel: threading.Event | None = None,
     progress: Progress | None = None,
     cycle_id: str | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    resume_job: runner.Job | None = None,
 ) -> CycleResult:
     """Run one cycle and log one ``cycle.summary`` line. Never raises for expected failures."""
     cid = cycle_id or new_cycle_id()
     stop = stop or threading.Event()
+    cancel = cancel or threading.Event()
     report: Callable[[str, str], None] = progress or (lambda phase, detail: None)
     result = CycleResult(cid, "skipped", False, "", forced=request.forced, started_at=now().isoformat())
     t_cycle = time.perf_counter()
@@ -156,6 +286,14 @@ def run_cycle(
         _log.info("cycle.started", forced=request.forced, origins=request.origins[:10],
                   paths=None if request.paths is None else len(request.paths))
         try:
+            if resume_job is not None:
+                step("training", f"re-attached job {resume_job.id}")
+                result.decision, result.reason = True, f"re-attached job {resume_job.id} after a restart"
+                result.dataset_version = resume_job.row.get("dataset_version")
+                outcome = runner.supervise(state, resume_job, timeout_s=settings.training.timeout, cancel=cancel,
+                                           stop=stop)
+                conclude_job(settings, state, result, outcome, step, now)
+                return result
             step("ingesting", "full scan" if request.paths is None else f"{len(request.paths)} changed file(s)")
             t0 = time.perf_counter()
             rep = api.ingest(settings, state, None if request.paths is None else sorted(request.paths))
@@ -170,6 +308,10 @@ def run_cycle(
             result.numbers = decision.numbers
             result.counts["eligible"] = pin.total_examples
             result.counts["new"] = pin.new_examples
+            backoff = backoff_until(state)
+            if not request.forced and decision.train and backoff is not None and backoff > now():
+                decision = policy.Decision(False, f"backing off after a failed job; next try after "
+                                           f"{backoff:%H:%M} UTC", decision.numbers, ["backoff"], decision.next_window)
             if request.forced:
                 result.decision = True
                 result.reason = "triggered by an operator (thresholds ignored)" + (
@@ -197,7 +339,8 @@ def run_cycle(
             if why_not:
                 result.outcome, result.reason = "not_configured", f"dataset v{built.version} ready; {why_not}"
                 return result
-            result.outcome, result.reason = "not_configured", f"dataset v{built.version} ready; training stage pending"
+            assert built.version is not None and built.path is not None
+            _train_and_gate(settings, state, result, built.version, built.path, stop, cancel, step, report, now)
             return result
         except Aborted as exc:
             result.outcome, result.reason = "aborted", str(exc)
@@ -210,7 +353,8 @@ def run_cycle(
         finally:
             result.timings["total"] = round(time.perf_counter() - t_cycle, 4)
             with state.transaction():
-                state.record_cycle(result.cycle_id, result.started_at, result.outcome, result.reason, result.as_json())
+                state.record_cycle(result.cycle_id, result.started_at, result.outcome, result.reason, result.as_json(),
+                                   trained=result.job_id is not None)
             _log.info(
                 "cycle.summary", outcome=result.outcome, decision="train" if result.decision else "wait",
                 reason=result.reason, forced=result.forced, dataset_version=result.dataset_version,

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemon import api, control, log, policy, settings, watch
+from daemon import api, control, log, policy, runner, settings, watch
 from daemon.debounce import Debouncer
 from daemon.pipeline import CycleRequest, CycleResult, Progress, Worker, run_cycle
 from daemon.sdnotify import Notifier
@@ -44,6 +44,8 @@ class Service:
         self.notifier = notifier or Notifier.from_env()
         self.wake = threading.Event()
         self.stop_event = threading.Event()
+        self.cancel_event = threading.Event()
+        self._resume: list[runner.Job] = []
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._rescan: str | None = None
         self._hup = False
@@ -134,7 +136,15 @@ class Service:
             return ticket.result.as_json()
         if cmd == "reload":
             return self.request_reload(timeout=30.0)
-        raise control.RequestError(f"unknown command {cmd!r} (status, trigger, reload)")
+        if cmd == "cancel":
+            with State(self.settings.state_dir()) as st:
+                running = st.jobs(status="running")
+            wanted = request.get("job_id")
+            if not running or (wanted and running[0]["job_id"] != wanted):
+                raise control.RequestError(f"no running job{' ' + wanted if wanted else ''} to cancel")
+            self.cancel_event.set()
+            return {"cancelling": running[0]["job_id"]}
+        raise control.RequestError(f"unknown command {cmd!r} (status, trigger, reload, cancel)")
 
     def request_reload(self, timeout: float) -> dict[str, Any]:
         with self._reload_done:
@@ -222,7 +232,15 @@ class Service:
             progress(phase, detail)
 
         with State(self.settings.state_dir()) as st:
-            result = run_cycle(self.settings, st, request, stop=self.stop_event, progress=both)
+            while self._resume and not self.stop_event.is_set():
+                job = self._resume.pop(0)
+                self.cancel_event.clear()
+                self.last_result = run_cycle(self.settings, st, CycleRequest(set(), origins=["reattach"]),
+                                             stop=self.stop_event, cancel=self.cancel_event, progress=both,
+                                             resume_job=job)
+            self.cancel_event.clear()
+            result = run_cycle(self.settings, st, request, stop=self.stop_event, cancel=self.cancel_event,
+                               progress=both)
         self.last_result = result
         self._set_phase("idle")
         return result
@@ -257,10 +275,13 @@ class Service:
         s = self.settings
         _log.info("service.starting", pid=os.getpid(), config=str(self.config_path) if self.config_path else None,
                   store=str(s.store.root), state=str(s.state_dir()))
-        State(s.state_dir()).close()  # create/migrate before anything else reads it
+        with State(s.state_dir()) as st:  # create/migrate before anything else reads it
+            self._resume, lost = runner.reattach(st)
+        if lost:
+            _log.warning("service.jobs_interrupted", jobs=lost)
         self._debouncer.set_ignore([s.state_dir()])
+        self._start_watcher()  # armed first: a write during the start-up scan still becomes an event
         self._startup_scan()
-        self._start_watcher()
         self._schedule()
         self.worker = Worker(self._run_one)
         sock = s.runtime_dir() / SOCKET_NAME

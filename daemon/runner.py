@@ -1,0 +1,448 @@
+"""The absolute-path training runner: the only module that spawns processes.
+
+Pure parts build values (the job config with every path absolute, the argv, the meaning of an exit code); the
+shell creates ``jobs/<job_id>/``, spawns the trainer in its own session with output to ``job.log``, tails
+``metrics.jsonl`` into progress, enforces the timeout and cancellation (SIGTERM to the group, grace, SIGKILL, each
+logged) and records the job in state. A job found ``running`` after a restart is re-attached when its pid is alive
+with the same start time, else marked ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon import log, templates
+from daemon.state import State, private_dir, utcnow
+
+_log = log.get("daemon.runner")
+
+TRAINER_SCRIPT = Path(__file__).resolve().parent / "training" / "train_qlora.py"
+GRACE_S = 10.0
+
+# The job config template: the seed's shape. configs/chatos_qlora.yaml is this, documented (a test keeps them equal).
+DEFAULT_TEMPLATE: dict[str, Any] = {
+    "job_id": None,
+    "backend": "auto",
+    "model": {"name": None, "chat_template": "qwen-2.5", "max_seq_length": 1024, "load_in_4bit": True},
+    "template": None,
+    "dataset": {"train_path": None, "eval_path": None},
+    "training": {
+        "output_dir": None,
+        "learning_rate": 2e-4,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+        "warmup_ratio": 0.05,
+        "weight_decay": 0.01,
+        "num_train_epochs": 1,
+        "max_steps": 60,
+        "logging_steps": 1,
+        "eval_steps": 20,
+        "save_steps": 0,
+        "seed": 3407,
+    },
+    "lora": {
+        "r": 16,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+    "metrics": {"output_path": None},
+    "result": {"output_path": None},
+    "gate": {"champion_adapter": None},
+}
+
+# Exit codes of train_qlora.py -> (job status, what it means).
+EXIT_MEANING = {
+    0: ("succeeded", "ok"),
+    2: ("failed", "bad training config"),
+    3: ("failed", "data problem"),
+    4: ("failed", "out of memory"),
+}
+
+
+# -- pure --------------------------------------------------------------------------------------------------------
+
+
+def new_job_id(now: datetime | None = None) -> str:
+    return f"j-{(now or datetime.now(UTC)):%Y%m%dT%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def is_local_model(name: str) -> bool:
+    """A local folder (absolute, relative, ``~``) rather than a hub id like ``Qwen/Qwen2.5-0.5B``."""
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
+def render_job_config(
+    template: Mapping[str, Any],
+    *,
+    job_id: str,
+    job_dir: Path,
+    base_model: str,
+    chat_template: str,
+    backend: str,
+    train_path: Path,
+    eval_path: Path,
+    max_steps: int,
+    champion_adapter: Path | None,
+    base_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The trainer's config, with every path absolute (relative ones resolved against ``base_dir``, default cwd).
+
+    Raises :class:`templates.UnknownTemplate` for an unknown chat template name.
+    """
+    base = (base_dir or Path.cwd()).absolute()
+
+    def absolute(p: str | Path) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).absolute())
+
+    tmpl = templates.get(chat_template)
+    job_dir = Path(absolute(job_dir))
+    cfg = _deep_merge(DEFAULT_TEMPLATE, template)
+    cfg["job_id"] = job_id
+    cfg["backend"] = backend
+    cfg["model"]["name"] = absolute(base_model) if is_local_model(base_model) else base_model
+    cfg["model"]["chat_template"] = tmpl.name
+    cfg["template"] = templates.trainer_block(tmpl.name)
+    cfg["dataset"] = {"train_path": absolute(train_path), "eval_path": absolute(eval_path)}
+    cfg["training"]["output_dir"] = str(job_dir / "output")
+    cfg["training"]["max_steps"] = int(max_steps)
+    cfg["metrics"] = {"output_path": str(job_dir / "metrics.jsonl")}
+    cfg["result"] = {"output_path": str(job_dir / "result.json")}
+    cfg["gate"] = {"champion_adapter": absolute(champion_adapter) if champion_adapter else None}
+    return cfg
+
+
+def trainer_argv(python: Path, script: Path, config: Path) -> list[str]:
+    """``[python, /abs/train_qlora.py, --config, /abs/config.yaml]``: absolute paths only, no shell."""
+    for p in (python, script, config):
+        if not Path(p).is_absolute():
+            raise ValueError(f"not an absolute path: {p}")
+    return [str(python), str(script), "--config", str(config)]
+
+
+def interpret_exit(code: int | None) -> tuple[str, str]:
+    """An exit status -> (job status, reason)."""
+    if code is None:
+        return "failed", "no exit status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return "failed", f"killed by {name}"
+    return EXIT_MEANING.get(code, ("failed", f"trainer exited with status {code}"))
+
+
+def parse_metrics(buf: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """Complete JSON lines of ``buf`` (garbage lines skipped) and the incomplete rest."""
+    *lines, rest = buf.split(b"\n")
+    out = []
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out, rest
+
+
+# -- processes ---------------------------------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (/proc/<pid>/stat field 22), or None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid: int, start: int | None) -> bool:
+    """The same process is still running (pid reuse is caught by the start time; zombies count as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    if state[state.rfind(b")") + 2 :].split()[:1] == [b"Z"]:
+        return False
+    return start is None or process_start_time(pid) == start
+
+
+def signal_group(pid: int, sig: signal.Signals) -> bool:
+    try:
+        os.killpg(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        _log.warning("job.signal_denied", pid=pid, signal=sig.name)
+        return False
+
+
+def run_command(argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
+                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A short helper command (argv list, never a shell), logged before it runs."""
+    _log.info("command.run", argv=[str(a) for a in argv])
+    return subprocess.run(list(argv), cwd=cwd, env=dict(env) if env is not None else None, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    status: str  # succeeded | failed | timeout | cancelled | interrupted
+    reason: str
+    exit_code: int | None = None
+    result: dict[str, Any] | None = None
+    latest: dict[str, Any] = field(default_factory=dict)
+
+
+class Job:
+    """One spawned (or re-attached) trainer and its files."""
+
+    def __init__(self, row: dict[str, Any], proc: subprocess.Popen[bytes] | None = None) -> None:
+        self.row = row
+        self.id: str = row["job_id"]
+        self.dir = Path(row["job_dir"])
+        self.proc = proc
+        self.pid: int = row["pid"]
+        self.pid_start: int | None = row.get("pid_start")
+        self._metrics_pos = 0
+        self._metrics_rest = b""
+        self.latest: dict[str, Any] = {}
+        self.finished_event: dict[str, Any] | None = None
+
+    def poll_metrics(self) -> list[dict[str, Any]]:
+        """New complete lines of metrics.jsonl since the last call."""
+        path = Path(self.row["metrics_path"])
+        try:
+            with path.open("rb") as f:
+                f.seek(self._metrics_pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        self._metrics_pos += len(chunk)
+        lines, self._metrics_rest = parse_metrics(self._metrics_rest + chunk)
+        for obj in lines:
+            if obj.get("event") == "job_finished":
+                self.finished_event = obj
+            elif "step" in obj:
+                self.latest = obj
+        return lines
+
+    def exit_code(self) -> int | None:
+        if self.proc is not None:
+            return self.proc.poll()
+        return None if alive(self.pid, self.pid_start) else -1
+
+    def running(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return alive(self.pid, self.pid_start)
+
+
+def start_job(
+    state: State,
+    *,
+    python: Path,
+    config: dict[str, Any],
+    dataset_version: int,
+    cycle_id: str | None,
+    env: Mapping[str, str] | None = None,
+    script: Path = TRAINER_SCRIPT,
+) -> Job:
+    """Create the job folder and config, spawn the trainer, record the job as running."""
+    job_id = config["job_id"]
+    job_dir = private_dir(Path(config["training"]["output_dir"]).parent)
+    cfg_path = job_dir / "config.yaml"
+    fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    log_path = job_dir / "job.log"
+    argv = trainer_argv(python, script, cfg_path)
+    child_env = {**os.environ, **(env or {}), "CHATOS_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
+    row: dict[str, Any] = {
+        "job_id": job_id, "cycle_id": cycle_id, "dataset_version": dataset_version, "status": "starting",
+        "job_dir": str(job_dir), "config_path": str(cfg_path), "log_path": str(log_path),
+        "metrics_path": config["metrics"]["output_path"], "result_path": config["result"]["output_path"],
+        "params": {"backend": config["backend"], "model": config["model"], "training": config["training"],
+                   "lora": config["lora"]},
+        "created_at": utcnow(),
+    }
+    with state.transaction():
+        state.add_job(row)
+    _log.info("job.spawn", job_id=job_id, argv=argv, cwd=str(job_dir))
+    logf = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(argv, cwd=job_dir, env=child_env, stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        with state.transaction():
+            state.update_job(job_id, status="failed", error=f"cannot start the trainer: {exc.strerror or exc}",
+                             finished_at=utcnow())
+        raise
+    finally:
+        os.close(logf)
+    row.update(pid=proc.pid, pid_start=process_start_time(proc.pid), status="running", started_at=utcnow())
+    with state.transaction():
+        state.update_job(job_id, pid=row["pid"], pid_start=row["pid_start"], status="running",
+                         started_at=row["started_at"])
+    return Job(row, proc)
+
+
+def _stop_group(job: Job, why: str, grace: float, wake: threading.Event) -> None:
+    _log.warning("job.sigterm", job_id=job.id, pid=job.pid, reason=why)
+    signal_group(job.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while job.running() and time.monotonic() < end:
+        wake.wait(0.1)
+    if job.running():
+        _log.warning("job.sigkill", job_id=job.id, pid=job.pid, reason=f"still running {grace:g}s after SIGTERM")
+        signal_group(job.pid, signal.SIGKILL)
+        end = time.monotonic() + 5
+        while job.running() and time.monotonic() < end:
+            wake.wait(0.05)
+
+
+def supervise(
+    state: State,
+    job: Job,
+    *,
+    timeout_s: float,
+    cancel: threading.Event,
+    stop: threading.Event,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    grace_s: float = GRACE_S,
+    tick_s: float = 0.25,
+) -> JobOutcome:
+    """Follow a job to its end; returns the outcome after recording it in state."""
+    started = time.monotonic()
+    wake = threading.Event()
+    forced: tuple[str, str] | None = None
+    last_saved = 0.0
+    while True:
+        for obj in job.poll_metrics():
+            if on_progress and "step" in obj:
+                on_progress(obj)
+        if time.monotonic() - last_saved > 2.0 and job.latest:
+            with state.transaction():
+                state.update_job(job.id, latest_metrics=job.latest)
+            last_saved = time.monotonic()
+        if not job.running():
+            break
+        if forced is None:
+            if cancel.is_set():
+                forced = ("cancelled", "cancelled by an operator")
+            elif stop.is_set():
+                forced = ("interrupted", "the service is stopping")
+            elif time.monotonic() - started > timeout_s:
+                forced = ("timeout", f"no result after training.timeout ({timeout_s:g}s)")
+            if forced is not None:
+                _stop_group(job, forced[1], grace_s, wake)
+                continue
+        wake.wait(tick_s)
+    job.poll_metrics()
+    code = job.exit_code()
+    outcome = _outcome(job, code, forced)
+    with state.transaction():
+        state.update_job(job.id, status=outcome.status, exit_code=code, error=None if outcome.status == "succeeded"
+                         else outcome.reason, result=outcome.result, latest_metrics=job.latest or None,
+                         finished_at=utcnow())
+    _log.info("job.finished", job_id=job.id, status=outcome.status, reason=outcome.reason, exit_code=code,
+              final_loss=(outcome.result or {}).get("final_train_loss"))
+    return outcome
+
+
+def _outcome(job: Job, code: int | None, forced: tuple[str, str] | None) -> JobOutcome:
+    result: dict[str, Any] | None = None
+    try:
+        loaded = json.loads(Path(job.row["result_path"]).read_text())
+        result = loaded if isinstance(loaded, dict) else None
+    except (OSError, ValueError):
+        result = None
+    if forced is not None:
+        return JobOutcome(job.id, forced[0], forced[1], code, None, job.latest)
+    reattached = job.proc is None
+    status, reason = interpret_exit(0 if reattached and result is not None else code)
+    error = (job.finished_event or {}).get("error")
+    if status == "succeeded" and result is None:
+        status, reason = "failed", "the trainer exited 0 but wrote no result.json"
+    elif reattached and result is None:
+        status, reason = "failed", "the re-attached trainer ended without a result.json"
+    if status != "succeeded" and error:
+        reason = f"{reason}: {str(error).splitlines()[0][:300]}"
+    return JobOutcome(job.id, status, reason, code, result if status == "succeeded" else None, job.latest)
+
+
+def reattach(state: State) -> tuple[list[Job], list[str]]:
+    """Jobs left ``running``/``starting`` by a previous service: the live ones to re-attach, the rest interrupted."""
+    live: list[Job] = []
+    lost: list[str] = []
+    for row in state.jobs(status="running") + state.jobs(status="starting"):
+        pid, start = row.get("pid"), row.get("pid_start")
+        if pid and alive(pid, start):
+            _log.info("job.reattached", job_id=row["job_id"], pid=pid)
+            live.append(Job(row))
+        else:
+            with state.transaction():
+                state.update_job(row["job_id"], status="interrupted", finished_at=utcnow(),
+                                 error="the service stopped while it ran and the process is gone")
+            _log.warning("job.interrupted", job_id=row["job_id"], pid=pid)
+            lost.append(row["job_id"])
+    return live, lost
+
+
+def cancel_detached(state: State, job_id: str, grace_s: float = GRACE_S) -> bool:
+    """Cancel a running job when no service supervises it (the CLI's ``cancel`` without a service)."""
+    row = state.job(job_id)
+    if row is None or row["status"] not in ("running", "starting"):
+        return False
+    job = Job(row)
+    if job.running():
+        _stop_group(job, "cancelled by an operator", grace_s, threading.Event())
+    with state.transaction():
+        state.update_job(job_id, status="cancelled", error="cancelled by an operator", finished_at=utcnow())
+    return True
+
+
+def log_tail(path: Path, lines: int = 40) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:]
