@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from daemon import api, control, log, settings, storegen
+from daemon import api, control, doctor, log, runner, settings, storegen
 from daemon.dataset import DatasetError, verify
 from daemon.pipeline import CycleRequest, run_cycle
 from daemon.service import SOCKET_NAME, Service
@@ -267,6 +267,77 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        rows = st.jobs(limit=args.limit)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no training jobs yet")
+    for r in rows:
+        m = r.get("latest_metrics") or {}
+        loss = m.get("train_loss")
+        print(f"{r['job_id']}  {r['status']:<11} dataset v{r['dataset_version']}  step {m.get('step', '-')}"
+              + (f"  loss {loss:.4f}" if isinstance(loss, int | float) else "")
+              + (f"  {r['error']}" if r.get("error") else ""))
+    return EXIT_OK
+
+
+def cmd_job_show(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        row = st.job(args.job_id)
+    if row is None:
+        raise CliError(f"no job {args.job_id} (see: chatos-retrain jobs)", EXIT_DATA)
+    tail = runner.log_tail(Path(row["log_path"]), args.lines)
+    if args.json:
+        _print_json({**row, "log_tail": tail})
+        return EXIT_OK
+    for k in ("job_id", "status", "dataset_version", "cycle_id", "pid", "created_at", "started_at", "finished_at",
+              "exit_code", "error", "job_dir"):
+        print(f"{k + ':':<16} {row.get(k)}")
+    if row.get("latest_metrics"):
+        print(f"{'latest:':<16} {json.dumps(row['latest_metrics'])}")
+    if row.get("result"):
+        print(f"{'result:':<16} {json.dumps(row['result'])}")
+    print(f"--- last {len(tail)} line(s) of {row['log_path']}")
+    for line in tail:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    s = _load(args)
+    try:
+        res = control.request(_socket(s), {"cmd": "cancel", "job_id": args.job_id}, timeout=30.0)
+        print(f"cancelling {res['cancelling']}")
+        return EXIT_OK
+    except control.ControlUnavailable:
+        pass
+    except control.ControlError as exc:
+        raise CliError(str(exc), EXIT_DATA) from None
+    with api.open_state(s) as st:
+        running = [r["job_id"] for r in st.jobs(status="running")]
+        target = args.job_id or (running[0] if running else None)
+        if target is None or not runner.cancel_detached(st, target):
+            raise CliError(f"no running job{' ' + args.job_id if args.job_id else ''} to cancel", EXIT_DATA)
+    print(f"cancelled {target}")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    s = _load(args)
+    checks = doctor.run(s)
+    if args.json:
+        _print_json([c.__dict__ | {"line": c.line()} for c in checks])
+    else:
+        for c in checks:
+            print(c.line())
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_ERROR
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a demo ChatOS store with its own config and state, then ingest it and build a dataset."""
     base = Path(args.dir).expanduser().absolute()
@@ -366,6 +437,27 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="ask the running service to reload its configuration")
     _json_flag(p)
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("jobs", help="list training jobs")
+    p.add_argument("--limit", type=int, default=20)
+    _json_flag(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p_job = sub.add_parser("job", help="show one training job")
+    job_sub = p_job.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = job_sub.add_parser("show", help="a job's row, metrics, result and the tail of its log")
+    p.add_argument("job_id")
+    p.add_argument("--lines", type=int, default=40, help="log lines to show")
+    _json_flag(p)
+    p.set_defaults(func=cmd_job_show)
+
+    p = sub.add_parser("cancel", help="cancel the running training job (SIGTERM to its group, grace, SIGKILL)")
+    p.add_argument("job_id", nargs="?", help="the job to cancel (default: the running one)")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("doctor", help="pre-flight checks for training: interpreter, imports, GPU, disk, template")
+    _json_flag(p)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("demo", help="generate a demo store with its own config and state, ingest it, build a dataset")
     p.add_argument("--dir", default=os.path.join(os.environ.get("XDG_DATA_HOME", "~/.local/share"),

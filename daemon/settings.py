@@ -65,7 +65,7 @@ def _absolute(value: Any) -> Any:
     """Expand ``~`` and make a path absolute against the current directory (YAML paths arrive absolute already)."""
     if isinstance(value, str | Path) and str(value):
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (Path.cwd() / p).absolute()
+        return Path(os.path.normpath(p if p.is_absolute() else (Path.cwd() / p).absolute()))
     if isinstance(value, str | Path):
         raise ValueError("an empty path is not allowed")
     return value
@@ -169,6 +169,14 @@ class TrainingSettings(Section):
     python: AbsPath = Field(default_factory=lambda: Path(sys.executable))
     backend: Literal["auto", "unsloth", "transformers"] = "auto"
     base_model: str = ""
+
+    @field_validator("base_model")
+    @classmethod
+    def _local_model_absolute(cls, v: str) -> str:
+        if v and _looks_like_path(v):
+            p = Path(v).expanduser()
+            return os.path.normpath(p if p.is_absolute() else (Path.cwd() / p).absolute())
+        return v
     chat_template: str = "qwen-2.5"
     max_steps: int = Field(default=60, ge=1)
     timeout: Duration = Field(default=4 * 3600.0, gt=0)
@@ -230,7 +238,7 @@ class LogSettings(Section):
 PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "store": ("root",),
     "state": ("dir",),
-    "training": ("python",),
+    "training": ("python", "config_template", "base_model"),
     "export": ("llama_cpp_dir", "quantize_bin"),
     "service": ("runtime_dir",),
 }
@@ -328,6 +336,11 @@ def find_config(explicit: Path | None) -> Path | None:
     return None
 
 
+def _looks_like_path(value: str) -> bool:
+    """``training.base_model`` is a local folder when it starts like a path, else a hub id (``Qwen/Qwen2.5-0.5B``)."""
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
+
+
 def _resolve_yaml_paths(data: dict[str, Any], base: Path) -> None:
     for section, names in PATH_FIELDS.items():
         sec = data.get(section)
@@ -335,9 +348,9 @@ def _resolve_yaml_paths(data: dict[str, Any], base: Path) -> None:
             continue
         for name in names:
             value = sec.get(name)
-            if isinstance(value, str) and value:
+            if isinstance(value, str) and value and (name != "base_model" or _looks_like_path(value)):
                 p = Path(value).expanduser()
-                sec[name] = str(p if p.is_absolute() else (base / p).absolute())
+                sec[name] = os.path.normpath(p if p.is_absolute() else (base / p).absolute())
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -1,0 +1,118 @@
+"""Pre-flight checks (``chatos-retrain doctor``): can this config train? One line per check, with the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import runner, templates
+from daemon.settings import Settings
+
+# Runs inside the trainer's interpreter: what imports there, and what the device can do.
+_PROBE = r"""
+import json, importlib, sys
+out = {"python": sys.version.split()[0], "modules": {}, "cuda": False, "gpus": []}
+for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth"):
+    try:
+        if name == "unsloth" and "--no-unsloth" in sys.argv:
+            raise ImportError("not probed")
+        m = importlib.import_module(name)
+        out["modules"][name] = getattr(m, "__version__", "?")
+    except Exception as exc:
+        out["modules"][name] = None
+        out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+try:
+    import torch
+    out["cuda"] = bool(torch.cuda.is_available())
+    for i in range(torch.cuda.device_count() if out["cuda"] else 0):
+        free, total = torch.cuda.mem_get_info(i)
+        out["gpus"].append({"name": torch.cuda.get_device_name(i), "free_gb": free / 2**30, "total_gb": total / 2**30})
+except Exception:
+    pass
+print(json.dumps(out))
+"""
+
+MIN_FREE_GB = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        return f"[{mark}] {self.name}: {self.detail}" + ("" if self.ok or not self.fix else f" -> {self.fix}")
+
+
+def run(settings: Settings, *, timeout: float = 180.0) -> list[Check]:
+    t = settings.training
+    checks: list[Check] = []
+    try:
+        templates.get(t.chat_template)
+        checks.append(Check("chat template", True, t.chat_template))
+    except templates.UnknownTemplate as exc:
+        checks.append(Check("chat template", False, str(exc), "set training.chat_template to one of the names"))
+
+    if not t.base_model:
+        checks.append(Check("base model", False, "training.base_model is empty",
+                            "point training.base_model at a local model folder (nothing is downloaded)"))
+    elif runner.is_local_model(t.base_model):
+        p = Path(t.base_model).expanduser()
+        ok = (p / "config.json").is_file()
+        checks.append(Check("base model", ok, str(p) + ("" if ok else " has no config.json"),
+                            "use a folder written by save_pretrained (config.json, weights, tokenizer)"))
+    else:
+        checks.append(Check("base model", True, f"hub id {t.base_model} (must already be in the local HF cache)"))
+
+    state_dir = settings.state_dir()
+    probe_dir = state_dir if state_dir.exists() else state_dir.parent
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    free_gb = shutil.disk_usage(probe_dir).free / 2**30
+    checks.append(Check("disk space", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free under {probe_dir}",
+                        f"free at least {MIN_FREE_GB:g} GiB for job outputs and exports"))
+
+    if not t.python.exists():
+        checks.append(Check("trainer interpreter", False, f"{t.python} does not exist",
+                            "set training.python to the trainer venv's python (absolute path)"))
+        return checks
+    want_unsloth = t.backend in ("unsloth", "auto")
+    argv = [str(t.python), "-c", _PROBE] + ([] if want_unsloth else ["--no-unsloth"])
+    try:
+        proc = runner.run_command(argv, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        checks.append(Check("trainer interpreter", False, f"{t.python} did not run: {exc}",
+                            "check that the path is an executable Python"))
+        return checks
+    try:
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        checks.append(Check("trainer interpreter", False, f"{t.python} failed: {tail[0][:200]}",
+                            "run it by hand to see why"))
+        return checks
+    checks.append(Check("trainer interpreter", True, f"{t.python} (Python {info['python']})"))
+    mods = info["modules"]
+    for name in ("torch", "transformers", "trl", "peft"):
+        ok = mods.get(name) is not None
+        err = info.get("errors", {}).get(name, "")
+        checks.append(Check(f"import {name}", ok, mods.get(name) or err,
+                            "pip install torch==2.13.0 first, then -e '.[train]' into that interpreter"))
+    if t.backend == "unsloth":
+        ok = mods.get("unsloth") is not None
+        checks.append(Check("import unsloth", ok, mods.get("unsloth") or info.get("errors", {}).get("unsloth", ""),
+                            "install the gpu extra into its own venv and set training.python to it"))
+    gpus = info.get("gpus", [])
+    if t.backend == "unsloth" or (t.backend == "auto" and mods.get("unsloth")):
+        checks.append(Check("GPU", bool(gpus), ", ".join(f"{g['name']} ({g['free_gb']:.1f}/{g['total_gb']:.1f} "
+                                                         "GiB free)" for g in gpus) or "no CUDA device",
+                            "the unsloth backend wants a GPU; use backend transformers on CPU"))
+    else:
+        checks.append(Check("GPU", True, ", ".join(g["name"] for g in gpus) or "none (CPU training)"))
+    return checks
