@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from daemon import api, control, doctor, log, runner, settings, storegen
+from daemon import api, control, doctor, log, runner, settings, storegen, unit
 from daemon.dataset import DatasetError, verify
 from daemon.pipeline import CycleRequest, run_cycle
 from daemon.service import SOCKET_NAME, Service
@@ -164,6 +164,13 @@ def cmd_dataset_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:
+        return False
+
+
 def _socket(s: settings.Settings) -> Path:
     return s.runtime_dir() / SOCKET_NAME
 
@@ -188,12 +195,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         with api.open_state(s) as st:
             status = api.store_status(s, st)
+            last = st.last_cycle()
         if args.json:
-            _print_json({"service": None, **status.as_json()})
+            _print_json({"service": None, "last_cycle": last, "store": status.as_json()})
             return EXIT_OK
         print("service:   not running (state only)")
     c = status.conversations
-    print(f"store:     {status.store_root}" + ("" if Path(status.store_root).is_dir() else "  (missing)"))
+    print(f"store:     {status.store_root}" + ("" if _is_dir(Path(status.store_root)) else "  (missing or unreadable)"))
     print(f"state:     {status.state_dir}")
     print(f"files:     {status.files_tracked} tracked")
     print(f"conversations: {c['total']} total, {c['eligible']} eligible ({c['positive']} positive), "
@@ -338,6 +346,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if all(c.ok for c in checks) else EXIT_ERROR
 
 
+def cmd_install_unit(args: argparse.Namespace) -> int:
+    """Render the systemd unit for this install (this venv's entry point, this config) and install it."""
+    s = _load(args)
+    used = settings.find_config(args.config)
+    python = Path(sys.executable)
+    store_root = s.store.root if used is not None and not args.user else None
+    try:
+        text = unit.render_unit(
+            user_mode=args.user, python=python, config=used.absolute() if used else None, store_root=store_root,
+            module=unit.entry_point_missing(python), stop_timeout_s=s.service.stop_timeout_s,
+        )
+    except ValueError as exc:
+        raise CliError(f"cannot render the unit: {exc}", EXIT_CONFIG) from None
+    if args.print:
+        print(text, end="")
+        return EXIT_OK
+    try:
+        res = unit.install_unit(text, user_mode=args.user, force=args.force, store_root=store_root)
+    except unit.UnitExistsError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    except PermissionError:
+        raise CliError("permission denied writing the unit: run as root, or use --user", EXIT_ERROR) from None
+    print(f"{'wrote' if res.written else 'unchanged'}: {res.path}")
+    for cmd in res.next_commands:
+        print(f"  {cmd}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a demo ChatOS store with its own config and state, then ingest it and build a dataset."""
     base = Path(args.dir).expanduser().absolute()
@@ -459,13 +495,31 @@ def make_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser("install-unit", help="render and install the systemd unit for this install's paths")
+    p.add_argument("--user", action="store_true", help="a systemd --user unit instead of a system unit")
+    p.add_argument("--force", action="store_true", help="replace a different existing unit file")
+    p.add_argument("--print", action="store_true", help="print the unit instead of installing it")
+    p.set_defaults(func=cmd_install_unit)
+
     p = sub.add_parser("demo", help="generate a demo store with its own config and state, ingest it, build a dataset")
     p.add_argument("--dir", default=os.path.join(os.environ.get("XDG_DATA_HOME", "~/.local/share"),
                                                  "chatos-retrain", "demo"),
                    help="where the demo store, config and state live (default: %(default)s)")
     p.add_argument("--records", type=int, default=400, help="chat requests in a new demo store")
     p.set_defaults(func=cmd_demo)
+    _config_everywhere(parser)
     return parser
+
+
+def _config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--config`` is accepted after the verb too (``chatos-retrain run --config FILE``, as units write it)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--config" in a.option_strings for a in sub._actions):
+                    sub.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                                     help="config file (same as the global --config)")
+                _config_everywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,7 +300,7 @@ def run_cycle(
             timed("ingest", t0)
             result.counts["ingest"] = {k: v for k, v in rep.as_dict().items() if k != "seconds"}
 
-            step("deciding")
+            step("deciding", "applying the training policy")
             t0 = time.perf_counter()
             pin = policy_input(settings, state, now())
             decision = policy.decide(pin, settings.policy, now())
@@ -323,7 +323,7 @@ def run_cycle(
             if not result.decision:
                 return result
 
-            step("building dataset")
+            step("building dataset", "from the eligible conversations")
             t0 = time.perf_counter()
             try:
                 built = dataset.build(state, settings.dataset, str(settings.store.root))

@@ -90,7 +90,7 @@ class Service:
         detail = self.detail
         if self.phase == "idle" and self.last_result is not None:
             detail = f"last decision: {self.last_result.reason}"
-        return f"{self.phase}: {detail}" if detail else self.phase
+        return f"{self.phase}: {detail or 'working'}"
 
     def live_status(self) -> dict[str, Any]:
         s = self.settings

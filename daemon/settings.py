@@ -85,7 +85,11 @@ class StoreSettings(Section):
     @field_validator("root")
     @classmethod
     def _root_not_a_file(cls, v: Path) -> Path:
-        if v.exists() and not v.is_dir():
+        try:
+            bad = v.exists() and not v.is_dir()
+        except OSError:  # a parent we may not enter (the CLI as another user): the service reports it later
+            return v
+        if bad:
             raise ValueError(f"{v} exists and is not a directory")
         return v
 
@@ -309,6 +313,9 @@ class Settings(BaseSettings):
             return Path(env.split(":")[0]).absolute()
         if self.service.runtime_dir is not None:
             return self.service.runtime_dir
+        system_run = Path("/run/chatos-retrain")  # the system unit's RuntimeDirectory=, seen from the CLI too
+        if system_run.is_dir() and os.access(system_run, os.X_OK):
+            return system_run
         return self.state_dir()
 
 

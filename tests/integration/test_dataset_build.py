@@ -206,7 +206,7 @@ def test_cli_feedback_appends_one_event_that_ingest_joins(store: Path, tmp_path:
     capsys.readouterr()
     assert cli.main(["--config", str(cfg), "ingest"]) == 0
     assert cli.main(["--config", str(cfg), "status", "--json"]) == 0
-    status = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    status = json.loads(capsys.readouterr().out.split("\n", 1)[1])["store"]
     assert status["last_ingest_at"] and status["feedback_events"] == 2 and status["conversations"]["eligible"] == 0  # latest event: poor
     assert cli.main(["--config", str(cfg), "feedback", "bad id!", "--up"]) == 2
     assert "not a valid id" in capsys.readouterr().err
@@ -232,7 +232,7 @@ def test_python_dash_m_daemon_is_the_cli(tmp_path: Path) -> None:
            "CHATOS_RETRAIN_STORE__ROOT": str(tmp_path / "nostore")}
     out = subprocess.run([sys.executable, "-m", "daemon", "status", "--json"], capture_output=True, text=True,
                          env=env, check=True)
-    assert json.loads(out.stdout)["files_tracked"] == 0
+    assert json.loads(out.stdout)["store"]["files_tracked"] == 0
 
 
 def test_demo_command(tmp_path: Path) -> None:
