@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -108,6 +109,7 @@ class Service:
                 "status": self.status_line(),
                 "watcher": self.watcher.mode if self.watcher else None,
                 "busy": bool(self.worker and self.worker.busy),
+                "torch_imported": "torch" in sys.modules,
                 "next_window": nxt.isoformat() if nxt else None,
                 "windows": [w.cron for w in s.policy.windows],
             },
