@@ -375,34 +375,42 @@ def cmd_install_unit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate a demo ChatOS store with its own config and state, then ingest it and build a dataset."""
+    """The embedded default: a generated demo ChatOS store with its own config and state, and the service on it."""
     base = Path(args.dir).expanduser().absolute()
     store = base / "ChatOS-Memory"
     cfg = base / "retrain.yaml"
     if not store.exists():
         truth = storegen.generate_store(store, args.records, days=7, seed=42, feedback_fraction=0.5)
         print(f"generated a demo ChatOS store: {store} ({len(truth.conversations)} conversations, "
-              f"{truth.feedback_events} feedback events)")
+              f"{truth.feedback_events} feedback events)", file=sys.stderr)
     if not cfg.exists():
-        cfg.write_text(
-            "# Demo configuration written by `chatos-retrain demo`; paths are relative to this file.\n"
-            "store:\n  root: ChatOS-Memory\nstate:\n  dir: state\n"
-            "policy:\n  min_new_examples: 10\n  min_total_examples: 20\n  cooldown: 0s\n"
-            "training:\n  backend: transformers\n",
-            encoding="utf-8",
-        )
+        cfg.write_text(demo_config(), encoding="utf-8")
     args.config = cfg
     s = _load(args)
-    with api.open_state(s) as st:
-        try:
-            result = api.build_dataset(s, st)
-        except DatasetError as exc:
-            raise CliError(f"no dataset built: {exc}", EXIT_DATA) from None
-        status = api.store_status(s, st)
-    print(f"{result.message}: {result.path} ({result.train_count} train, {result.eval_count} eval)")
-    print(f"{status.conversations['total']} conversations ingested, {status.conversations['eligible']} eligible")
-    print(f"try: chatos-retrain --config {cfg} status")
-    return EXIT_OK
+    if args.once:
+        with api.open_state(s) as st:
+            result = run_cycle(s, st, CycleRequest(None, forced=True, origins=["demo"]),
+                               progress=lambda p, d: _print_progress({"phase": p, "detail": d}))
+        print(f"{result.cycle_id}: {result.outcome}: {result.reason}")
+        print(f"next: chatos-retrain --config {cfg} status")
+        return EXIT_ERROR if result.outcome == "error" else EXIT_OK
+    print(f"running the service on {store} (config {cfg}); Ctrl-C stops it.\n"
+          f"  in another terminal: chatos-retrain --config {cfg} status\n"
+          f"                      chatos-retrain --config {cfg} trigger --wait", file=sys.stderr)
+    log.configure(s.log.level, s.log.format)
+    svc = Service(cfg, initial=s)
+    svc.install_signals()
+    return svc.run()
+
+
+def demo_config() -> str:
+    return (
+        "# Demo configuration written by `chatos-retrain demo`; paths are relative to this file.\n"
+        "store:\n  root: ChatOS-Memory\nstate:\n  dir: state\n"
+        "watch:\n  settle_s: 2s\n"
+        "policy:\n  min_new_examples: 10\n  min_total_examples: 20\n  cooldown: 0s\n  max_runs_per_day: 50\n"
+        "training:\n  backend: transformers\n"
+    )
 
 
 # -- parser ----------------------------------------------------------------------------------------------------
@@ -506,6 +514,7 @@ def make_parser() -> argparse.ArgumentParser:
                                                  "chatos-retrain", "demo"),
                    help="where the demo store, config and state live (default: %(default)s)")
     p.add_argument("--records", type=int, default=400, help="chat requests in a new demo store")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit instead of running the service")
     p.set_defaults(func=cmd_demo)
     _config_everywhere(parser)
     return parser

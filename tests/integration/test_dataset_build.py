@@ -236,8 +236,8 @@ def test_python_dash_m_daemon_is_the_cli(tmp_path: Path) -> None:
 
 
 def test_demo_command(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "daemon", "demo", "--dir", str(tmp_path / "demo"), "--records", "120"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "daemon", "demo", "--dir", str(tmp_path / "demo"), "--records", "120",
+                          "--once"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "built v1" in out.stdout
+    assert "dataset v1 ready" in out.stdout
     assert (tmp_path / "demo" / "state" / "datasets" / "v1" / "train.jsonl").stat().st_size > 0
