@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ollama_standin import ollama_standin  # noqa: F401  (a fixture for every test)
 
 from daemon import settings as settings_mod
 from daemon.state import State
