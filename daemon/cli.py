@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from daemon import api, control, doctor, log, runner, settings, storegen, unit
+from daemon import api, control, doctor, log, ollama, registry, runner, settings, storegen, unit
 from daemon.dataset import DatasetError, verify
 from daemon.pipeline import CycleRequest, run_cycle
 from daemon.service import SOCKET_NAME, Service
@@ -374,6 +374,60 @@ def cmd_install_unit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        rows = registry.lineage(st)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no model versions yet")
+    for m in rows:
+        ev = m.get("eval") or {}
+        loss = ev.get("candidate_eval_loss")
+        print(f"v{m['version']:<3} {m['status']:<10} {m['tag']:<32} {'latest' if m['latest'] else '':<6} "
+              f"job {m['job_id']}  dataset v{m['dataset_version']}  gguf {m['gguf_sha256'][7:19]}"
+              + (f"  eval {loss:.4f}" if isinstance(loss, int | float) else "")
+              + (f"  ({m['last_error']})" if m.get("last_error") and m["status"] != "registered" else ""))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    s = _load(args)
+    to = None
+    if args.to:
+        digits = args.to.lstrip("v")
+        if not digits.isdigit():
+            raise CliError(f"not a model version: {args.to!r} (expected vN)", EXIT_CONFIG)
+        to = int(digits)
+    with api.open_state(s) as st:
+        try:
+            out = registry.rollback(s, st, to)
+        except ValueError as exc:
+            raise CliError(f"rollback refused: {exc}", EXIT_DATA) from None
+        except ollama.OllamaError as exc:
+            raise CliError(f"rollback failed, latest unchanged: {exc}") from None
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{out['tag']} -> v{out['latest']} (was v{out['previous']})")
+    return EXIT_OK
+
+
+def cmd_export_retry(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        done = registry.retry_pending(s, st, force=True)
+    if args.json:
+        _print_json(done)
+    elif not done:
+        print("nothing pending")
+    for m in done if not args.json else []:
+        print(f"v{m['version']}: {m['status']}" + (f" ({m['last_error']})" if m.get("last_error") else ""))
+    return EXIT_OK if all(m["status"] == "registered" for m in done) else EXIT_ERROR
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default: a generated demo ChatOS store with its own config and state, and the service on it."""
     base = Path(args.dir).expanduser().absolute()
@@ -502,6 +556,21 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="pre-flight checks for training: interpreter, imports, GPU, disk, template")
     _json_flag(p)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("models", help="model versions with their lineage (job, dataset, GGUF, Ollama tag)")
+    _json_flag(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("rollback", help="move <model_name>:latest back (to the previous version, or --to vN)")
+    p.add_argument("--to", help="the version to point latest at, e.g. v3")
+    _json_flag(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p_exp = sub.add_parser("export", help="retry pending Ollama registrations")
+    exp_sub = p_exp.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = exp_sub.add_parser("retry", help="register every pending or failed-to-reach-Ollama version now")
+    _json_flag(p)
+    p.set_defaults(func=cmd_export_retry)
 
     p = sub.add_parser("install-unit", help="render and install the systemd unit for this install's paths")
     p.add_argument("--user", action="store_true", help="a systemd --user unit instead of a system unit")

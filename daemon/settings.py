@@ -194,7 +194,10 @@ class GateSettings(Section):
 
 
 class ExportSmokeSettings(Section):
+    enabled: bool = True
     require_stop: bool = True
+    prompt: str = "Reply with one short sentence: what is 2 + 2?"
+    num_predict: int = Field(default=64, ge=1, le=4096)
 
 
 class ExportSettings(Section):
@@ -211,6 +214,9 @@ class OllamaSettings(Section):
     model_name: str = "chatos-retrained"
     keep_versions: int = Field(default=3, ge=1)
     timeout_s: Duration = Field(default=30.0, gt=0)
+    system: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    retry_backoff: Duration = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> OllamaSettings:

@@ -84,6 +84,17 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX jobs_status ON jobs (status);
     """,
+    # 4: model versions (exported GGUFs and their Ollama registration)
+    """
+    CREATE TABLE models (
+        version INTEGER PRIMARY KEY, job_id TEXT NOT NULL, dataset_version INTEGER NOT NULL,
+        manifest_hash TEXT, gguf_path TEXT NOT NULL, gguf_sha256 TEXT NOT NULL, gguf_size INTEGER NOT NULL,
+        architecture TEXT, chat_template TEXT NOT NULL, eval TEXT, status TEXT NOT NULL, tag TEXT NOT NULL,
+        ollama_digest TEXT, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TEXT, last_error TEXT,
+        created_at TEXT NOT NULL, registered_at TEXT
+    );
+    CREATE INDEX models_status ON models (status);
+    """,
 ]
 
 
@@ -173,6 +184,13 @@ def _job_dict(description: Any, row: Sequence[Any]) -> dict[str, Any]:
     return d
 
 
+def _model_dict(description: Any, row: Sequence[Any]) -> dict[str, Any]:
+    d = dict(zip([c[0] for c in description], row, strict=True))
+    if d.get("eval"):
+        d["eval"] = json.loads(d["eval"])
+    return d
+
+
 def _dataset_row(r: Sequence[Any]) -> DatasetRow:
     return DatasetRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), json.loads(r[7]))
 
@@ -193,9 +211,9 @@ class State:
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-        # Up to 32 MiB of page cache (default 2 MiB): the id indexes of a 100k-conversation store stay in memory
+        # Up to 16 MiB of page cache (default 2 MiB): the id indexes of a 100k-conversation store stay in memory
         # during bulk ingest instead of being re-read for every random insert. Grows only as used.
-        self.conn.execute("PRAGMA cache_size=-32768")
+        self.conn.execute("PRAGMA cache_size=-16384")
         self._depth = 0
         self.migrate()
 
@@ -302,9 +320,20 @@ class State:
                 for r in rows
             ],
         )
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO sightings (path, cid, rank) VALUES (?,?,?)", [(r.path, r.cid, r.rank) for r in rows]
-        )
+        self.add_sightings([(r.path, r.cid, r.rank) for r in rows])
+
+    def add_sightings(self, rows: Sequence[tuple[str, str, int]]) -> None:
+        """Record that ``(path, cid, rank)`` holds a copy of the conversation (without touching its content)."""
+        self.conn.executemany("INSERT OR REPLACE INTO sightings (path, cid, rank) VALUES (?,?,?)", rows)
+
+    def outranked(self, cids: Iterable[str], rank: int) -> set[str]:
+        """Those of ``cids`` whose content comes from a source ranked above ``rank``: an upsert at ``rank`` would not
+        change them (see :meth:`upsert_conversations`)."""
+        ids = _json_ids(cids)
+        if ids is None:
+            return set()
+        sql = "SELECT cid FROM conversations WHERE rank > ? AND cid IN (SELECT value FROM json_each(?))"
+        return {r[0] for r in self.conn.execute(sql, (rank, ids))}
 
     def sighted_in(self, path: str) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT cid FROM sightings WHERE path = ?", (path,))}
@@ -397,7 +426,7 @@ class State:
             "SELECT c.cid, c.messages, c.mode, c.model, COALESCE(l.score, c.inline_score),"
             " (l.cid IS NOT NULL OR c.inline_rated = 1), c.src_path, c.src_offset, c.src_len",
             modes,
-        ) + " ORDER BY c.cid"
+        ) + " ORDER BY +c.cid"  # '+': scan the table and sort; walking the id index costs a random read per row
         for r in self.conn.execute(sql, (*modes, min_score, include_unrated)):
             yield Eligible(r[0], r[1], r[2], r[3], int(r[4]), bool(r[5]), r[6], r[7], r[8])
 
@@ -537,6 +566,41 @@ class State:
             args.append(status)
         cur = self.conn.execute(sql + " ORDER BY created_at DESC, job_id DESC LIMIT ?", (*args, limit))
         return [_job_dict(cur.description, r) for r in cur.fetchall()]
+
+    # -- model versions -------------------------------------------------------------------------------------
+
+    _MODEL_COLS = (
+        "version, job_id, dataset_version, manifest_hash, gguf_path, gguf_sha256, gguf_size, architecture,"
+        " chat_template, eval, status, tag, ollama_digest, attempts, next_attempt_at, last_error, created_at,"
+        " registered_at"
+    )
+
+    def next_model_version(self) -> int:
+        row = self.conn.execute("SELECT MAX(version) FROM models").fetchone()
+        return int(row[0] or 0) + 1
+
+    def add_model(self, m: dict[str, Any]) -> None:
+        cols = [c.strip() for c in self._MODEL_COLS.split(",")]
+        self.conn.execute(f"INSERT INTO models ({self._MODEL_COLS}) VALUES ({','.join('?' * len(cols))})",
+                          [_jsonish(m.get(c)) for c in cols])
+
+    def update_model(self, version: int, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE models SET {sets} WHERE version = ?", [*map(_jsonish, fields.values()), version])
+
+    def model(self, version: int) -> dict[str, Any] | None:
+        cur = self.conn.execute(f"SELECT {self._MODEL_COLS} FROM models WHERE version = ?", (version,))
+        row = cur.fetchone()
+        return _model_dict(cur.description, row) if row else None
+
+    def models(self, *, status: str | None = None) -> list[dict[str, Any]]:
+        sql = f"SELECT {self._MODEL_COLS} FROM models"
+        args: list[Any] = []
+        if status:
+            sql += " WHERE status = ?"
+            args.append(status)
+        cur = self.conn.execute(sql + " ORDER BY version", args)
+        return [_model_dict(cur.description, r) for r in cur.fetchall()]
 
     # -- key/value -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,201 @@
+"""Model versions in Ollama: immutable ``<model_name>:v<N>``, a ``latest`` alias moved only after every check,
+retention, rollback, lineage, and pending registrations retried with backoff when Ollama is down or failing.
+
+State is the source of truth: a model row exists before anything is sent to Ollama; its status moves
+``exported -> registered`` (or ``pending`` with ``next_attempt_at``, or ``failed``), and ``latest`` lives in state
+too. A registration that fails after ``create`` removes the half-made tag, so nothing is half-registered.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from daemon import log, ollama, templates
+from daemon.ollama import OllamaClient, OllamaError
+from daemon.settings import Settings
+from daemon.state import State, utcnow
+
+_log = log.get("daemon.registry")
+
+
+class Rejected(Exception):
+    """Ollama took the model but it does not check out (show or smoke test): a hard failure, not retried."""
+
+
+def tag(settings: Settings, version: int) -> str:
+    return f"{settings.ollama.model_name}:v{version}"
+
+
+def latest_tag(settings: Settings) -> str:
+    return f"{settings.ollama.model_name}:latest"
+
+
+def create_parameters(settings: Settings, template_name: str) -> dict[str, Any]:
+    """Modelfile parameters: the config's extras, and the stop tokens of the training template (always ours)."""
+    t = templates.get(template_name)
+    return {**settings.ollama.parameters, "stop": list(t.stop)}
+
+
+def add_version(state: State, *, job_id: str, dataset_version: int, manifest_hash: str | None, gguf_path: str,
+                gguf_sha256: str, gguf_size: int, architecture: str | None, chat_template: str,
+                eval_numbers: dict[str, Any], settings: Settings) -> int:
+    """Record an exported GGUF as the next model version (status ``exported``); returns N."""
+    with state.transaction():
+        version = state.next_model_version()
+        state.add_model({
+            "version": version, "job_id": job_id, "dataset_version": dataset_version, "manifest_hash": manifest_hash,
+            "gguf_path": gguf_path, "gguf_sha256": gguf_sha256, "gguf_size": gguf_size, "architecture": architecture,
+            "chat_template": chat_template, "eval": eval_numbers, "status": "exported", "tag": tag(settings, version),
+            "attempts": 0, "created_at": utcnow(),
+        })
+    return version
+
+
+def register(settings: Settings, state: State, version: int, client: OllamaClient | None = None,
+             now: datetime | None = None) -> dict[str, Any]:
+    """Upload, create ``:v<N>``, verify with show, smoke-chat, then move ``latest`` and apply retention.
+
+    Returns the updated model row. Never raises for Ollama problems: a retryable one leaves the version
+    ``pending`` with a backoff, a hard one marks it ``failed``; either way ``latest`` is untouched.
+    """
+    row = state.model(version)
+    if row is None:
+        raise KeyError(f"no model version v{version}")
+    own = client is None
+    client = client or OllamaClient.from_settings(settings.ollama)
+    name = row["tag"]
+    created = False
+    try:
+        t = templates.get(row["chat_template"])
+        digest = client.ensure_blob(row["gguf_path"], row["gguf_sha256"])
+        created = True  # from here on a failure may leave a (half-made) tag behind: clean it up
+        client.create(name, {"model.gguf": digest}, template=t.ollama_template, system=settings.ollama.system,
+                      parameters=create_parameters(settings, t.name))
+        show = client.show(name)
+        problems = ollama.verify_show(show, architecture=row["architecture"], template=t.ollama_template,
+                                      stops=list(t.stop))
+        if problems:
+            raise Rejected(f"{name} does not verify: {'; '.join(problems)}")
+        smoke = settings.export.smoke
+        if smoke.enabled:
+            chat = client.chat(name, [{"role": "user", "content": smoke.prompt}], num_predict=smoke.num_predict)
+            problems = ollama.smoke_problems(chat, smoke.require_stop)
+            if problems:
+                raise Rejected(f"{name} smoke test failed: {'; '.join(problems)}")
+        previous = state.get_kv("latest_model")
+        client.copy(name, latest_tag(settings))
+        ollama_digest = next((m.get("digest") for m in client.tags() if m.get("name") == name), None)
+        with state.transaction():
+            state.update_model(version, status="registered", registered_at=utcnow(), last_error=None,
+                               next_attempt_at=None, ollama_digest=ollama_digest, attempts=row["attempts"] + 1)
+            state.set_kv("latest_model", str(version))
+            if previous and previous != str(version):
+                state.set_kv("previous_latest_model", previous)
+        _log.info("registry.registered", model_version=version, tag=name, latest=latest_tag(settings))
+        retention(settings, state, client)
+    except (OllamaError, Rejected, ValueError, OSError) as exc:
+        _failed(settings, state, row, exc, client if created else None, now or datetime.now(UTC))
+    finally:
+        if own:
+            client.close()
+    return state.model(version) or {}
+
+
+def _failed(settings: Settings, state: State, row: dict[str, Any], exc: Exception, created_on: OllamaClient | None,
+            now: datetime) -> None:
+    version, name = row["version"], row["tag"]
+    if created_on is not None:  # created but not verified: take the half-made tag away again
+        try:
+            created_on.delete(name)
+        except ollama.NotFound:
+            pass
+        except OllamaError as cleanup:
+            _log.warning("registry.cleanup_failed", tag=name, reason=str(cleanup))
+    retryable = isinstance(exc, OllamaError) and exc.retryable
+    attempts = row["attempts"] + 1
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if retryable:
+        delay = min(settings.ollama.retry_backoff * 2 ** (attempts - 1), 6 * 3600.0)
+        at = (now + timedelta(seconds=delay)).isoformat()
+        with state.transaction():
+            state.update_model(version, status="pending", attempts=attempts, last_error=message, next_attempt_at=at)
+        _log.warning("registry.pending", model_version=version, reason=message, retry_at=at, attempts=attempts)
+    else:
+        with state.transaction():
+            state.update_model(version, status="failed", attempts=attempts, last_error=message, next_attempt_at=None)
+        _log.error("registry.failed", model_version=version, reason=message)
+
+
+def retry_pending(settings: Settings, state: State, *, force: bool = False, now: datetime | None = None,
+                  client: OllamaClient | None = None) -> list[dict[str, Any]]:
+    """Register every pending (or freshly exported) version whose retry time has come (all of them if ``force``)."""
+    now = now or datetime.now(UTC)
+    done = []
+    for row in state.models(status="pending") + state.models(status="exported"):
+        at = row.get("next_attempt_at")
+        if force or not at or datetime.fromisoformat(at) <= now:
+            done.append(register(settings, state, row["version"], client=client, now=now))
+    return done
+
+
+def retention(settings: Settings, state: State, client: OllamaClient) -> list[int]:
+    """Delete registered versions beyond ``ollama.keep_versions``; never the current or previous ``latest``."""
+    keep = settings.ollama.keep_versions
+    registered = [m["version"] for m in state.models(status="registered")]
+    protected = {int(v) for v in (state.get_kv("latest_model"), state.get_kv("previous_latest_model")) if v}
+    doomed = [v for v in registered[:-keep] if v not in protected] if len(registered) > keep else []
+    deleted = []
+    for v in doomed:
+        row = state.model(v)
+        assert row is not None
+        try:
+            client.delete(row["tag"])
+        except ollama.NotFound:
+            pass
+        except OllamaError as exc:
+            _log.warning("registry.retention_failed", model_version=v, reason=str(exc))
+            continue
+        with state.transaction():
+            state.update_model(v, status="deleted")
+        deleted.append(v)
+    if deleted:
+        _log.info("registry.retention", deleted=deleted, kept=keep)
+    return deleted
+
+
+def rollback(settings: Settings, state: State, to: int | None = None,
+             client: OllamaClient | None = None) -> dict[str, Any]:
+    """Move ``latest`` to ``to`` (default: the registered version before the current one). Raises ValueError with a
+    one-line reason when there is nowhere to go, OllamaError when Ollama refuses."""
+    registered = [m["version"] for m in state.models(status="registered")]
+    current = int(state.get_kv("latest_model") or 0) or None
+    if to is None:
+        older = [v for v in registered if current is None or v < current]
+        if not older:
+            raise ValueError(f"no registered version before v{current} to roll back to")
+        to = older[-1]
+    if to not in registered:
+        raise ValueError(f"v{to} is not a registered version (registered: {', '.join(f'v{v}' for v in registered)})")
+    own = client is None
+    client = client or OllamaClient.from_settings(settings.ollama)
+    try:
+        row = state.model(to)
+        assert row is not None
+        client.show(row["tag"])  # it must still exist in Ollama
+        client.copy(row["tag"], latest_tag(settings))
+    finally:
+        if own:
+            client.close()
+    with state.transaction():
+        state.set_kv("latest_model", str(to))
+        if current and current != to:
+            state.set_kv("previous_latest_model", str(current))
+    _log.info("registry.rollback", latest=f"v{to}", previous=f"v{current}" if current else None)
+    return {"latest": to, "previous": current, "tag": latest_tag(settings)}
+
+
+def lineage(state: State) -> list[dict[str, Any]]:
+    """Every model version with its job, dataset and manifest hash, GGUF digest and eval numbers."""
+    latest = state.get_kv("latest_model")
+    return [{**m, "latest": str(m["version"]) == latest} for m in state.models()]
