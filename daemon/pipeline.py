@@ -223,6 +223,10 @@ def conclude_job(
     champ_id = state.get_kv("champion_job") if used else None
     champ_loss = res.get("champion_eval_loss") if used else res.get("eval_loss_before")
     name = f"champion {champ_id}" if used else "the base model"
+    if used and not isinstance(champ_loss, int | float):
+        # the champion adapter could not be evaluated: compare with the base model rather than promote blindly
+        _log.warning("gate.champion_unavailable", job_id=job_id, reason=res.get("champion_error"))
+        champ_loss, name = res.get("eval_loss_before"), "the base model (champion could not be evaluated)"
     g = gate.decide(res.get("eval_loss_after"), champ_loss, settings.gate.tolerance, champion_name=name)
     result.counts["gate"] = g.numbers
     with state.transaction():

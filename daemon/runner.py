@@ -71,6 +71,8 @@ EXIT_MEANING = {
     2: ("failed", "bad training config"),
     3: ("failed", "data problem"),
     4: ("failed", "out of memory"),
+    1: ("failed", "trainer error"),
+    143: ("cancelled", "terminated by SIGTERM"),
 }
 
 

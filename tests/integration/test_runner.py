@@ -113,7 +113,7 @@ def test_unknown_template_lists_the_names(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("code", "status", "words"), [(0, "succeeded", "ok"), (2, "failed", "bad training config"),
                                                        (3, "failed", "data problem"), (4, "failed", "out of memory"),
-                                                       (1, "failed", "status 1"), (-9, "failed", "SIGKILL"),
+                                                       (1, "failed", "trainer error"), (7, "failed", "status 7"), (-9, "failed", "SIGKILL"), (143, "cancelled", "SIGTERM"),
                                                        (None, "failed", "no exit status")])
 def test_interpret_exit(code: int | None, status: str, words: str) -> None:
     s, reason = runner.interpret_exit(code)

@@ -1,0 +1,267 @@
+"""Real training, end to end: tiny models with real vocabularies and chat templates, the real trainer script run by
+absolute path as a subprocess, both backends. Unchanged on a GPU machine (the trainer picks the device itself)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainjobs import TIMEOUT_S, TRAINER, UNSLOTH_PYTHON, Job, make_job, trainer_env
+
+from daemon import templates
+
+pytestmark = pytest.mark.slow
+
+STEP_KEYS = {"job_id", "step", "train_loss", "epoch", "learning_rate", "tokens_per_s", "timestamp"}
+RESULT_KEYS = {
+    "job_id", "status", "backend", "base_model", "chat_template", "adapter_dir", "first_train_loss",
+    "final_train_loss", "train_loss_mean", "eval_loss_before", "eval_loss_after", "champion_adapter",
+    "champion_eval_loss", "champion_error", "steps", "epochs", "runtime_seconds", "train_runtime_seconds",
+    "tokens_per_s", "train_examples", "eval_examples", "device", "dtype", "load_in_4bit", "peak_rss_bytes",
+    "peak_gpu_memory_bytes", "versions", "python", "finished_at",
+}  # fmt: skip
+
+# Loads an adapter onto its base with PEFT, in the training venv, and reports what it found.
+PEFT_CHECK = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+base_dir, adapter_dir = sys.argv[1:3]
+base = AutoModelForCausalLM.from_pretrained(base_dir)
+ids = torch.tensor([[151644, 872, 198, 14990, 1879, 151645]]) % base.config.vocab_size
+with torch.no_grad():
+    ref = base(ids).logits
+model = PeftModel.from_pretrained(base, adapter_dir)
+with torch.no_grad():
+    out = model(ids).logits
+cfg = model.peft_config["default"]
+lora_b = max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n)
+tok = AutoTokenizer.from_pretrained(adapter_dir)
+print(json.dumps({"r": cfg.r, "targets": sorted(cfg.target_modules), "lora_b_max": lora_b,
+                  "logit_delta": (out - ref).abs().max().item(), "chat_template": tok.chat_template}))
+"""
+
+
+def run_job(job: Job, python: Path | str = sys.executable) -> Job:
+    job.run(python)
+    assert job.proc is not None
+    assert job.proc.returncode == 0, job.log[-6000:]
+    return job
+
+
+def check_job(job: Job, backend: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The metrics/result contract of a successful job; returns (step lines, result)."""
+    lines = job.metrics()
+    cfg = job.config
+    max_steps = cfg["training"]["max_steps"]
+    assert lines[0]["event"] == "job_started" and lines[-1]["event"] == "job_finished"
+    assert all(line["job_id"] == cfg["job_id"] for line in lines)
+    assert sum(1 for line in lines if line.get("event") in ("job_started", "job_finished")) == 2
+
+    steps = [line for line in lines if "event" not in line]
+    assert steps and all(set(s) >= STEP_KEYS for s in steps)
+    numbers = [s["step"] for s in steps]
+    assert numbers == sorted(set(numbers)) and numbers[-1] == max_steps
+    assert [s["epoch"] for s in steps] == sorted(s["epoch"] for s in steps)
+    assert all(s["learning_rate"] > 0 and math.isfinite(s["train_loss"]) for s in steps)
+    assert all(s["tokens_per_s"] is None or s["tokens_per_s"] > 0 for s in steps)
+    evals_every = cfg["training"]["eval_steps"]
+    assert [s["step"] for s in steps if "eval_loss" in s] == [n for n in numbers if n % evals_every == 0]
+
+    evaluated = {line["phase"]: line["eval_loss"] for line in lines if line.get("event") == "evaluated"}
+    phases = [line["phase"] for line in lines if line.get("event") == "evaluated"]
+    assert phases[:2] == ["base", "candidate"]
+    first_step = next(i for i, line in enumerate(lines) if "event" not in line)
+    assert lines.index(next(x for x in lines if x.get("phase") == "base")) < first_step
+
+    end = lines[-1]
+    assert end["status"] == "completed" and end["exit_code"] == 0 and "error" not in end
+    assert end["total_steps"] == max_steps and end["final_loss"] == steps[-1]["train_loss"]
+    assert end["runtime_seconds"] > 0
+
+    assert job.result_path.stat().st_mtime >= job.metrics_path.stat().st_mtime  # result.json comes last
+    result = job.result()
+    assert set(result) == RESULT_KEYS
+    assert result["status"] == "completed" and result["backend"] == backend and result["steps"] == max_steps
+    assert result["chat_template"] == cfg["model"]["chat_template"] and result["base_model"] == cfg["model"]["name"]
+    assert result["final_train_loss"] == end["final_loss"] and result["first_train_loss"] == steps[0]["train_loss"]
+    assert result["eval_loss_before"] == evaluated["base"] and result["eval_loss_after"] == evaluated["candidate"]
+    assert result["train_examples"] == 32 and result["eval_examples"] == 4
+    versions = result["versions"]
+    assert all(versions[k] for k in ("torch", "transformers", "trl", "peft"))
+    assert (versions["unsloth"] is not None) == (backend == "unsloth")
+    adapter = Path(result["adapter_dir"])
+    assert adapter == Path(cfg["training"]["output_dir"], "adapter")
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+    # It learned: the loss went down, in training and on the held-out split.
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
+    assert result["eval_loss_after"] < result["eval_loss_before"]
+    assert "may not learn to stop" not in job.log  # TRL's warning when the end-of-turn token is not trained
+    return steps, result
+
+
+def check_adapter_loads(job: Job, base: Path) -> dict[str, Any]:
+    result = job.result()
+    proc = subprocess.run(
+        [sys.executable, "-c", PEFT_CHECK, str(base), result["adapter_dir"]],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=trainer_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["r"] == job.config["lora"]["r"]
+    assert info["targets"] == sorted(job.config["lora"]["target_modules"])
+    assert info["lora_b_max"] > 0 and info["logit_delta"] > 1e-4  # trained weights that change the output
+    assert info["chat_template"] == templates.get(job.config["model"]["chat_template"]).jinja  # for export
+    return info
+
+
+@pytest.fixture(scope="module")
+def qwen_job(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Job:
+    return run_job(make_job(tmp_path_factory.mktemp("qwen") / "job-a", tiny_models["qwen2"]))
+
+
+def test_transformers_backend_trains_and_reports(qwen_job: Job, tiny_models: dict[str, Path]) -> None:
+    _, result = check_job(qwen_job, "transformers")
+    assert result["device"] in ("cpu",) or result["device"].startswith("cuda")
+    assert result["champion_adapter"] is None and result["champion_eval_loss"] is None
+    check_adapter_loads(qwen_job, tiny_models["qwen2"])
+
+
+def test_champion_adapter_is_evaluated_on_the_same_split(
+    qwen_job: Job, tiny_models: dict[str, Path], job_factory: Callable[..., Job]
+) -> None:
+    champion = qwen_job.result()
+    job = job_factory("job-b", tiny_models["qwen2"], gate={"champion_adapter": champion["adapter_dir"]})
+    job.config["training"]["seed"] = 8  # a different candidate, the same data and split
+    _, result = check_job(run_job(job), "transformers")
+    assert result["champion_adapter"] == champion["adapter_dir"] and result["champion_error"] is None
+    # Same base, same eval split, same masking: the champion scores what it scored when it was the candidate.
+    assert result["champion_eval_loss"] == pytest.approx(champion["eval_loss_after"], abs=2e-3)
+    assert result["eval_loss_before"] == pytest.approx(champion["eval_loss_before"], abs=2e-3)
+    assert [ln["phase"] for ln in job.metrics() if ln.get("event") == "evaluated"] == ["base", "candidate", "champion"]
+
+
+def test_llama_3_template_trains(tiny_models: dict[str, Path], job_factory: Callable[..., Job]) -> None:
+    job = job_factory("job-llama", tiny_models["llama"], template="llama-3")
+    assert job.config["model"]["chat_template"] == "llama-3.1"
+    job.config["training"].update(max_steps=20)
+    check_job(run_job(job), "transformers")
+    check_adapter_loads(job, tiny_models["llama"])
+
+
+def test_unsloth_backend_trains_for_real(tiny_models: dict[str, Path], job_factory: Callable[..., Job]) -> None:
+    if not UNSLOTH_PYTHON.exists():
+        pytest.skip(f"no Unsloth trainer venv at {UNSLOTH_PYTHON}: run .ci/train-setup.sh")
+    job = job_factory("job-unsloth", tiny_models["qwen2"], backend="unsloth")
+    assert job.config["model"]["load_in_4bit"] is True  # QLoRA on a GPU; ignored by Unsloth's CPU fallback
+    _, result = check_job(run_job(job, UNSLOTH_PYTHON), "unsloth")
+    assert result["python"] == str(UNSLOTH_PYTHON)
+    assert result["load_in_4bit"] == result["device"].startswith("cuda")
+    check_adapter_loads(job, tiny_models["qwen2"])  # an Unsloth adapter loads with plain PEFT in the other venv
+
+
+def step_lines(path: Path) -> list[dict[str, Any]]:
+    """Step lines of a metrics file being written: complete lines only (a reader may catch the last one half-way)."""
+    if not path.exists():
+        return []
+    lines = [json.loads(ln) for ln in path.read_text().split("\n")[:-1]]
+    return [ln for ln in lines if "event" not in ln]
+
+
+def test_sigterm_cancels_with_job_finished(tiny_models: dict[str, Path], job_factory: Callable[..., Job]) -> None:
+    job = job_factory("job-term", tiny_models["qwen2"])
+    job.config["training"].update(max_steps=5000, logging_steps=1, eval_steps=None)
+    job.write()
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAINER), "--config", str(job.config_path)],
+        cwd=job.dir,
+        env=trainer_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        waiter = threading.Event()
+        for _ in range(int(TIMEOUT_S / 0.2)):  # until two step lines: training is under way
+            if len(step_lines(job.metrics_path)) >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            waiter.wait(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    end = job.metrics()[-1]
+    assert end["event"] == "job_finished" and end["status"] == "cancelled" and end["exit_code"] == 143
+    steps = [ln for ln in job.metrics() if "event" not in ln]
+    assert 5000 > end["total_steps"] >= steps[-1]["step"] >= 2 and end["final_loss"] == steps[-1]["train_loss"]
+    assert not job.result_path.exists()
+
+
+# The assistant-only loss mask, as the transformers backend computes it, for every template in the table.
+MASK_CHECK = r"""
+import json, sys
+from transformers import AutoTokenizer
+from trl.chat_template_utils import get_training_chat_template
+cases = json.loads(sys.stdin.read())
+out = []
+for c in cases:
+    tok = AutoTokenizer.from_pretrained(c["model"])
+    tok.chat_template = c["training_jinja"]
+    tmpl = get_training_chat_template(tok) or tok.chat_template  # TRL's swap for templates it recognises
+    enc = tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=tmpl)
+    masked = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    out.append({"masked": tok.decode(masked), "eos": tok.eos_token})
+print(json.dumps(out))
+"""
+
+
+def test_assistant_only_loss_masks_exactly_the_answers(tiny_models: dict[str, Path]) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Sort: b a"},
+        {"role": "assistant", "content": "Sorted: a b."},
+        {"role": "user", "content": "Sort: d c"},
+        {"role": "assistant", "content": "Sorted: c d."},
+    ]
+    if_mistral = messages[1:]  # no system role in Mistral-1
+    cases: list[dict[str, Any]] = [
+        {"name": t.name, "model": str(tiny_models["llama" if t.name == "llama-3.1" else "qwen2"]),
+         "training_jinja": t.training_jinja, "messages": if_mistral if t.name == "mistral" else messages}
+        for t in (templates.get(n) for n in templates.names())
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", MASK_CHECK],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=trainer_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for case, got in zip(cases, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True):
+        stop = {"qwen-2.5": "<|im_end|>", "chatml": "<|im_end|>", "llama-3.1": "<|eot_id|>"}.get(
+            case["name"], got["eos"]
+        )
+        masked = got["masked"]
+        assert "Sort:" not in masked and "Be brief" not in masked, (case["name"], masked)
+        assert [part.strip() for part in masked.split(stop) if part.strip()] == ["Sorted: a b.", "Sorted: c d."]
+        assert masked.count(stop) == 2, (case["name"], masked)  # each answer's end-of-turn token is trained
