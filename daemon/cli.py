@@ -374,6 +374,25 @@ def cmd_install_unit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    s = _load(args)
+    with api.open_state(s) as st:
+        api.ingest(s, st)
+        out = api.forget(s, st, args.conversation_id)
+    if args.json:
+        _print_json(out)
+        return EXIT_OK if out["known"] else EXIT_DATA
+    if not out["known"]:
+        raise CliError(f"unknown conversation {args.conversation_id} (nothing to forget)", EXIT_DATA)
+    print(f"{args.conversation_id}: {'marked deleted' if out['newly_deleted'] else 'already deleted'}; "
+          f"dataset: {out['rebuilt'].get('message')}")
+    if out["datasets_with_it"]:
+        print(f"it was in dataset version(s): {', '.join(f'v{v}' for v in out['datasets_with_it'])}")
+    for m in out["models_trained_on_it"]:
+        print(f"model {m['tag']} ({m['status']}) was trained on it: roll back or retrain to remove its influence")
+    return EXIT_OK
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     s = _load(args)
     with api.open_state(s) as st:
@@ -556,6 +575,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="pre-flight checks for training: interpreter, imports, GPU, disk, template")
     _json_flag(p)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("forget", help="delete a conversation for good, rebuild the dataset, list models that saw it")
+    p.add_argument("conversation_id")
+    _json_flag(p)
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("models", help="model versions with their lineage (job, dataset, GGUF, Ollama tag)")
     _json_flag(p)

@@ -508,6 +508,10 @@ class State:
             "SELECT cid, split FROM dataset_members WHERE version = ? ORDER BY cid", (version,)
         ).fetchall()
 
+    def datasets_containing(self, cid: str) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT version FROM dataset_members WHERE cid = ? ORDER BY version", (cid,))]
+
     def eval_pins(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT cid FROM eval_pins")}
 

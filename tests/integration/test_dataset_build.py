@@ -241,3 +241,23 @@ def test_demo_command(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "dataset v1 ready" in out.stdout
     assert (tmp_path / "demo" / "state" / "datasets" / "v1" / "train.jsonl").stat().st_size > 0
+
+
+def test_forget_deletes_for_good_rebuilds_and_names_what_saw_it(store: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"store:\n  root: {store}\nstate:\n  dir: st\n"
+                   "dataset:\n  min_train_examples: 1\n  min_eval_examples: 1\n")
+    write_lines(logs_file(store), [rec(f"k0000000000{i}", quality="good", answer=f"k{i}") for i in range(5)])
+    assert cli.main(["--config", str(cfg), "dataset", "build"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--config", str(cfg), "forget", "k00000000002", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["newly_deleted"] and out["datasets_with_it"] == [1] and out["rebuilt"]["version"] == 2
+    v2 = (tmp_path / "st" / "datasets" / "v2")
+    assert "k2" not in (v2 / "train.jsonl").read_text() + (v2 / "eval.jsonl").read_text()
+    # the same record appearing again (a restore, a re-export) does not bring it back
+    write_lines(logs_file(store, "2026-11-27"), [rec("k00000000002", quality="good", answer="k2")])
+    assert cli.main(["--config", str(cfg), "dataset", "build", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["created"] is False
+    assert cli.main(["--config", str(cfg), "forget", "nosuchid0000"]) == 3
