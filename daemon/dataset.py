@@ -27,6 +27,7 @@ from daemon.state import DatasetRow, Eligible, State, private_dir, utcnow
 _log = log.get("daemon.dataset")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 FORMAT = "messages-v1"
+_enc = json.encoder.encode_basestring  # the C string encoder json.dumps(..., ensure_ascii=False) uses
 
 
 class DatasetError(Exception):
@@ -83,8 +84,9 @@ def split_bucket(cid: str) -> float:
 
 def dedup_key(messages: Sequence[tuple[str, str]]) -> str:
     """Exact-duplicate key: roles + contents with whitespace collapsed and case folded."""
-    norm = [(r, " ".join(c.split()).casefold()) for r, c in messages]
-    return hashlib.sha256(json.dumps(norm, ensure_ascii=False).encode()).hexdigest()
+    # Built by hand, equal to json.dumps([[role, norm], ...], ensure_ascii=False): this runs once per example.
+    norm = ", ".join("[" + _enc(r) + ", " + _enc(" ".join(c.split()).casefold()) + "]" for r, c in messages)
+    return hashlib.sha256(("[" + norm + "]").encode()).hexdigest()
 
 
 def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] | None = None) -> Selection:
@@ -156,8 +158,10 @@ def filters_used(cfg: DatasetSettings) -> dict[str, Any]:
 
 
 def example_line(ex: Example) -> bytes:
-    body = {"messages": [{"role": r, "content": c} for r, c in ex.messages]}
-    return (json.dumps(body, ensure_ascii=False, separators=(", ", ": ")) + "\n").encode()
+    """``json.dumps({"messages": [{"role", "content"}, ...]}, ensure_ascii=False) + "\\n"``, built by hand (same
+    bytes, a third of the cost): it runs twice per example per build (fingerprint, then the file)."""
+    msgs = ", ".join('{"role": ' + _enc(r) + ', "content": ' + _enc(c) + "}" for r, c in ex.messages)
+    return ('{"messages": [' + msgs + "]}\n").encode()
 
 
 def fingerprint(train: Sequence[Example], evals: Sequence[Example], cfg: DatasetSettings) -> str:

@@ -23,6 +23,7 @@ from daemon.store.records import Conversation, FeedbackEvent, Kind, Rejection
 
 DATA_FOLDERS = ("logs", "training_data", "feedback")
 BATCH = 4000
+_TOP_RANK = max(records.RANK.values())
 _log = log.get("daemon.ingest")
 
 
@@ -231,7 +232,7 @@ class Ingestor:
                 st.forget_path(path)
             new_ids: set[str] = set()
             rejects: list[tuple[int, str, str]] = []
-            conv_batch: list[ConvRow] = []
+            conv_batch: list[tuple[Conversation, int, int]] = []  # record, offset, length
             fb_batch: list[FeedbackRow] = []
             end, lines = start, start_line
 
@@ -253,7 +254,7 @@ class Ingestor:
                     if isinstance(rec, Rejection):
                         reject(1, rec.reason, _line_hash(data))
                     else:
-                        conv_batch.append(conv_row(rec, path, 0, len(data)))
+                        conv_batch.append((rec, 0, len(data)))
                         new_ids.add(rec.conversation_id)
             else:
                 for item in tail.read_lines(fd, start, start_line, self.max_line):
@@ -275,10 +276,10 @@ class Ingestor:
                         if isinstance(rec, Rejection):
                             reject(item.number, rec.reason, _line_hash(item.data))
                         else:
-                            conv_batch.append(conv_row(rec, path, item.offset, len(item.data)))
+                            conv_batch.append((rec, item.offset, len(item.data)))
                             new_ids.add(rec.conversation_id)
                     if len(conv_batch) >= BATCH:
-                        st.upsert_conversations(conv_batch)
+                        _upsert(st, conv_batch, path)
                         report.conversations += len(conv_batch)
                         conv_batch.clear()
                     if len(fb_batch) >= BATCH:
@@ -286,7 +287,7 @@ class Ingestor:
                         report.feedback_events += len(fb_batch)
                         fb_batch.clear()
             if conv_batch:
-                st.upsert_conversations(conv_batch)
+                _upsert(st, conv_batch, path)
                 report.conversations += len(conv_batch)
             if fb_batch:
                 st.add_feedback(fb_batch)
@@ -296,6 +297,19 @@ class Ingestor:
             st.replace_rejects(path, rejects, from_line=0 if reread else start_line + 1)
             report.rejected += len([r for r in rejects if r[2] not in prev_rejects])
             st.save_cursor(tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines))
+
+
+def _upsert(st: State, batch: list[tuple[Conversation, int, int]], path: str) -> None:
+    """Upsert one file's records. A record whose conversation already has content from a higher-ranked source (the
+    training_data/ copy of a logs/ record) would not change it: only its sighting is recorded, which skips building
+    and writing a row for a third of a cold ingest's records and for every new record's copy afterwards."""
+    rank = records.RANK[batch[0][0].kind]
+    outranked = st.outranked({c.conversation_id for c, _, _ in batch}, rank) if rank < _TOP_RANK else set()
+    rows = [conv_row(c, path, off, n) for c, off, n in batch if c.conversation_id not in outranked]
+    if rows:
+        st.upsert_conversations(rows)
+    if outranked:
+        st.add_sightings([(path, c.conversation_id, rank) for c, _, _ in batch if c.conversation_id in outranked])
 
 
 def _feedback_row(ev: FeedbackEvent, path: str, line: int) -> FeedbackRow:
