@@ -53,6 +53,8 @@ class StoreStatus:
     new_eligible_since_dataset: int
     latest_dataset: int | None
     last_ingest_at: str | None
+    latest_model: str | None = None
+    pending_registrations: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,6 +81,10 @@ def store_status(settings: Settings, state: State) -> StoreStatus:
         new_eligible_since_dataset=e["new_since_dataset"],
         latest_dataset=state.latest_dataset_version(),
         last_ingest_at=state.get_kv("last_ingest_at"),
+        latest_model=f"v{state.get_kv('latest_model')}" if state.get_kv("latest_model") else None,
+        pending_registrations=[{"version": m["version"], "tag": m["tag"], "attempts": m["attempts"],
+                                "next_attempt_at": m["next_attempt_at"], "last_error": m["last_error"]}
+                               for m in state.models(status="pending")],
     )
 
 

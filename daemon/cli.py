@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from daemon import api, control, doctor, log, ollama, registry, runner, settings, storegen, unit
+from daemon import api, control, doctor, export, log, ollama, registry, runner, settings, storegen, unit
 from daemon.dataset import DatasetError, verify
 from daemon.pipeline import CycleRequest, run_cycle
 from daemon.service import SOCKET_NAME, Service
@@ -209,6 +209,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"feedback:  {status.feedback_events} event(s), {status.feedback_waiting} waiting for their conversation")
     latest = f"v{status.latest_dataset}" if status.latest_dataset else "none"
     print(f"dataset:   latest {latest}; {status.new_eligible_since_dataset} new eligible since")
+    print(f"model:     latest {status.latest_model or 'none'}")
+    for m in status.pending_registrations or []:
+        print(f"pending:   {m['tag']} (attempt {m['attempts']}, next try {m['next_attempt_at']}): {m['last_error']}")
     print(f"as of:     last ingest {status.last_ingest_at or 'never'} (chatos-retrain ingest reads what is new)")
     return EXIT_OK
 
@@ -390,6 +393,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"it was in dataset version(s): {', '.join(f'v{v}' for v in out['datasets_with_it'])}")
     for m in out["models_trained_on_it"]:
         print(f"model {m['tag']} ({m['status']}) was trained on it: roll back or retrain to remove its influence")
+    return EXIT_OK
+
+
+def cmd_setup_export(args: argparse.Namespace) -> int:
+    """Fetch the pinned llama.cpp converter (sha256-checked) into the cache, or validate export.llama_cpp_dir."""
+    s = _load(args)
+    try:
+        paths = export.setup_converter(Path(args.cache_dir) if args.cache_dir else export.default_cache_dir(),
+                                       llama_cpp_dir=s.export.llama_cpp_dir)
+    except export.ExportError as exc:
+        raise CliError(f"converter setup failed: {exc}") from None
+    if args.json:
+        _print_json(paths.describe())
+    else:
+        print(f"converter ready: {paths.root} ({paths.source}"
+              + (f" llama-cpp-python {paths.version}, sha256 {str(paths.sha256)[:12]}…" if paths.version else "") + ")")
     return EXIT_OK
 
 
@@ -580,6 +599,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("conversation_id")
     _json_flag(p)
     p.set_defaults(func=cmd_forget)
+
+    p_setup = sub.add_parser("setup", help="one-time setup steps")
+    setup_sub = p_setup.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = setup_sub.add_parser("export", help="fetch the pinned llama.cpp GGUF converter (sha256-checked) into the cache")
+    p.add_argument("--cache-dir", help="where to put it (default: $XDG_CACHE_HOME/chatos-retrain)")
+    _json_flag(p)
+    p.set_defaults(func=cmd_setup_export)
 
     p = sub.add_parser("models", help="model versions with their lineage (job, dataset, GGUF, Ollama tag)")
     _json_flag(p)

@@ -21,9 +21,9 @@ from typing import Any
 import structlog
 import yaml
 
-from daemon import api, dataset, gate, log, policy, runner, templates
+from daemon import api, dataset, export, gate, log, policy, registry, runner, templates
 from daemon.settings import Settings
-from daemon.state import State
+from daemon.state import State, private_dir
 
 _log = log.get("daemon.pipeline")
 
@@ -189,7 +189,7 @@ def _train_and_gate(
 
     outcome = runner.supervise(state, job, timeout_s=t.timeout, cancel=cancel, stop=stop, on_progress=on_step)
     result.timings["train"] = round(time.perf_counter() - t0, 4)
-    conclude_job(settings, state, result, outcome, step, now)
+    conclude_job(settings, state, result, outcome, step, now, stop)
 
 
 def conclude_job(
@@ -199,6 +199,7 @@ def conclude_job(
     outcome: runner.JobOutcome,
     step: Callable[[str, str], None],
     now: Callable[[], datetime],
+    stop: threading.Event | None = None,
 ) -> None:
     """After a job ended (supervised now, or re-attached after a restart): backoff on failure, else the gate."""
     job_id = outcome.job_id
@@ -239,6 +240,80 @@ def conclude_job(
     result.outcome = "promoted" if g.promote else "rejected"
     result.dataset_version = result.dataset_version or row.get("dataset_version")
     result.reason = f"job {job_id} {g.reason}"
+    if g.promote:
+        export_and_register(settings, state, result, row, res, g.numbers, stop or threading.Event(), step)
+
+
+def export_and_register(
+    settings: Settings,
+    state: State,
+    result: CycleResult,
+    job: dict[str, Any],
+    res: dict[str, Any],
+    gate_numbers: dict[str, Any],
+    stop: threading.Event,
+    step: Callable[[str, str], None],
+) -> None:
+    """Promoted adapter -> merged GGUF (a child in the trainer's interpreter) -> model version -> Ollama."""
+    if not settings.export.enabled:
+        result.reason += "; export disabled (export.enabled: false)"
+        return
+    job_id, q = job["job_id"], settings.export.quantization
+    t0 = time.perf_counter()
+    try:
+        conv = (export.validate_llama_cpp_dir(settings.export.llama_cpp_dir) if settings.export.llama_cpp_dir
+                else export.installed(export.default_cache_dir()))
+        if conv is None:
+            raise export.ExportError("the GGUF converter is not set up: run `chatos-retrain setup export`")
+        template = templates.get(res.get("chat_template") or settings.training.chat_template)
+        out_dir = private_dir(state.dir / "exports" / job_id)
+        version = state.next_model_version()
+        cfg = export.merge_config(
+            job_id=job_id, backend=res.get("backend") or "transformers",
+            base_model=res.get("base_model") or settings.training.base_model, adapter_dir=Path(res["adapter_dir"]),
+            out_dir=out_dir, template=template, converter=conv, python=settings.training.python,
+            quantization=q, quantize_bin=settings.export.quantize_bin,
+            gguf_name=export.gguf_filename(settings.ollama.model_name, version, q),
+            model_name=settings.ollama.model_name,
+        )
+    except (export.ExportError, ValueError, KeyError, OSError) as exc:
+        result.outcome, result.reason = "export_failed", f"{result.reason}; export not possible: {exc}"
+        return
+    step("exporting", f"job {job_id}: merge + convert to GGUF ({q})")
+    cfg_path = export.write_config(out_dir / "export.yaml", cfg)
+    code, why = runner.run_supervised(export.merge_export_argv(settings.training.python, cfg_path), cwd=out_dir,
+                                      log_path=out_dir / "export.log", timeout_s=settings.training.timeout,
+                                      stop=stop, env=settings.training.env)
+    out = export.outcome(code, export.read_result(Path(cfg["result_path"])), template)
+    result.timings["export"] = round(time.perf_counter() - t0, 4)
+    if not out.ok or out.gguf_path is None or out.sha256 is None:
+        result.outcome = "export_failed"
+        result.reason = f"{result.reason}; export failed: {out.reason if why == 'finished' else why}"
+        _log.error("export.failed", job_id=job_id, reason=out.reason, exit_code=code)
+        return
+    ds = state.dataset(job["dataset_version"])
+    version = registry.add_version(
+        state, job_id=job_id, dataset_version=job["dataset_version"], manifest_hash=ds.content_hash if ds else None,
+        gguf_path=str(out.gguf_path), gguf_sha256=out.sha256 if out.sha256.startswith("sha256:")
+        else f"sha256:{out.sha256}", gguf_size=out.size or out.gguf_path.stat().st_size,
+        architecture=out.architecture, chat_template=template.name, eval_numbers=gate_numbers, settings=settings,
+    )
+    _log.info("export.done", job_id=job_id, model_version=version, gguf=str(out.gguf_path), size=out.size)
+    step("registering", f"v{version} with Ollama at {settings.ollama.host}")
+    t1 = time.perf_counter()
+    row = registry.register(settings, state, version)
+    result.timings["register"] = round(time.perf_counter() - t1, 4)
+    result.model_tag = row.get("tag")
+    if row.get("status") == "registered":
+        result.outcome = "registered"
+        result.reason = f"{result.reason}; registered {row['tag']} (latest)"
+    elif row.get("status") == "pending":
+        result.outcome = "pending_registration"
+        result.reason = (f"{result.reason}; Ollama not reachable at {settings.ollama.host} ({row.get('last_error')}); "
+                         f"artifact kept, will retry")
+    else:
+        result.outcome = "register_failed"
+        result.reason = f"{result.reason}; registration failed: {row.get('last_error')}"
 
 
 def _set_backoff(settings: Settings, state: State, now: datetime) -> None:
@@ -296,8 +371,14 @@ def run_cycle(
                 result.dataset_version = resume_job.row.get("dataset_version")
                 outcome = runner.supervise(state, resume_job, timeout_s=settings.training.timeout, cancel=cancel,
                                            stop=stop)
-                conclude_job(settings, state, result, outcome, step, now)
+                conclude_job(settings, state, result, outcome, step, now, stop)
                 return result
+            if state.models(status="pending") or state.models(status="exported"):
+                step("registering", "retrying pending registrations")
+                for m in registry.retry_pending(settings, state, force=request.forced):
+                    result.counts.setdefault("registrations_retried", []).append(f"v{m['version']}:{m['status']}")
+                    if m["status"] == "registered":
+                        result.model_tag = m["tag"]
             step("ingesting", "full scan" if request.paths is None else f"{len(request.paths)} changed file(s)")
             t0 = time.perf_counter()
             rep = api.ingest(settings, state, None if request.paths is None else sorted(request.paths))

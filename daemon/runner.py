@@ -220,6 +220,38 @@ def run_command(argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
                           text=True, timeout=timeout, check=False)
 
 
+def run_supervised(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    log_path: Path,
+    timeout_s: float,
+    stop: threading.Event,
+    env: Mapping[str, str] | None = None,
+    grace_s: float = GRACE_S,
+) -> tuple[int | None, str]:
+    """A long child that is not a training job (merge + convert): own session, output to ``log_path``, bounded by
+    ``timeout_s`` and the service's stop event (SIGTERM to the group, grace, SIGKILL). Returns (exit code, why)."""
+    _log.info("command.run", argv=[str(a) for a in argv], cwd=str(cwd))
+    logf = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(list(argv), cwd=cwd, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    finally:
+        os.close(logf)
+    job = Job({"job_id": f"pid-{proc.pid}", "job_dir": str(cwd), "pid": proc.pid, "metrics_path": os.devnull,
+               "result_path": os.devnull}, proc)
+    started, wake = time.monotonic(), threading.Event()
+    while proc.poll() is None:
+        if stop.is_set() or time.monotonic() - started > timeout_s:
+            why = "the service is stopping" if stop.is_set() else f"timed out after {timeout_s:g}s"
+            _stop_group(job, why, grace_s, wake)
+            return proc.poll(), why
+        wake.wait(0.2)
+    return proc.returncode, "finished"
+
+
 @dataclass
 class JobOutcome:
     job_id: str

@@ -219,9 +219,20 @@ class Service:
         s = self.settings
         self.scheduler.add_job(self._on_rescan, "interval", seconds=s.watch.reconcile_interval, args=["reconcile"],
                                id="reconcile", coalesce=True, max_instances=1)
+        self.scheduler.add_job(self._pending_due, "interval", seconds=60, id="registry-retry", coalesce=True,
+                               max_instances=1)
         for i, w in enumerate(s.policy.windows):
             self.scheduler.add_job(self._window_opened, CronTrigger.from_crontab(w.cron, timezone=UTC),
                                    id=f"window-{i}", coalesce=True, max_instances=1)
+
+    def _pending_due(self) -> None:
+        """A pending Ollama registration whose backoff has passed: run a (no-new-data) cycle, which retries it."""
+        now = datetime.now(UTC)
+        with State(self.settings.state_dir()) as st:
+            due = [m for m in st.models(status="pending")
+                   if not m["next_attempt_at"] or datetime.fromisoformat(m["next_attempt_at"]) <= now]
+        if due and self.worker is not None and not self.worker.busy:
+            self.worker.submit(CycleRequest(set(), origins=["registry retry"]))
 
     def _window_opened(self) -> None:
         _log.info("policy.window_opened")

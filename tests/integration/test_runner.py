@@ -251,6 +251,7 @@ def cycle_settings(make_settings: Any, fake_python: Path, base_model: Path, **en
                   "max_steps": 3, "env": {"FAKE_TRAINER_MODE": "ok", **env}, "retry_backoff": 60},
         policy={"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 10},
         dataset={"min_train_examples": 1, "min_eval_examples": 1},
+        export={"enabled": False},
     )
 
 
@@ -299,7 +300,7 @@ def test_trigger_wait_json_runs_the_full_cycle_from_the_cli(tmp_path: Path, stor
     cfg = tmp_path / "retrain.yaml"
     cfg.write_text(f"store:\n  root: {store}\nstate:\n  dir: st\ntraining:\n  python: {fake_python}\n"
                    f"  base_model: {base_model}\n  max_steps: 2\n"
-                   "dataset:\n  min_train_examples: 1\n  min_eval_examples: 1\n")
+                   "dataset:\n  min_train_examples: 1\n  min_eval_examples: 1\nexport:\n  enabled: false\n")
     out = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "trigger", "--wait", "--json"],
                          capture_output=True, text=True, timeout=120, env={**os.environ,
                                                                             "FAKE_TRAINER_MODE": "ok"})
