@@ -378,6 +378,7 @@ def read_gguf(path: Path) -> dict[str, Any]:
         return None if f is None else f.contents()
 
     arch = field("general.architecture")
+    tokens = reader.get_field("tokenizer.ggml.tokens")
     return {
         "path": str(path),
         "size": path.stat().st_size,
@@ -392,8 +393,7 @@ def read_gguf(path: Path) -> dict[str, Any]:
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
         "tokenizer_model": field("tokenizer.ggml.model"),
         "tokenizer_pre": field("tokenizer.ggml.pre"),
-        "vocab_size": len(reader.get_field("tokenizer.ggml.tokens").data)
-        if reader.get_field("tokenizer.ggml.tokens") is not None else None,
+        "vocab_size": len(tokens.data) if tokens is not None else None,
     }
 
 
