@@ -14,14 +14,15 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${CHATOS_RETRAIN_CACHE:-$HOME/.cache/chatos-retrain}"
+CACHE="${CHATOS_RETRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chatos-retrain}"
 LLAMA_VERSION="0.3.36"
 LLAMA_DIR="${CHATOS_RETRAIN_LLAMA_CPP_DIR:-$CACHE/llama.cpp-$LLAMA_VERSION}"
 PY="${PYTHON:-python3}"
 
 TORCH="torch==2.13.0"   # the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build
 # gguf: transformers loads the vocab-only GGUFs with it (tiny test models); same version as the sdist's gguf-py.
-CPU_STACK=(transformers==5.24.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 gguf==0.19.0)
+CPU_STACK=(transformers==5.24.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 gguf==0.19.0
+           sentencepiece==0.2.3)
 UNSLOTH_TORCH="${UNSLOTH_TORCH:-$TORCH}"
 UNSLOTH_STACK=(unsloth==2026.10.9 unsloth_zoo==2026.10.9)
 
@@ -38,7 +39,7 @@ fi
 if "$ROOT/.venv/bin/python" - <<'EOF' 2>/dev/null
 import importlib.metadata as m
 want = {"torch": "2.13.0", "transformers": "5.24.0", "trl": "1.16.0", "peft": "0.21.2",
-        "accelerate": "1.15.0", "datasets": "5.2.0", "gguf": "0.19.0"}
+        "accelerate": "1.15.0", "datasets": "5.2.0", "gguf": "0.19.0", "sentencepiece": "0.2.3"}
 raise SystemExit(0 if all(m.version(k).split("+")[0] == v for k, v in want.items()) else 1)
 EOF
 then
@@ -73,25 +74,10 @@ if [ "${SKIP_UNSLOTH:-0}" != "1" ] && [ -d "$ROOT/.venv-unsloth" ] \
 fi
 
 # 3. llama.cpp files from the llama-cpp-python sdist (never committed: third-party code lives in the cache).
-if [ -f "$LLAMA_DIR/.complete" ]; then
-    say "llama.cpp files present in $LLAMA_DIR"
+#    The project's own `chatos-retrain setup export` does it: sha256-pinned, only the files we use extracted.
+if [ -n "${CHATOS_RETRAIN_LLAMA_CPP_DIR:-}" ] && [ -f "$CHATOS_RETRAIN_LLAMA_CPP_DIR/convert_hf_to_gguf.py" ]; then
+    say "llama.cpp files from CHATOS_RETRAIN_LLAMA_CPP_DIR=$CHATOS_RETRAIN_LLAMA_CPP_DIR"
 else
-    say "extracting llama.cpp $LLAMA_VERSION files into $LLAMA_DIR"
-    mkdir -p "$CACHE/sdist"
-    sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
-    if [ ! -f "$sdist" ]; then
-        "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
-            "llama-cpp-python==$LLAMA_VERSION" -d "$CACHE/sdist" 2> >(grep -v "is ignored: it is neither" >&2)
-    fi
-    tmp="$(mktemp -d "$CACHE/.extract.XXXXXX")"
-    trap 'rm -rf "$tmp"' EXIT
-    top="llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
-    tar -xzf "$sdist" -C "$tmp" --wildcards \
-        "$top/models/ggml-vocab-*.gguf" "$top/models/templates/*.jinja" \
-        "$top/convert_hf_to_gguf.py" "$top/convert_lora_to_gguf.py" "$top/conversion" "$top/gguf-py"
-    rm -rf "$LLAMA_DIR"
-    mkdir -p "$(dirname "$LLAMA_DIR")"
-    mv "$tmp/$top" "$LLAMA_DIR"
-    touch "$LLAMA_DIR/.complete"
-    say "llama.cpp files ready"
+    CHATOS_RETRAIN_CACHE="$CACHE" "$ROOT/.venv/bin/python" -m daemon setup export --cache-dir "$CACHE" \
+        2> >(grep -v "is ignored: it is neither" >&2) | sed 's/^/[train-setup] /'
 fi

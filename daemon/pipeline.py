@@ -261,10 +261,8 @@ def export_and_register(
     job_id, q = job["job_id"], settings.export.quantization
     t0 = time.perf_counter()
     try:
-        conv = (export.validate_llama_cpp_dir(settings.export.llama_cpp_dir) if settings.export.llama_cpp_dir
-                else export.installed(export.default_cache_dir()))
-        if conv is None:
-            raise export.ExportError("the GGUF converter is not set up: run `chatos-retrain setup export`")
+        # fetched once (sha256-pinned), ~1 ms when already there; a checkout in export.llama_cpp_dir wins
+        conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
         template = templates.get(res.get("chat_template") or settings.training.chat_template)
         out_dir = private_dir(state.dir / "exports" / job_id)
         version = state.next_model_version()
@@ -282,7 +280,7 @@ def export_and_register(
     step("exporting", f"job {job_id}: merge + convert to GGUF ({q})")
     cfg_path = export.write_config(out_dir / "export.yaml", cfg)
     code, why = runner.run_supervised(export.merge_export_argv(settings.training.python, cfg_path), cwd=out_dir,
-                                      log_path=out_dir / "export.log", timeout_s=settings.training.timeout,
+                                      log_path=out_dir / "export.log", timeout_s=settings.export.timeout,
                                       stop=stop, env=settings.training.env)
     out = export.outcome(code, export.read_result(Path(cfg["result_path"])), template)
     result.timings["export"] = round(time.perf_counter() - t0, 4)

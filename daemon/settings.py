@@ -205,6 +205,7 @@ class ExportSettings(Section):
     quantization: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = "q8_0"
     llama_cpp_dir: AbsPath | None = None
     quantize_bin: AbsPath | None = None
+    timeout: Duration = Field(default=2 * 3600.0, gt=0)
     smoke: ExportSmokeSettings = Field(default_factory=ExportSmokeSettings)
 
 

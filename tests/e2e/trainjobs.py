@@ -20,13 +20,14 @@ from typing import Any
 import yaml
 
 from daemon import templates
+from daemon.export import default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "daemon" / "training" / "train_qlora.py"
 TINYMODEL = ROOT / "daemon" / "training" / "tinymodel.py"
 CONFIG_TEMPLATE = ROOT / "configs" / "chatos_qlora.yaml"
 # Read at import: the suite's autouse fixture clears CHATOS_RETRAIN_* variables inside each test.
-_CACHE = Path(os.environ.get("CHATOS_RETRAIN_CACHE") or Path.home() / ".cache" / "chatos-retrain")
+_CACHE = default_cache_dir()
 LLAMA_CPP_DIR = Path(os.environ.get("CHATOS_RETRAIN_LLAMA_CPP_DIR") or _CACHE / "llama.cpp-0.3.36")
 UNSLOTH_PYTHON = Path(os.environ.get("CHATOS_RETRAIN_UNSLOTH_PYTHON") or ROOT / ".venv-unsloth" / "bin" / "python")
 TIMEOUT_S = 600
