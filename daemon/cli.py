@@ -467,16 +467,22 @@ def cmd_export_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default: a generated demo ChatOS store with its own config and state, and the service on it."""
+    """The embedded default: a generated demo ChatOS store with its own config and state, a tiny local base model
+    (real Qwen2 vocabulary, random weights) when the training stack is installed, and the service on it."""
     base = Path(args.dir).expanduser().absolute()
     store = base / "ChatOS-Memory"
     cfg = base / "retrain.yaml"
     if not store.exists():
-        truth = storegen.generate_store(store, args.records, days=7, seed=42, feedback_fraction=0.5)
+        truth = storegen.generate_store(store, args.records, days=7, seed=42, feedback_fraction=0.5,
+                                        assistant_words=(8, 40))
         print(f"generated a demo ChatOS store: {store} ({len(truth.conversations)} conversations, "
               f"{truth.feedback_events} feedback events)", file=sys.stderr)
     if not cfg.exists():
-        cfg.write_text(demo_config(), encoding="utf-8")
+        model = _demo_model(base)
+        # a tiny random model needs a large learning rate to learn anything in 20 steps
+        (base / "job-overrides.yaml").write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\n"
+                                                 "lora:\n  r: 8\n", encoding="utf-8")
+        cfg.write_text(demo_config(model), encoding="utf-8")
     args.config = cfg
     s = _load(args)
     if args.once:
@@ -485,7 +491,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                progress=lambda p, d: _print_progress({"phase": p, "detail": d}))
         print(f"{result.cycle_id}: {result.outcome}: {result.reason}")
         print(f"next: chatos-retrain --config {cfg} status")
-        return EXIT_ERROR if result.outcome == "error" else EXIT_OK
+        return EXIT_ERROR if result.outcome in ("error", "train_failed", "export_failed") else EXIT_OK
     print(f"running the service on {store} (config {cfg}); Ctrl-C stops it.\n"
           f"  in another terminal: chatos-retrain --config {cfg} status\n"
           f"                      chatos-retrain --config {cfg} trigger --wait", file=sys.stderr)
@@ -495,14 +501,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return svc.run()
 
 
-def demo_config() -> str:
-    return (
+def _demo_model(base: Path) -> Path | None:
+    """Build the demo's tiny base model with the trainer's interpreter (this one), or None without torch."""
+    probe = runner.run_command([sys.executable, "-c", "import torch, transformers, trl, peft, gguf"], timeout=300)
+    if probe.returncode != 0:
+        print("training stack not installed (pip install torch==2.13.0 -e '.[train]'): the demo stops at datasets",
+              file=sys.stderr)
+        return None
+    try:
+        conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
+    except export.ExportError as exc:
+        print(f"no demo model: {exc}", file=sys.stderr)
+        return None
+    print("building a tiny local base model (real Qwen2 vocabulary, random weights)...", file=sys.stderr)
+    out = runner.run_command([sys.executable, str(runner.TRAINER_SCRIPT.parent / "tinymodel.py"), str(base / "models"),
+                              "--family", "qwen2", "--llama-cpp-dir", str(conv.root)], timeout=900)
+    if out.returncode != 0:
+        print(f"no demo model: {(out.stderr.strip().splitlines() or ['tinymodel failed'])[-1]}", file=sys.stderr)
+        return None
+    return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
+
+
+def demo_config(model: Path | None) -> str:
+    text = (
         "# Demo configuration written by `chatos-retrain demo`; paths are relative to this file.\n"
         "store:\n  root: ChatOS-Memory\nstate:\n  dir: state\n"
         "watch:\n  settle_s: 2s\n"
         "policy:\n  min_new_examples: 10\n  min_total_examples: 20\n  cooldown: 0s\n  max_runs_per_day: 50\n"
-        "training:\n  backend: transformers\n"
+        "training:\n  backend: transformers\n  max_steps: 20\n  timeout: 30m\n"
+        "  env: {OMP_NUM_THREADS: '1'}\n"
     )
+    if model is not None:
+        text += f"  base_model: {model}\n  config_template: job-overrides.yaml\n"
+        text += "gate:\n  tolerance: 0.05\nexport:\n  quantization: f16\n  smoke:\n    require_stop: false\n"
+    return text
 
 
 # -- parser ----------------------------------------------------------------------------------------------------

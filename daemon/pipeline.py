@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import yaml
 
-from daemon import api, dataset, export, gate, log, policy, registry, runner, templates
+from daemon import api, dataset, export, faults, gate, log, policy, registry, runner, templates
 from daemon.settings import Settings
 from daemon.state import State, private_dir
 
@@ -240,6 +240,7 @@ def conclude_job(
     result.outcome = "promoted" if g.promote else "rejected"
     result.dataset_version = result.dataset_version or row.get("dataset_version")
     result.reason = f"job {job_id} {g.reason}"
+    faults.point("gate.decided")  # promoted in state, not exported yet
     if g.promote:
         export_and_register(settings, state, result, row, res, g.numbers, stop or threading.Event(), step)
 
@@ -289,6 +290,7 @@ def export_and_register(
         result.reason = f"{result.reason}; export failed: {out.reason if why == 'finished' else why}"
         _log.error("export.failed", job_id=job_id, reason=out.reason, exit_code=code)
         return
+    faults.point("export.before_record")  # a verified GGUF on disk, no model version yet
     ds = state.dataset(job["dataset_version"])
     version = registry.add_version(
         state, job_id=job_id, dataset_version=job["dataset_version"], manifest_hash=ds.content_hash if ds else None,
@@ -307,8 +309,9 @@ def export_and_register(
         result.reason = f"{result.reason}; registered {row['tag']} (latest)"
     elif row.get("status") == "pending":
         result.outcome = "pending_registration"
-        result.reason = (f"{result.reason}; Ollama not reachable at {settings.ollama.host} ({row.get('last_error')}); "
-                         f"artifact kept, will retry")
+        err = str(row.get("last_error") or "")
+        why = err if err.startswith("Ollama not reachable") else f"Ollama at {settings.ollama.host} failed: {err}"
+        result.reason = f"{result.reason}; {why}; artifact kept, will retry"
     else:
         result.outcome = "register_failed"
         result.reason = f"{result.reason}; registration failed: {row.get('last_error')}"
