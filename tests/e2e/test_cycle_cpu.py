@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 def settings_for(make_settings: Any, model: Path, python: Path, backend: str, template: str = "qwen-2.5") -> Any:
+    # a tiny random model needs a large learning rate to move in 24 steps (training.config_template carries it)
+    overrides = model.parent / "job-overrides.yaml"
+    overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
     return make_settings(
         training={"python": str(python), "base_model": str(model), "backend": backend, "chat_template": template,
-                  "max_steps": 24, "timeout": "10m", "env": {"OMP_NUM_THREADS": "1"}},
+                  "max_steps": 24, "timeout": "10m", "env": {"OMP_NUM_THREADS": "1"},
+                  "config_template": str(overrides)},
         policy={"min_new_examples": 5, "min_total_examples": 5, "cooldown": 0, "max_runs_per_day": 10},
         dataset={"min_train_examples": 4, "min_eval_examples": 4},
         export={"enabled": False},
@@ -40,7 +44,10 @@ def check_job(st: State, job_id: str) -> dict[str, Any]:
     assert [s["step"] for s in steps] == sorted(s["step"] for s in steps) and steps[-1]["step"] == 24
     res = row["result"]
     assert res["steps"] == 24 and lines[-1]["total_steps"] == 24
-    assert res["final_train_loss"] < res["first_train_loss"], "training loss went down"
+    first, last = [s["train_loss"] for s in steps[:4]], [s["train_loss"] for s in steps[-4:]]
+    assert sum(last) / 4 < sum(first) / 4, "training loss went down"
+    cfg = Path(row["config_path"]).read_text()
+    assert "learning_rate: 0.01" in cfg and "r: 8" in cfg  # training.config_template reached the job
     assert res["eval_loss_after"] < res["eval_loss_before"], "eval loss went down"
     assert Path(res["adapter_dir"], "adapter_config.json").is_file()
     return row

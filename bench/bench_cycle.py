@@ -1,0 +1,133 @@
+"""Training and export benchmarks (issues 4 and 5) on the CPU, with the real trainer and the real converter.
+
+    .venv/bin/python bench/bench_cycle.py [--steps 30] [--upload-gib 1.0] [--skip-unsloth]
+
+Prints, per backend: the tiny-model cycle (dataset -> trained adapter -> gate) wall time, the trainer's peak RSS and
+tokens/s, with Unsloth vs TRL+PEFT as a ratio; then the export of the promoted adapter (merge + convert, register
+against the Ollama stand-in) and a streamed blob upload of a large file to the stand-in with both sides' peak RSS.
+Needs `.ci/train-setup.sh` (training stack, converter files, the Unsloth venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ollama_standin import StandinProcess  # noqa: E402
+
+from daemon import export, ollama, runner, settings  # noqa: E402
+from daemon.pipeline import CycleRequest, run_cycle  # noqa: E402
+from daemon.state import State  # noqa: E402
+from daemon.storegen import generate_store  # noqa: E402
+
+
+def tiny_model(work: Path) -> Path:
+    conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
+    out = runner.run_command([sys.executable, str(ROOT / "daemon" / "training" / "tinymodel.py"), str(work),
+                              "--family", "qwen2", "--llama-cpp-dir", str(conv.root)], timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
+
+
+def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollama_url: str | None) -> dict[str, Any]:
+    store = work / f"store-{backend}"
+    generate_store(store, 200, days=2, seed=7, assistant_words=(10, 30), feedback_fraction=0.7)
+    overrides = work / "overrides.yaml"
+    overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
+    s = settings.Settings(
+        store={"root": str(store)}, state={"dir": str(work / f"state-{backend}")},
+        training={"python": str(python), "base_model": str(model), "backend": backend, "max_steps": steps,
+                  "timeout": "30m", "config_template": str(overrides), "env": {"OMP_NUM_THREADS": "1"}},
+        policy={"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0},
+        dataset={"min_train_examples": 4, "min_eval_examples": 4},
+        gate={"tolerance": 10.0},
+        export={"enabled": ollama_url is not None, "quantization": "q8_0", "smoke": {"require_stop": False}},
+        ollama={"host": ollama_url or "http://127.0.0.1:9", "model_name": "bench"},
+    )
+    with State(s.state_dir()) as st:
+        t0 = time.perf_counter()
+        r = run_cycle(s, st, CycleRequest(None))
+        wall = time.perf_counter() - t0
+        job = st.job(r.job_id) if r.job_id else None
+    res = (job or {}).get("result") or {}
+    return {"backend": backend, "outcome": r.outcome, "reason": r.reason, "wall_s": wall, "timings": r.timings,
+            "train_s": r.timings.get("train"), "peak_rss_mb": (res.get("peak_rss_bytes") or 0) / 2**20,
+            "tokens_per_s": res.get("tokens_per_s"), "steps": res.get("steps"),
+            "eval_before": res.get("eval_loss_before"), "eval_after": res.get("eval_loss_after")}
+
+
+def upload(work: Path, gib: float) -> dict[str, Any]:
+    big = work / "big.bin"
+    with big.open("wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(int(gib * 1024)):
+            f.write(block)
+    proc = StandinProcess(work / "standin-upload").start()
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with ollama.OllamaClient(proc.url, timeout_s=60) as client:
+            t0 = time.perf_counter()
+            digest = ollama.file_sha256(big)
+            t_hash = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            client.push_blob(big, digest)
+            t_up = time.perf_counter() - t1
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        server = proc.status()
+    finally:
+        proc.stop()
+    size_mb = big.stat().st_size / 2**20
+    return {"size_mb": size_mb, "hash_s": t_hash, "upload_s": t_up, "mb_per_s": size_mb / t_up,
+            "client_peak_rss_mb": after, "client_rss_growth_mb": after - before, "server": server}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--upload-gib", type=float, default=1.0)
+    ap.add_argument("--skip-unsloth", action="store_true")
+    args = ap.parse_args()
+    unsloth_py = ROOT / ".venv-unsloth" / "bin" / "python"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = tiny_model(work)
+        standin = StandinProcess(work / "standin").start()
+        try:
+            rows = [cycle(work, model, Path(sys.executable), "transformers", args.steps, standin.url)]
+            if not args.skip_unsloth and unsloth_py.exists():
+                rows.append(cycle(work, model, unsloth_py, "unsloth", args.steps, None))
+        finally:
+            standin.stop()
+        up = upload(work, args.upload_gib) if args.upload_gib > 0 else None
+    print(f"tiny model (Qwen2 shape hidden 64, 2 layers, real vocab), {args.steps} LoRA steps, CPU, 1 thread")
+    print(f"{'backend':<13} {'cycle s':>8} {'train s':>8} {'peak RSS MB':>12} {'tokens/s':>9} {'eval before':>12} "
+          f"{'eval after':>11}  outcome")
+    for r in rows:
+        print(f"{r['backend']:<13} {r['wall_s']:>8.1f} {r['train_s'] or 0:>8.1f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['tokens_per_s'] or 0:>9.0f} {r['eval_before'] or 0:>12.4f} {r['eval_after'] or 0:>11.4f}  "
+              f"{r['outcome']}")
+    if len(rows) == 2 and rows[0]["tokens_per_s"] and rows[1]["tokens_per_s"]:
+        print(f"unsloth / transformers tokens/s ratio: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} "
+              "(CPU fallback; the GPU comparison needs a lent device)")
+    t = rows[0]["timings"]
+    print(f"export (transformers adapter, q8_0): merge+convert+check {t.get('export', 0):.1f} s, "
+          f"register (upload, create, show, smoke, copy) {t.get('register', 0):.2f} s")
+    if up:
+        print(f"blob upload {up['size_mb']:.0f} MiB to the stand-in: {up['upload_s']:.1f} s ({up['mb_per_s']:.0f} MiB/s), "
+              f"sha256 {up['hash_s']:.1f} s; client peak RSS {up['client_peak_rss_mb']:.0f} MB "
+              f"(+{up['client_rss_growth_mb']:.1f} MB during the upload); server {json.dumps(up['server'])}")
+
+
+if __name__ == "__main__":
+    main()
