@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def run(settings: Settings, *, timeout: float = 180.0) -> list[Check]:
     argv = [str(t.python), "-c", _PROBE] + ([] if want_unsloth else ["--no-unsloth"])
     try:
         proc = runner.run_command(argv, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except (OSError, runner.TimeoutExpired) as exc:
         checks.append(Check("trainer interpreter", False, f"{t.python} did not run: {exc}",
                             "check that the path is an executable Python"))
         return checks

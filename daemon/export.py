@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -280,7 +279,7 @@ def fetch_sdist(cache_dir: Path, pin: SdistPin = SDIST, *, python: Path | None =
         try:
             proc = runner.run_command(argv, timeout=timeout_s, cwd=tmp,
                                       env={**os.environ, "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"})
-        except subprocess.TimeoutExpired:
+        except runner.TimeoutExpired:
             raise SetupError(f"pip download {pin.requirement} did not finish within {timeout_s:g}s") from None
         except OSError as exc:
             raise SetupError(f"cannot run pip ({argv[0]}): {exc.strerror or exc}") from None

@@ -25,13 +25,14 @@ from typing import Any
 
 import yaml
 
-from daemon import log, templates
+from daemon import faults, log, templates
 from daemon.state import State, private_dir, utcnow
 
 _log = log.get("daemon.runner")
 
 TRAINER_SCRIPT = Path(__file__).resolve().parent / "training" / "train_qlora.py"
 GRACE_S = 10.0
+TimeoutExpired = subprocess.TimeoutExpired  # for callers that run commands through us and must not import subprocess
 
 # The job config template: the seed's shape. configs/chatos_qlora.yaml is this, documented (a test keeps them equal).
 DEFAULT_TEMPLATE: dict[str, Any] = {
@@ -229,9 +230,11 @@ def run_supervised(
     stop: threading.Event,
     env: Mapping[str, str] | None = None,
     grace_s: float = GRACE_S,
+    on_start: Callable[[int, int | None], None] | None = None,
 ) -> tuple[int | None, str]:
     """A long child that is not a training job (merge + convert): own session, output to ``log_path``, bounded by
-    ``timeout_s`` and the service's stop event (SIGTERM to the group, grace, SIGKILL). Returns (exit code, why)."""
+    ``timeout_s`` and the service's stop event (SIGTERM to the group, grace, SIGKILL). Returns (exit code, why).
+    ``on_start(pid, start time)`` lets the caller record the child, which outlives a SIGKILLed service."""
     _log.info("command.run", argv=[str(a) for a in argv], cwd=str(cwd))
     logf = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
@@ -242,6 +245,8 @@ def run_supervised(
         os.close(logf)
     job = Job({"job_id": f"pid-{proc.pid}", "job_dir": str(cwd), "pid": proc.pid, "metrics_path": os.devnull,
                "result_path": os.devnull}, proc)
+    if on_start is not None:
+        on_start(proc.pid, process_start_time(proc.pid))
     started, wake = time.monotonic(), threading.Event()
     while proc.poll() is None:
         if stop.is_set() or time.monotonic() - started > timeout_s:
@@ -348,6 +353,7 @@ def start_job(
         raise
     finally:
         os.close(logf)
+    faults.point("job.spawned")  # the trainer runs, its row still says starting
     row.update(pid=proc.pid, pid_start=process_start_time(proc.pid), status="running", started_at=utcnow())
     with state.transaction():
         state.update_job(job_id, pid=row["pid"], pid_start=row["pid_start"], status="running",
@@ -455,6 +461,17 @@ def reattach(state: State) -> tuple[list[Job], list[str]]:
             _log.warning("job.interrupted", job_id=row["job_id"], pid=pid)
             lost.append(row["job_id"])
     return live, lost
+
+
+def stop_stray(pid: int, start: int | None, why: str, grace_s: float = GRACE_S) -> bool:
+    """Stop a child that a previous service left running (a SIGKILL does not reach children in their own session):
+    SIGTERM to its group, grace, SIGKILL. False when that process (same pid and start time) is gone already."""
+    if not alive(pid, start):
+        return False
+    stray = Job({"job_id": f"pid-{pid}", "job_dir": "/", "pid": pid, "pid_start": start, "metrics_path": os.devnull,
+                 "result_path": os.devnull})
+    _stop_group(stray, why, grace_s, threading.Event())
+    return True
 
 
 def cancel_detached(state: State, job_id: str, grace_s: float = GRACE_S) -> bool:

@@ -1,0 +1,78 @@
+"""House rules that keep the service safe, checked on the source: one module spawns processes, one speaks HTTP,
+no shell anywhere, the service never imports the training stack, secure defaults."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from daemon import runner
+from daemon.settings import Settings
+
+PKG = Path(__file__).resolve().parents[2] / "daemon"
+SERVICE_MODULES = sorted(p for p in PKG.rglob("*.py") if "training" not in p.parts)
+HEAVY = {"torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes"}
+
+
+def imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_only_the_runner_spawns_processes() -> None:
+    spawners = [p.name for p in SERVICE_MODULES if {"subprocess", "multiprocessing"} & imports(p)]
+    assert spawners == ["runner.py"]
+
+
+def test_only_the_ollama_adapter_speaks_http() -> None:
+    http = [p.name for p in SERVICE_MODULES if {"httpx", "requests", "urllib3", "http", "ollama"} & imports(p)
+            and p.name != "ollama.py"]
+    assert http == []
+
+
+def test_the_service_never_imports_the_training_stack() -> None:
+    offenders = {p.name: sorted(HEAVY & imports(p)) for p in SERVICE_MODULES if HEAVY & imports(p)}
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("path", [*SERVICE_MODULES, *sorted((PKG / "training").glob("*.py"))],
+                         ids=lambda p: str(p.relative_to(PKG)))
+def test_no_shell_anywhere(path: Path) -> None:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            for kw in node.keywords:
+                assert not (kw.arg == "shell" and isinstance(kw.value, ast.Constant) and kw.value.value), \
+                    f"shell=True at {path.name}:{node.lineno}"
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                assert (f.value.id, f.attr) not in {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"),
+                                                    ("subprocess", "getstatusoutput")}, f"{path.name}:{node.lineno}"
+
+
+def test_training_scripts_import_nothing_of_the_service() -> None:
+    for p in (PKG / "training").glob("*.py"):
+        assert "daemon" not in imports(p), p.name
+
+
+def test_secure_defaults() -> None:
+    s = Settings()
+    assert s.dataset.pii_scrub and {"email", "secret"} <= set(s.dataset.pii_kinds)
+    assert s.ollama.host.startswith("http://127.0.0.1") and not s.ollama.allow_remote
+
+
+def test_conversation_text_never_reaches_a_command_line(tmp_path: Path) -> None:
+    secret = "my password is hunter2 and my email is a@b.example"
+    cfg = runner.render_job_config({}, job_id="j", job_dir=tmp_path / "j", base_model=str(tmp_path),
+                                   chat_template="qwen-2.5", backend="auto", train_path=tmp_path / "train.jsonl",
+                                   eval_path=tmp_path / "eval.jsonl", max_steps=1, champion_adapter=None)
+    argv = runner.trainer_argv(Path("/usr/bin/python3"), runner.TRAINER_SCRIPT, tmp_path / "j" / "config.yaml")
+    assert all(a.startswith("/") or a == "--config" for a in argv)
+    assert secret not in repr(cfg) and secret not in " ".join(argv)  # data travels by file path only
