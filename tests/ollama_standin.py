@@ -279,8 +279,26 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # --------------------------------------------------------------------------------------------------- GGUF
 
 
+_GGUF_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
+_GGUF_LOCK = threading.Lock()
+
+
 def read_gguf(path: Path) -> dict[str, Any]:
-    """The GGUF's key/values and parameter count, via the ``gguf`` package (``{}`` when it is not importable)."""
+    """The GGUF's key/values and parameter count, via the ``gguf`` package (``{}`` when it is not importable).
+    Blobs are content-addressed and never change, so one read per file is enough (a 150k-token vocabulary takes
+    the reader ~10 s to open)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _GGUF_LOCK:
+        if key in _GGUF_CACHE:
+            return _GGUF_CACHE[key]
+    out = _read_gguf(path)
+    with _GGUF_LOCK:
+        _GGUF_CACHE[key] = out
+    return out
+
+
+def _read_gguf(path: Path) -> dict[str, Any]:
     try:
         import gguf
     except ImportError:
