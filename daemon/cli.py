@@ -6,6 +6,7 @@ Expected errors are one line on stderr and a named exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from daemon import api, control, doctor, export, log, ollama, registry, runner, 
 from daemon.dataset import DatasetError, verify
 from daemon.pipeline import CycleRequest, run_cycle
 from daemon.service import SOCKET_NAME, Service
+from daemon.state import StateError
 from daemon.store.feedback import QUALITIES
 
 EXIT_OK = 0
@@ -694,6 +696,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except StateError as exc:  # the state database cannot be opened or written (disk full ...): one line
+        print(f"chatos-retrain: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a dataset or job file on a full or read-only disk: one line, not a traceback
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"chatos-retrain: cannot write {exc.filename or 'a file'}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
     except settings.ConfigError as exc:  # pragma: no cover - _load turns these into CliError
         print(f"chatos-retrain: {exc}", file=sys.stderr)
         return EXIT_CONFIG

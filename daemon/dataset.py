@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import operator
 import os
 import re
 import shutil
@@ -18,9 +19,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from daemon import log, pii
+from daemon import faults, log, pii
 from daemon.settings import DatasetSettings
 from daemon.state import DatasetRow, Eligible, State, private_dir, utcnow
 
@@ -28,22 +29,28 @@ _log = log.get("daemon.dataset")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 FORMAT = "messages-v1"
 _enc = json.encoder.encode_basestring  # the C string encoder json.dumps(..., ensure_ascii=False) uses
+_by_cid = operator.itemgetter(0)  # Example.cid
 
 
 class DatasetError(Exception):
     """The dataset cannot be built (too few examples ...); the message is one line for the operator."""
 
 
-@dataclass(frozen=True, slots=True)
-class Example:
+class Example(NamedTuple):
+    """One dataset example (immutable; a NamedTuple because a build makes 34k of them, and a frozen dataclass's
+    ``__init__`` alone cost 0.1 s of that)."""
+
     cid: str
-    messages: tuple[tuple[str, str], ...]  # (role, content), filtered and scrubbed
+    messages: tuple[tuple[str, str], ...]  # (role, content), filtered and scrubbed; () when built from the cache
     mode: str
     model: str | None
     score: int
     src_path: str
     src_offset: int
     src_len: int
+    line: bytes = b""  # example_line(self), when already known
+    key: bytes = b""  # the dedup key's digest, when already known
+    bucket: float = -1.0  # split_bucket(cid), when already known
 
 
 @dataclass
@@ -82,43 +89,132 @@ def split_bucket(cid: str) -> float:
     return int.from_bytes(hashlib.sha256(cid.encode()).digest()[:8], "big") / 2**64
 
 
-def dedup_key(messages: Sequence[tuple[str, str]]) -> str:
-    """Exact-duplicate key: roles + contents with whitespace collapsed and case folded."""
+def _bucket(ex: Example) -> float:
+    return ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)
+
+
+def _dedup_digest(messages: Sequence[tuple[str, str]]) -> bytes:
     # Built by hand, equal to json.dumps([[role, norm], ...], ensure_ascii=False): this runs once per example.
     norm = ", ".join("[" + _enc(r) + ", " + _enc(" ".join(c.split()).casefold()) + "]" for r, c in messages)
-    return hashlib.sha256(("[" + norm + "]").encode()).hexdigest()
+    return hashlib.sha256(("[" + norm + "]").encode()).digest()
+
+
+def dedup_key(messages: Sequence[tuple[str, str]]) -> str:
+    """Exact-duplicate key: roles + contents with whitespace collapsed and case folded."""
+    return _dedup_digest(messages).hex()
+
+
+def _prepare(messages_json: str | bytes, cfg: DatasetSettings, counts: Counter[str]) -> tuple[tuple[str, str], ...]:
+    """A conversation's stored messages, filtered (system dropped unless configured) and PII-scrubbed."""
+    text = messages_json.decode() if isinstance(messages_json, bytes) else messages_json
+    msgs = []
+    scrub = cfg.pii_scrub and pii.may_contain(text, cfg.pii_kinds)
+    for m in json.loads(text):
+        if m["role"] == "system" and not cfg.include_system:
+            continue
+        content = m["content"]
+        if scrub:
+            content = pii.scrub(content, cfg.pii_kinds, counts)
+        msgs.append((m["role"], content))
+    return tuple(msgs)
+
+
+def _dedup(candidates: list[Example], keep_first: set[str], sel: Selection) -> None:
+    """Keep one example per dedup key: an id in ``keep_first`` first, then the smallest id."""
+    keys = [ex.key or _dedup_digest(ex.messages) for ex in candidates]
+    counts = Counter(keys)
+    sel.duplicates_removed += len(keys) - len(counts)
+    losers: set[int] = set()  # id() of the examples dropped; only keys seen more than once need a choice
+    if len(counts) < len(keys):
+        groups: dict[bytes, list[Example]] = defaultdict(list)
+        for ex, key in zip(candidates, keys, strict=True):
+            if counts[key] > 1:
+                groups[key].append(ex)
+        for group in groups.values():
+            group.sort(key=_by_cid)  # stable, as the order this replaces: (not in keep_first, cid)
+            kept = next((ex for ex in group if ex.cid in keep_first), group[0])
+            losers.update(id(ex) for ex in group if ex is not kept)
+    sel.examples = sorted((ex for ex in candidates if id(ex) not in losers), key=_by_cid)
 
 
 def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] | None = None) -> Selection:
     """Filter messages, scrub PII, drop exact duplicates. Among duplicates, an id in ``keep_first`` (the previous
     version's members) wins, then the smallest id, so the kept copy does not flip as the store grows."""
-    keep_first = keep_first or set()
     sel = Selection([])
-    candidates: list[Example] = []
-    for row in rows:
-        msgs = []
-        for m in json.loads(row.messages):
-            if m["role"] == "system" and not cfg.include_system:
-                continue
-            content = m["content"]
-            if cfg.pii_scrub:
-                content = pii.scrub(content, cfg.pii_kinds, sel.pii_counts)
-            msgs.append((m["role"], content))
-        candidates.append(
-            Example(row.cid, tuple(msgs), row.mode, row.model, row.score, row.src_path, row.src_offset, row.src_len)
-        )
+    candidates = [
+        Example(row.cid, _prepare(row.messages, cfg, sel.pii_counts), row.mode, row.model, row.score, row.src_path,
+                row.src_offset, row.src_len)
+        for row in rows
+    ]
     if not cfg.dedup:
-        sel.examples = sorted(candidates, key=lambda e: e.cid)
+        sel.examples = sorted(candidates, key=_by_cid)
         return sel
-    best: dict[str, Example] = {}
-    for ex in sorted(candidates, key=lambda e: (e.cid not in keep_first, e.cid)):
-        key = dedup_key(ex.messages)
-        if key in best:
-            sel.duplicates_removed += 1
-        else:
-            best[key] = ex
-    sel.examples = sorted(best.values(), key=lambda e: e.cid)
+    _dedup(candidates, keep_first or set(), sel)
     return sel
+
+
+# -- processed-example cache -----------------------------------------------------------------------------------
+#
+# Filtering, scrubbing, encoding and the dedup key cost ~30 us per example: a build of 34k examples spent ~1.2 s on
+# them. state.examples keeps the result per conversation (see state migration 5): a rebuild redoes only what
+# changed. An entry is valid for one content revision of its conversation and one example_cfg(); its line is
+# stored only when it is not '{"messages": ' + stored messages + '}\n' (ingest stores the messages in the dataset
+# line's own encoding, so that is most of them).
+
+CACHE_VERSION = 1  # bump when the cached values would change for the same settings: example_line, _prepare, dedup
+_LINE_HEAD, _LINE_TAIL = b'{"messages": ', b"}\n"
+
+
+def example_cfg(cfg: DatasetSettings) -> str:
+    """Names everything that shapes a cached example: the settings that matter, this code, the PII patterns."""
+    ident = {
+        "cache": CACHE_VERSION,
+        "format": FORMAT,
+        "include_system": cfg.include_system,
+        "pii_kinds": sorted(cfg.pii_kinds) if cfg.pii_scrub else None,
+        "pii": pii.SIGNATURE,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# state.put_examples: cid, rev, cfg, dedup, pii, line, bucket
+CacheRow = tuple[str, int, str, bytes, str | None, bytes | None, float]
+
+
+def select_cached(
+    rows: Iterable[Sequence[Any]], cached: dict[str, tuple[str, int, bytes, str | None, bytes | None, float]],
+    cfg: DatasetSettings, keep_first: set[str], cfg_key: str,
+) -> tuple[Selection, list[CacheRow]]:
+    """:func:`select` over ``state.eligible_examples`` rows and ``state.cached_examples``: a valid cache entry is
+    used as it is, the other rows are made and returned as new cache entries. Same examples, lines, PII counts and
+    duplicates as :func:`select`."""
+    sel = Selection([])
+    counts = sel.pii_counts
+    candidates: list[Example] = []
+    fresh: list[CacheRow] = []
+    for cid, rev, mode, model, score, src_path, src_offset, src_len, msgs in rows:
+        hit = cached.get(cid)
+        if hit is not None and hit[1] == rev:
+            _, _, key, pii_json, line, bucket = hit
+            if line is None:
+                line = b"".join((_LINE_HEAD, msgs, _LINE_TAIL))
+            if pii_json:
+                counts.update(json.loads(pii_json))
+        else:
+            own: Counter[str] = Counter()
+            pairs = _prepare(msgs, cfg, own)
+            line, key = _encode(pairs), _dedup_digest(pairs)
+            counts.update(own)
+            derived = line == _LINE_HEAD + msgs + _LINE_TAIL
+            bucket = split_bucket(cid)
+            fresh.append((cid, rev, cfg_key, key, json.dumps(own, sort_keys=True) if own else None,
+                          None if derived else line, bucket))
+        candidates.append(Example(cid, (), mode, model, score, src_path, src_offset, src_len, line, key, bucket))
+    if cfg.dedup:
+        _dedup(candidates, keep_first, sel)
+    else:
+        sel.examples = sorted(candidates, key=_by_cid)
+    return sel, fresh
 
 
 def split(
@@ -129,11 +225,11 @@ def split(
     train: list[Example] = []
     evals: list[Example] = []
     for ex in examples:
-        (evals if ex.cid in pins or split_bucket(ex.cid) < eval_fraction else train).append(ex)
+        (evals if ex.cid in pins or _bucket(ex) < eval_fraction else train).append(ex)
     new_pins: set[str] = set()
     if len(evals) < min_eval and train:
         need = min_eval - len(evals)
-        movers = sorted(train, key=lambda e: split_bucket(e.cid))[:need]
+        movers = sorted(train, key=_bucket)[:need]
         new_pins = {e.cid for e in movers}
         train = [e for e in train if e.cid not in new_pins]
         evals = sorted([*evals, *movers], key=lambda e: e.cid)
@@ -158,9 +254,13 @@ def filters_used(cfg: DatasetSettings) -> dict[str, Any]:
 
 
 def example_line(ex: Example) -> bytes:
-    """``json.dumps({"messages": [{"role", "content"}, ...]}, ensure_ascii=False) + "\\n"``, built by hand (same
-    bytes, a third of the cost): it runs twice per example per build (fingerprint, then the file)."""
-    msgs = ", ".join('{"role": ' + _enc(r) + ', "content": ' + _enc(c) + "}" for r, c in ex.messages)
+    """``json.dumps({"messages": [{"role", "content"}, ...]}, ensure_ascii=False) + "\\n"``."""
+    return ex.line or _encode(ex.messages)
+
+
+def _encode(messages: Iterable[tuple[str, str]]) -> bytes:
+    # Built by hand (same bytes as json.dumps, a third of the cost).
+    msgs = ", ".join('{"role": ' + _enc(r) + ', "content": ' + _enc(c) + "}" for r, c in messages)
     return ('{"messages": [' + msgs + "]}\n").encode()
 
 
@@ -170,7 +270,8 @@ def fingerprint(train: Sequence[Example], evals: Sequence[Example], cfg: Dataset
     for tag, part in (("train", train), ("eval", evals)):
         h.update(tag.encode())
         for ex in part:
-            h.update(ex.cid.encode() + b"\0" + example_line(ex))
+            h.update(ex.cid.encode() + b"\0")
+            h.update(example_line(ex))
     return h.hexdigest()
 
 
@@ -189,6 +290,18 @@ def _ranges(examples: Iterable[Example]) -> list[dict[str, Any]]:
                 merged.append([a, b])
         out.append({"path": path, "records": len(spans), "byte_ranges": merged})
     return out
+
+
+_score, _mode, _model = operator.attrgetter("score"), operator.attrgetter("mode"), operator.attrgetter("model")
+
+
+def _models(examples: Sequence[Example]) -> Counter[str]:
+    """``Counter(e.model or "unknown" for e in examples)``, counted without a Python loop."""
+    counts: Counter[Any] = Counter(map(_model, examples))
+    for unnamed in (None, ""):
+        if unnamed in counts:
+            counts["unknown"] += counts.pop(unnamed)
+    return counts
 
 
 def manifest(
@@ -211,9 +324,9 @@ def manifest(
         "counts": {
             "train": len(train),
             "eval": len(evals),
-            "by_score": dict(sorted(Counter(str(e.score) for e in both).items())),
-            "by_mode": dict(sorted(Counter(e.mode for e in both).items())),
-            "by_model": dict(sorted(Counter(e.model or "unknown" for e in both).items())),
+            "by_score": dict(sorted((str(k), v) for k, v in Counter(map(_score, both)).items())),
+            "by_mode": dict(sorted(Counter(map(_mode, both)).items())),
+            "by_model": dict(sorted(_models(both).items())),
             "duplicates_removed": sel.duplicates_removed,
         },
         "filters": filters_used(cfg),
@@ -224,6 +337,35 @@ def manifest(
         "eval_ids_hash": hashlib.sha256("\n".join(e.cid for e in evals).encode()).hexdigest(),
         "sources": _ranges(both),
     }
+
+
+_SOURCES = "\0sources\0"  # stands in for the sources list while the rest is encoded
+_SOURCE_KEYS = ["path", "records", "byte_ranges"]
+_enc_ascii = json.encoder.encode_basestring_ascii
+
+
+def manifest_bytes(man: dict[str, Any]) -> bytes:
+    """``json.dumps(man, indent=1).encode()``, byte for byte. json's indenting encoder is pure Python: on the
+    sources list (a few values per example: ~90k lines for 34k examples) it took a tenth of a rebuild, so that list
+    is laid out here directly, and only when it has the shape :func:`_ranges` gives it."""
+    sources = man.get("sources")
+    if not isinstance(sources, list) or not all(
+        type(src) is dict and list(src) == _SOURCE_KEYS and type(src["path"]) is str and type(src["records"]) is int
+        and type(src["byte_ranges"]) is list
+        and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int for r in src["byte_ranges"])
+        for src in sources
+    ):
+        return json.dumps(man, indent=1).encode()
+    items = []
+    for src in sources:
+        spans = ",\n".join(f"    [\n     {a},\n     {b}\n    ]" for a, b in src["byte_ranges"])
+        items.append(f'  {{\n   "path": {_enc_ascii(src["path"])},\n   "records": {src["records"]},\n'
+                     f'   "byte_ranges": ' + (f"[\n{spans}\n   ]" if spans else "[]") + "\n  }")
+    listed = "[\n" + ",\n".join(items) + "\n ]" if items else "[]"
+    text, mark = json.dumps({**man, "sources": _SOURCES}, indent=1), json.dumps(_SOURCES)
+    if text.count(mark) != 1:  # some other value holds the stand-in (a model name can be any string)
+        return json.dumps(man, indent=1).encode()
+    return text.replace(mark, listed).encode()
 
 
 # -- shell -----------------------------------------------------------------------------------------------------
@@ -267,7 +409,7 @@ def _fsync_dir(path: Path) -> None:
 
 def cleanup(state: State, folder: Path) -> list[str]:
     """Remove temp folders and version folders that state does not know (a build that died mid-way)."""
-    known = {d.version for d in state.datasets()}
+    known = state.dataset_versions()
     removed = []
     for entry in folder.iterdir():
         m = _VERSION_DIR.match(entry.name)
@@ -286,7 +428,12 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
         cleanup(state, folder)
         latest = state.dataset(state.latest_dataset_version() or 0)
         previous = {cid for cid, _ in state.members(latest.version)} if latest else set()
-        sel = select(state.eligible(cfg.modes, cfg.min_score, cfg.include_unrated), cfg, previous)
+        key = example_cfg(cfg)
+        rows = state.eligible_examples(cfg.modes, cfg.min_score, cfg.include_unrated)
+        sel, fresh = select_cached(rows, state.cached_examples(key), cfg, previous, key)
+        if fresh:
+            with state.transaction():
+                state.put_examples(fresh)
         train, evals, new_pins = split(sel.examples, cfg.eval_fraction, cfg.min_eval_examples, state.eval_pins())
         need_train, need_eval = cfg.min_train_examples, cfg.min_eval_examples
         if len(train) < need_train or len(evals) < need_eval:
@@ -309,10 +456,12 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
             "eval.jsonl": _write_private(tmp / "eval.jsonl", (example_line(e) for e in evals)),
         }
         man = manifest(version, train, evals, sel, cfg, fp, hashes, store_root)
-        _write_private(tmp / "manifest.json", [json.dumps(man, indent=1).encode()])
+        _write_private(tmp / "manifest.json", [manifest_bytes(man)])
         _fsync_dir(tmp)
         final = folder / f"v{version}"
+        faults.point("dataset.before_rename")
         os.rename(tmp, final)
+        faults.point("dataset.before_record")  # the folder is in place, state does not know it yet
         _fsync_dir(folder)
         row = DatasetRow(version, man["created_at"], str(final), fp, man["content_hash"], len(train), len(evals), man)
         with state.transaction():

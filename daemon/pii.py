@@ -6,6 +6,7 @@ quality; a missed secret is worse, so the secret patterns are the broad ones.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -31,7 +32,9 @@ _SECRET = re.compile(
     """
 )
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b")
-_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+_IPV4 = re.compile(
+    r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"
+)
 # International (+CC ...) or NANP-like (3-3-4 with separators); needs separators so plain integers survive.
 _PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]\d{2,4}){2,4}"
@@ -60,6 +63,18 @@ def _may_match(kind: str, text: str) -> bool:
     return _has_digit(text)  # ipv4, phone
 
 
+def may_contain(text: str, kinds: Iterable[str]) -> bool:
+    """False when no message of a conversation can hold a match, judged from its JSON text (one look at the whole
+    instead of one per message). The hints hold no character JSON escapes, so a message's hint shows in its JSON
+    too; a ``\\u`` escape could hide one, so its presence answers True."""
+    enabled = set(kinds)
+    if "\\u" in text or ("email" in enabled and "@" in text):
+        return True
+    if ("ipv4" in enabled or "phone" in enabled) and _has_digit(text):  # one look for both
+        return True
+    return "secret" in enabled and _may_match("secret", text)
+
+
 def scrub(text: str, kinds: Iterable[str], counts: Counter[str] | None = None) -> str:
     """Replace every match of the enabled ``kinds`` with its placeholder; add what was replaced to ``counts``."""
     enabled = set(kinds)
@@ -70,3 +85,9 @@ def scrub(text: str, kinds: Iterable[str], counts: Counter[str] | None = None) -
         if n and counts is not None:
             counts[kind] += n
     return text
+
+
+# What the scrub's output depends on: cached scrubbed examples (dataset.example_cfg) are redone when this changes.
+SIGNATURE = hashlib.sha256(
+    repr((PLACEHOLDER, [(kind, p.pattern, p.flags) for kind, p in _ORDER])).encode()
+).hexdigest()[:16]

@@ -7,6 +7,7 @@ folds every request that arrives during a run into exactly one follow-up cycle.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import threading
@@ -23,9 +24,13 @@ import yaml
 
 from daemon import api, dataset, export, faults, gate, log, policy, registry, runner, templates
 from daemon.settings import Settings
-from daemon.state import State, private_dir
+from daemon.state import State, StateError, private_dir, storage_problem
 
 _log = log.get("daemon.pipeline")
+# kv key: the promoted job whose export has not finished yet ({"job_id", "gate", "pid", "pid_start"}). Set with the
+# promotion, cleared with the model version (or when the export failed on its own), so an export that a crash or a
+# stop interrupted is resumed by the next cycle instead of leaving the champion without a model.
+EXPORT_PENDING = "export_pending"
 
 Progress = Callable[[str, str], None]  # (phase, detail)
 
@@ -235,6 +240,8 @@ def conclude_job(
         if g.promote:
             state.set_kv("champion_job", job_id)
             state.set_kv("last_trained_dataset", str(row.get("dataset_version", "")))
+            if settings.export.enabled:
+                state.set_kv(EXPORT_PENDING, json.dumps({"job_id": job_id, "gate": g.numbers}))
     _log.info("gate.decided", job_id=job_id, promote=g.promote, reason=g.reason, **g.numbers)
     result.job_status = "promoted" if g.promote else "rejected"
     result.outcome = "promoted" if g.promote else "rejected"
@@ -242,7 +249,7 @@ def conclude_job(
     result.reason = f"job {job_id} {g.reason}"
     faults.point("gate.decided")  # promoted in state, not exported yet
     if g.promote:
-        export_and_register(settings, state, result, row, res, g.numbers, stop or threading.Event(), step)
+        export_and_register(settings, state, result, row, res, g.numbers, stop or threading.Event(), step, now)
 
 
 def export_and_register(
@@ -254,6 +261,7 @@ def export_and_register(
     gate_numbers: dict[str, Any],
     stop: threading.Event,
     step: Callable[[str, str], None],
+    now: Callable[[], datetime] | None = None,
 ) -> None:
     """Promoted adapter -> merged GGUF (a child in the trainer's interpreter) -> model version -> Ollama."""
     if not settings.export.enabled:
@@ -277,31 +285,43 @@ def export_and_register(
         )
     except (export.ExportError, ValueError, KeyError, OSError) as exc:
         result.outcome, result.reason = "export_failed", f"{result.reason}; export not possible: {exc}"
+        _export_settled(state)
         return
     step("exporting", f"job {job_id}: merge + convert to GGUF ({q})")
     cfg_path = export.write_config(out_dir / "export.yaml", cfg)
+
+    def spawned(pid: int, start: int | None) -> None:  # the child outlives a SIGKILLed service: remember it
+        with state.transaction():
+            state.set_kv(EXPORT_PENDING, json.dumps({"job_id": job_id, "gate": gate_numbers, "pid": pid,
+                                                     "pid_start": start}))
+
     code, why = runner.run_supervised(export.merge_export_argv(settings.training.python, cfg_path), cwd=out_dir,
                                       log_path=out_dir / "export.log", timeout_s=settings.export.timeout,
-                                      stop=stop, env=settings.training.env)
+                                      stop=stop, env=settings.training.env, on_start=spawned)
     out = export.outcome(code, export.read_result(Path(cfg["result_path"])), template)
     result.timings["export"] = round(time.perf_counter() - t0, 4)
     if not out.ok or out.gguf_path is None or out.sha256 is None:
         result.outcome = "export_failed"
         result.reason = f"{result.reason}; export failed: {out.reason if why == 'finished' else why}"
         _log.error("export.failed", job_id=job_id, reason=out.reason, exit_code=code)
+        if not stop.is_set():  # failed on its own: not retried; stopped by us: resumed by the next cycle
+            _export_settled(state)
         return
     faults.point("export.before_record")  # a verified GGUF on disk, no model version yet
     ds = state.dataset(job["dataset_version"])
-    version = registry.add_version(
-        state, job_id=job_id, dataset_version=job["dataset_version"], manifest_hash=ds.content_hash if ds else None,
-        gguf_path=str(out.gguf_path), gguf_sha256=out.sha256 if out.sha256.startswith("sha256:")
-        else f"sha256:{out.sha256}", gguf_size=out.size or out.gguf_path.stat().st_size,
-        architecture=out.architecture, chat_template=template.name, eval_numbers=gate_numbers, settings=settings,
-    )
+    with state.transaction():  # the model version and the end of the pending export, together
+        version = registry.add_version(
+            state, job_id=job_id, dataset_version=job["dataset_version"],
+            manifest_hash=ds.content_hash if ds else None, gguf_path=str(out.gguf_path),
+            gguf_sha256=out.sha256 if out.sha256.startswith("sha256:") else f"sha256:{out.sha256}",
+            gguf_size=out.size or out.gguf_path.stat().st_size, architecture=out.architecture,
+            chat_template=template.name, eval_numbers=gate_numbers, settings=settings,
+        )
+        _export_settled(state)
     _log.info("export.done", job_id=job_id, model_version=version, gguf=str(out.gguf_path), size=out.size)
     step("registering", f"v{version} with Ollama at {settings.ollama.host}")
     t1 = time.perf_counter()
-    row = registry.register(settings, state, version)
+    row = registry.register(settings, state, version, now=now() if now else None)
     result.timings["register"] = round(time.perf_counter() - t1, 4)
     result.model_tag = row.get("tag")
     if row.get("status") == "registered":
@@ -315,6 +335,41 @@ def export_and_register(
     else:
         result.outcome = "register_failed"
         result.reason = f"{result.reason}; registration failed: {row.get('last_error')}"
+
+
+def _export_settled(state: State) -> None:
+    with state.transaction():
+        state.set_kv(EXPORT_PENDING, "")
+
+
+def resume_export(settings: Settings, state: State, cycle_id: str, stop: threading.Event,
+                  step: Callable[[str, str], None], now: Callable[[], datetime] | None = None) -> CycleResult | None:
+    """Finish the export of the champion when a crash or a stop interrupted it (see :data:`EXPORT_PENDING`).
+
+    A child the dead service left running is stopped first (two writers must not share the export folder). Returns
+    the export's own result, or None when nothing was pending (a stale marker is dropped).
+    """
+    raw = state.get_kv(EXPORT_PENDING)
+    if not raw:
+        return None
+    try:
+        pending = json.loads(raw)
+    except ValueError:
+        pending = None
+    job = state.job(str(pending.get("job_id"))) if isinstance(pending, dict) else None
+    if (job is None or job["status"] != "promoted" or not job.get("result") or not settings.export.enabled
+            or state.get_kv("champion_job") != job["job_id"]
+            or any(m["job_id"] == job["job_id"] for m in state.models())):
+        _export_settled(state)
+        return None
+    assert isinstance(pending, dict)
+    if pending.get("pid"):
+        runner.stop_stray(int(pending["pid"]), pending.get("pid_start"), "left running by a service that stopped")
+    _log.info("export.resumed", job_id=job["job_id"], reason="the service stopped before the export finished")
+    sub = CycleResult(cycle_id, "promoted", True, f"job {job['job_id']} promoted earlier",
+                      dataset_version=job.get("dataset_version"), job_id=job["job_id"], job_status="promoted")
+    export_and_register(settings, state, sub, job, job["result"], pending.get("gate") or {}, stop, step, now)
+    return sub
 
 
 def _set_backoff(settings: Settings, state: State, now: datetime) -> None:
@@ -376,10 +431,16 @@ def run_cycle(
                 return result
             if state.models(status="pending") or state.models(status="exported"):
                 step("registering", "retrying pending registrations")
-                for m in registry.retry_pending(settings, state, force=request.forced):
+                for m in registry.retry_pending(settings, state, force=request.forced, now=now()):
                     result.counts.setdefault("registrations_retried", []).append(f"v{m['version']}:{m['status']}")
                     if m["status"] == "registered":
                         result.model_tag = m["tag"]
+            resumed = resume_export(settings, state, cid, stop, step, now)
+            if resumed is not None:
+                result.counts["export_resumed"] = {"job_id": resumed.job_id, "outcome": resumed.outcome,
+                                                   "model_tag": resumed.model_tag}
+                if resumed.outcome == "registered":
+                    result.model_tag = resumed.model_tag
             step("ingesting", "full scan" if request.paths is None else f"{len(request.paths)} changed file(s)")
             t0 = time.perf_counter()
             rep = api.ingest(settings, state, None if request.paths is None else sorted(request.paths))
@@ -432,15 +493,22 @@ def run_cycle(
             result.outcome, result.reason = "aborted", str(exc)
             return result
         except Exception as exc:  # a bug or an environment failure: report it, keep the service alive
-            result.outcome, result.error = "error", f"{type(exc).__name__}: {exc}"
+            storage = storage_problem(exc, state.dir)
+            result.outcome, result.error = "error", storage or f"{type(exc).__name__}: {exc}"
             result.reason = f"cycle failed: {result.error}"
-            _log.exception("cycle.failed")
+            if storage:  # disk full or read-only: expected, one line; the transaction rolled back, state is intact
+                _log.error("cycle.failed", reason=storage)
+            else:
+                _log.exception("cycle.failed")
             return result
         finally:
             result.timings["total"] = round(time.perf_counter() - t_cycle, 4)
-            with state.transaction():
-                state.record_cycle(result.cycle_id, result.started_at, result.outcome, result.reason, result.as_json(),
-                                   trained=result.job_id is not None)
+            try:
+                with state.transaction():
+                    state.record_cycle(result.cycle_id, result.started_at, result.outcome, result.reason,
+                                       result.as_json(), trained=result.job_id is not None)
+            except Exception as exc:  # the summary line below still tells what happened
+                _log.error("cycle.not_recorded", reason=storage_problem(exc, state.dir) or str(exc))
             _log.info(
                 "cycle.summary", outcome=result.outcome, decision="train" if result.decision else "wait",
                 reason=result.reason, forced=result.forced, dataset_version=result.dataset_version,
@@ -534,7 +602,10 @@ class Worker:
             try:
                 result = self._run(request, fan_out)
             except Exception as exc:  # run() already catches; this is the last line of defence
-                _log.exception("worker.cycle_crashed")
+                if isinstance(exc, StateError):  # the state could not even be opened (disk full ...): one line
+                    _log.error("worker.cycle_failed", reason=str(exc))
+                else:
+                    _log.exception("worker.cycle_crashed")
                 result = CycleResult(new_cycle_id(), "error", False, f"cycle crashed: {exc}", error=str(exc))
             with self._lock:
                 self._running = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from daemon import log, ollama, templates
+from daemon import faults, log, ollama, templates
 from daemon.ollama import OllamaClient, OllamaError
 from daemon.settings import Settings
 from daemon.state import State, utcnow
@@ -72,6 +72,7 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
         created = True  # from here on a failure may leave a (half-made) tag behind: clean it up
         client.create(name, {"model.gguf": digest}, template=t.ollama_template, system=settings.ollama.system,
                       parameters=create_parameters(settings, t.name))
+        faults.point("register.created")  # the tag exists, nothing verified yet
         show = client.show(name)
         problems = ollama.verify_show(show, architecture=row["architecture"], template=t.ollama_template,
                                       stops=list(t.stop))
@@ -85,6 +86,7 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
                 raise Rejected(f"{name} smoke test failed: {'; '.join(problems)}")
         previous = state.get_kv("latest_model")
         client.copy(name, latest_tag(settings))
+        faults.point("register.copied")  # latest moved in Ollama, not yet in state
         ollama_digest = next((m.get("digest") for m in client.tags() if m.get("name") == name), None)
         with state.transaction():
             state.update_model(version, status="registered", registered_at=utcnow(), last_error=None,
@@ -93,6 +95,7 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
             if previous and previous != str(version):
                 state.set_kv("previous_latest_model", previous)
         _log.info("registry.registered", model_version=version, tag=name, latest=latest_tag(settings))
+        faults.point("register.committed")
         retention(settings, state, client)
     except (OllamaError, Rejected, ValueError, OSError) as exc:
         _failed(settings, state, row, exc, client if created else None, now or datetime.now(UTC))

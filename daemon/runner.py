@@ -445,15 +445,39 @@ def _outcome(job: Job, code: int | None, forced: tuple[str, str] | None) -> JobO
     return JobOutcome(job.id, status, reason, code, result if status == "succeeded" else None, job.latest)
 
 
+def find_trainer(job_id: str) -> int | None:
+    """The process group leader of a trainer spawned for ``job_id`` whose pid never reached state (the service died
+    between the spawn and recording it), found by the ``CHATOS_JOB_ID`` its environment carries."""
+    needle = f"CHATOS_JOB_ID={job_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            leader = os.getpgid(pid) == pid
+        except OSError:  # gone, or not ours
+            continue
+        if leader and needle in env:
+            return pid
+    return None
+
+
 def reattach(state: State) -> tuple[list[Job], list[str]]:
-    """Jobs left ``running``/``starting`` by a previous service: the live ones to re-attach, the rest interrupted."""
+    """Jobs left ``running``/``starting`` by a previous service: the live ones to re-attach (and the ones that ended
+    with a ``result.json`` while no service watched: their work is kept), the rest interrupted."""
     live: list[Job] = []
     lost: list[str] = []
     for row in state.jobs(status="running") + state.jobs(status="starting"):
         pid, start = row.get("pid"), row.get("pid_start")
-        if pid and alive(pid, start):
-            _log.info("job.reattached", job_id=row["job_id"], pid=pid)
-            live.append(Job(row))
+        if not pid and (found := find_trainer(row["job_id"])) is not None:
+            pid, start = found, process_start_time(found)
+            row = {**row, "pid": pid, "pid_start": start, "status": "running"}
+            with state.transaction():
+                state.update_job(row["job_id"], pid=pid, pid_start=start, status="running")
+        if (pid and alive(pid, start)) or Path(row["result_path"]).is_file():
+            _log.info("job.reattached", job_id=row["job_id"], pid=pid, running=bool(pid and alive(pid, start)))
+            live.append(Job({**row, "pid": pid or 0}))
         else:
             with state.transaction():
                 state.update_job(row["job_id"], status="interrupted", finished_at=utcnow(),

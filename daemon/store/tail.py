@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 HEAD_BYTES = 4096
 BOUNDARY_BYTES = 1024
@@ -154,6 +154,83 @@ def read_lines(fd: int, start: int, start_line: int, max_line: int) -> Iterator[
                     yield Line(number, pending_off, data)
             begin = nl + 1
             pending_off = pos - len(chunk) + begin
+
+
+class Block(NamedTuple):
+    """Complete lines read in one go: ``lines[i]`` is line ``first + i``; the first starts at byte ``offset`` and each
+    next one right after the previous one's newline."""
+
+    first: int
+    offset: int
+    lines: list[bytes]
+
+
+class Oversize(NamedTuple):
+    """A complete line longer than the cap: where it is and how long, without its bytes."""
+
+    number: int
+    offset: int
+    length: int
+
+
+def read_blocks(fd: int, start: int, start_line: int, max_line: int) -> Iterator[Block | Oversize]:
+    """The lines :func:`read_lines` yields, a chunk's worth at a time (same numbers, offsets, bytes and cap).
+
+    Bulk ingest reads 200k lines: one ``split`` per 1 MiB chunk instead of a ``find`` and an object per line makes
+    reading ~4x cheaper. A partial last line is not yielded: it waits for its writer.
+    """
+    pos = start
+    number = start_line
+    pending = b""  # the start of a line whose newline is not read yet
+    pending_off = start
+    skipping = False  # that line is over the cap: its bytes are not kept, only counted
+    while True:
+        chunk = os.pread(fd, CHUNK, pos)
+        if not chunk:
+            return
+        chunk_off = pos
+        pos += len(chunk)
+        first_nl = chunk.find(b"\n")
+        if first_nl < 0:
+            if not skipping:
+                pending += chunk
+                if len(pending) > max_line:
+                    skipping, pending = True, b""
+            continue
+        number += 1
+        if skipping:
+            yield Oversize(number, pending_off, chunk_off + first_nl - pending_off)
+            skipping = False
+        else:
+            yield from _capped(number, pending_off, [pending + chunk[:first_nl]], max_line)
+        last_nl = chunk.rfind(b"\n")
+        if last_nl > first_nl:
+            lines = chunk[first_nl + 1:last_nl].split(b"\n")
+            yield from _capped(number + 1, chunk_off + first_nl + 1, lines, max_line)
+            number += len(lines)
+        pending, pending_off = chunk[last_nl + 1:], chunk_off + last_nl + 1
+        if len(pending) > max_line:
+            skipping, pending = True, b""
+
+
+def _capped(first: int, offset: int, lines: list[bytes], max_line: int) -> Iterator[Block | Oversize]:
+    """``Block(first, offset, lines)``, with any line over ``max_line`` split out as an :class:`Oversize`."""
+    if max(map(len, lines)) <= max_line:
+        yield Block(first, offset, lines)
+        return
+    run: list[bytes] = []
+    run_first, run_off = first, offset
+    for i, data in enumerate(lines):
+        if len(data) > max_line:
+            if run:
+                yield Block(run_first, run_off, run)
+            yield Oversize(first + i, offset, len(data))
+            run, run_first, run_off = [], first + i + 1, offset + len(data) + 1
+        else:
+            run.append(data)
+        offset += len(data) + 1
+    if run:
+        yield Block(run_first, run_off, run)
 
 
 def cursor_after(path: str, kind: str, fd: int, st: os.stat_result, offset: int, lines: int) -> Cursor:
