@@ -8,6 +8,7 @@ leaves no visible version: temp folders and folders without a state row are remo
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import operator
@@ -421,10 +422,23 @@ def cleanup(state: State, folder: Path) -> list[str]:
     return removed
 
 
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Pause the cyclic garbage collector. A build holds ~100k small tuples at once and makes no reference cycles;
+    the collector re-scanning them as they pile up cost 15-25% of a rebuild. Reference counting frees as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResult:
     """Build the next dataset version from state (ingest first: that is the caller's job)."""
     folder = datasets_dir(state)
-    with _build_lock(folder):
+    with _build_lock(folder), _no_cycle_collection():
         cleanup(state, folder)
         latest = state.dataset(state.latest_dataset_version() or 0)
         previous = {cid for cid, _ in state.members(latest.version)} if latest else set()

@@ -519,13 +519,13 @@ class State:
     # -- queries for datasets and status -------------------------------------------------------------------
 
     _ELIGIBLE = (
-        " FROM conversations c LEFT JOIN labels l ON l.cid = c.cid{join}"
+        " FROM conversations c LEFT JOIN labels l ON l.cid = c.cid"
         " WHERE c.deleted = 0 AND c.usable = 1 AND c.mode IN ({modes})"
         " AND COALESCE(l.score, c.inline_score) >= ? AND (l.cid IS NOT NULL OR c.inline_rated = 1 OR ?)"
     )
 
-    def _eligible_sql(self, select: str, modes: Sequence[str], join: str = "") -> str:
-        return select + self._ELIGIBLE.format(modes=",".join("?" * len(modes)), join=join)
+    def _eligible_sql(self, select: str, modes: Sequence[str]) -> str:
+        return select + self._ELIGIBLE.format(modes=",".join("?" * len(modes)))
 
     def eligible(self, modes: Sequence[str], min_score: int, include_unrated: bool) -> Iterator[Eligible]:
         sql = self._eligible_sql(

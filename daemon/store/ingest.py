@@ -5,8 +5,9 @@ nothing and counts nothing twice: the next run starts from the last committed cu
 (a cold start) groups several files into one transaction, each file in its own savepoint: an unreadable file
 undoes only its own writes, and a crash undoes the whole group, cursors included. Fewer, larger commits make a
 cold ingest ~25% cheaper: the id indexes' pages are written to the WAL once per group instead of once per file.
-A scan with many new files (a cold start) also parses them in a child process (records.worker_main) while this
-one writes: only this process ever writes state, so atomicity is the same either way.
+A scan with many new files (a cold start) can also parse them in a child process (records.worker_main) while this
+one writes, once the runner module offers ``spawn_piped`` (the one module that starts processes). Only this
+process ever writes state, so atomicity is the same either way.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from daemon.store.records import Conversation, ConvTuple, Kind, Rejected, Reject
 DATA_FOLDERS = ("logs", "training_data", "feedback")
 BATCH = 4000
 GROUP_BYTES = 32 << 20  # a scan commits after about this many bytes read (and at its end)
-PARALLEL_BYTES = 16 << 20  # a scan with this much to read from byte 0 parses in a child process (0: never)
+PARALLEL_BYTES = 16 << 20  # new files holding this much are parsed in a child process (0: never)
 _TOP_RANK = max(records.RANK.values())
 _log = log.get("daemon.ingest")
 
@@ -145,6 +146,7 @@ class _ParseWorker:
         self._next = 0  # the task whose frames come next
         self._pending: tuple[Any, ...] | None = None
         self.failed = False
+        self.hashes: tuple[str, str] | None = None  # the cursor hashes of the last file supplied
         code = f"import sys; sys.path[:] = {sys.path!r}; from daemon.store.records import worker_main; worker_main()"
         self._proc = spawn([sys.executable, "-I", "-c", code])
         assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -195,6 +197,10 @@ class _ParseWorker:
                 self.failed = True
                 _log.warning("ingest.parse_worker_stopped", exit_code=self._proc.poll())
                 raise _Fallback
+            if frame[1] == "crash":
+                self.failed = True
+                _log.warning("ingest.parse_worker_failed", error=frame[2].strip().splitlines()[-1])
+                raise _Fallback
             if frame[0] < task:
                 continue  # a file this process skipped
             if frame[0] > task:  # this file's frames are gone: only when skipped earlier; keep the frame
@@ -207,14 +213,11 @@ class _ParseWorker:
                 yield tail.Oversize(*frame[2:5])
             elif tag == "end":
                 self._next = task + 1
+                self.hashes = (frame[2], frame[3])
                 return
             elif tag == "error":
                 self._next = task + 1
                 raise OSError(frame[2], frame[3])
-            elif tag == "crash":
-                self.failed = True
-                _log.warning("ingest.parse_worker_failed", error=frame[2].strip().splitlines()[-1])
-                raise _Fallback
             else:  # "skip": not the file this process has open
                 self._next = task + 1
                 raise _Fallback
@@ -277,10 +280,9 @@ class Ingestor:
                 kind = records.classify(PurePosixPath(folder, e.name))
                 if kind is None:
                     continue
-                if e.is_symlink():
-                    if not self._inside_root(Path(e.path)):
-                        self._warn_once(e.path, "ingest.symlink_outside_root", reason="not followed")
-                        continue
+                if e.is_symlink() and not self._inside_root(Path(e.path)):
+                    self._warn_once(e.path, "ingest.symlink_outside_root", reason="not followed")
+                    continue
                 try:
                     st = os.stat(e.path)
                 except OSError:
@@ -515,7 +517,10 @@ class Ingestor:
             st.replace_rejects(path, rejects, from_line=0 if reread else start_line + 1)
             report.rejected += len([r for r in rejects if r[2] not in prev_rejects])
             faults.point("ingest.before_cursor")
-            st.save_cursor(tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines))
+            cursor = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines)
+            if worker is not None and worker.hashes != (cursor.head_hash, cursor.tail_hash):
+                raise _Fallback  # the file changed after the worker read it: what it parsed is not what is there
+            st.save_cursor(cursor)
         self._top |= top
         for number, reason in warnings:
             _log.warning("ingest.line_rejected", file=path, line=number, reason=reason)

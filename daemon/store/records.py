@@ -3,6 +3,8 @@
 Pure: bytes in, a record or a :class:`Rejection` out. Never raises on any input.
 Shapes (see docs/chatos-store.md): full ``logs/`` records, ``training_data/*.jsonl`` training records,
 ``training_data/*.json`` single objects with a top-level ``feedback_score``; plus ``feedback/*.jsonl`` events.
+:func:`parse_block` turns a block of lines into what ingest stores; :func:`worker_main` (the one impure part) runs
+it in the child process that bulk ingest uses to parse while it writes.
 """
 
 from __future__ import annotations
@@ -506,13 +508,14 @@ def parse_block(
 
 # -- the parse worker: the child side -----------------------------------------------------------------------------
 #
-# A bulk ingest (a cold start, a big re-read) spends about as long parsing lines as writing them to SQLite. The
-# parent (store.ingest) starts this loop in a child process and hands it the files to read from byte 0, in the
-# order it will store them; the child streams each file's parsed blocks back while the parent writes the previous
-# ones. The child reads, parses and answers; it never writes anything. Frames on stdout: a 4-byte length, then a
-# pickle of (task, tag, ...): "lines" (first line number, offset, line lengths, parse_block results), "oversize"
-# (number, offset, length), "end", "error" (errno, message: reading failed), "skip" (not the file the parent
-# saw), "crash" (traceback text). It exits at the end of its list, or when the parent goes away (broken pipe).
+# A bulk ingest (a cold start) spends about as long parsing lines as writing them to SQLite. The parent
+# (store.ingest) starts this loop in a child process and hands it the new files to read from byte 0, in the order
+# it will store them; the child streams each file's parsed blocks back while the parent writes the previous ones.
+# The child reads, parses and answers; it never writes anything. Frames on stdout: a 4-byte length, then a pickle
+# of (task, tag, ...): "lines" (first line number, offset, line lengths, parse_block results), "oversize" (number,
+# offset, length), "end" (the cursor's head and boundary hashes for what was read), "error" (errno, message:
+# reading failed), "skip" (not the file the parent saw), "crash" (traceback text). It exits at the end of its
+# list, or when the parent goes away (broken pipe).
 
 
 def worker_main() -> None:  # pragma: no cover - runs in the child; exercised through store.ingest
@@ -539,9 +542,11 @@ def worker_main() -> None:  # pragma: no cover - runs in the child; exercised th
                 if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISREG(st.st_mode):
                     send(task, "skip")
                     continue
+                end = lines_read = 0
                 for block in tail.read_blocks(fd, 0, 0, max_line):
                     if isinstance(block, tail.Oversize):
                         send(task, "oversize", *block)
+                        end, lines_read = block.offset + block.length + 1, block.number
                         continue
                     first, offset = block.first, block.offset
                     for i in range(0, len(block.lines), 256):  # small frames: several fit in the pipe
@@ -552,7 +557,11 @@ def worker_main() -> None:  # pragma: no cover - runs in the child; exercised th
                         lengths = [len(x) for x in lines]
                         send(task, "lines", first, offset, lengths, results)
                         first, offset = first + len(lines), offset + sum(lengths) + len(lines)
-                send(task, "end")
+                    end, lines_read = offset, first - 1
+                # What the parent's cursor will say about these bytes: if the file changes before the parent
+                # stores it, the hashes differ and the parent reads the file itself.
+                cur = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines_read)
+                send(task, "end", cur.head_hash, cur.tail_hash)
             except OSError as exc:
                 send(task, "error", exc.errno, exc.strerror or str(exc))
             finally:
