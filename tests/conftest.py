@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,28 @@ def make_settings(tmp_path: Path, store: Path) -> Any:
         return settings_mod.Settings(**data)
 
     return make
+
+
+FAKE_TRAINER = Path(__file__).resolve().parent / "fakes" / "fake_trainer.py"
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> Path:
+    """A fake trainer *interpreter* (tests/fakes/fake_trainer.py behind a shell wrapper) for ``training.python``."""
+    p = tmp_path / "bin" / "fake-python"
+    p.parent.mkdir()
+    p.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TRAINER}" "$@"\n')
+    p.chmod(0o755)
+    return p
+
+
+@pytest.fixture
+def base_model(tmp_path: Path) -> Path:
+    """A folder that passes for a local base model (the fake trainer never loads it)."""
+    d = tmp_path / "models" / "tiny"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    return d
 
 
 @pytest.fixture

@@ -39,23 +39,6 @@ T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def fake_python(tmp_path: Path) -> Path:
-    p = tmp_path / "bin" / "fake-python"
-    p.parent.mkdir()
-    p.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    p.chmod(0o755)
-    return p
-
-
-@pytest.fixture
-def base_model(tmp_path: Path) -> Path:
-    d = tmp_path / "models" / "tiny"
-    d.mkdir(parents=True)
-    (d / "config.json").write_text("{}")
-    return d
-
-
-@pytest.fixture
 def converter(tmp_path: Path) -> Path:
     """A llama.cpp checkout as far as the pipeline checks one (the fake exporter never runs the converter)."""
     d = tmp_path / "llama.cpp"

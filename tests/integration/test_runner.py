@@ -25,23 +25,6 @@ from daemon.state import State
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
 
 
-@pytest.fixture
-def fake_python(tmp_path: Path) -> Path:
-    p = tmp_path / "bin" / "fake-python"
-    p.parent.mkdir()
-    p.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    p.chmod(0o755)
-    return p
-
-
-@pytest.fixture
-def base_model(tmp_path: Path) -> Path:
-    d = tmp_path / "models" / "tiny"
-    d.mkdir(parents=True)
-    (d / "config.json").write_text("{}")
-    return d
-
-
 def make_job(state: State, tmp_path: Path, fake_python: Path, base_model: Path, mode: str = "ok",
              steps: int = 5, champion: Path | None = None) -> runner.Job:
     ds = tmp_path / "ds"
