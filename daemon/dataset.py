@@ -25,12 +25,18 @@ from typing import Any, NamedTuple
 from daemon import faults, log, pii
 from daemon.settings import DatasetSettings
 from daemon.state import DatasetRow, Eligible, State, private_dir, utcnow
+from daemon.store.records import messages_json
 
 _log = log.get("daemon.dataset")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 FORMAT = "messages-v1"
 _enc = json.encoder.encode_basestring  # the C string encoder json.dumps(..., ensure_ascii=False) uses
 _by_cid = operator.itemgetter(0)  # Example.cid
+
+try:  # the service's JSON decoder when installed (a dependency); json otherwise
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - depends on what is installed
+    _loads = json.loads  # type: ignore[assignment]
 
 
 class DatasetError(Exception):
@@ -95,9 +101,16 @@ def _bucket(ex: Example) -> float:
 
 
 def _dedup_digest(messages: Sequence[tuple[str, str]]) -> bytes:
-    # Built by hand, equal to json.dumps([[role, norm], ...], ensure_ascii=False): this runs once per example.
-    norm = ", ".join("[" + _enc(r) + ", " + _enc(" ".join(c.split()).casefold()) + "]" for r, c in messages)
-    return hashlib.sha256(("[" + norm + "]").encode()).digest()
+    """sha256 of the message list with each content's whitespace collapsed and case folded. Made in one pass over
+    one string (it runs once per example): every content sits between `` \x01 `` (after its role) and `` \x00 ``
+    (before the next role), so collapsing the whole string's whitespace also drops each content's leading and
+    trailing whitespace, and the separators still mark where each message starts and ends. A content holding one of
+    the two separator characters itself takes the unambiguous (slower) JSON form instead."""
+    text = " \x00 ".join([r + " \x01 " + c for r, c in messages])
+    if text.count("\x00") != len(messages) - 1 or text.count("\x01") != len(messages):
+        norm = ", ".join("[" + _enc(r) + ", " + _enc(" ".join(c.split()).casefold()) + "]" for r, c in messages)
+        return hashlib.sha256(("[" + norm + "]").encode()).digest()
+    return hashlib.sha256(" ".join(text.split()).casefold().encode()).digest()
 
 
 def dedup_key(messages: Sequence[tuple[str, str]]) -> str:
@@ -107,17 +120,27 @@ def dedup_key(messages: Sequence[tuple[str, str]]) -> str:
 
 def _prepare(messages_json: str | bytes, cfg: DatasetSettings, counts: Counter[str]) -> tuple[tuple[str, str], ...]:
     """A conversation's stored messages, filtered (system dropped unless configured) and PII-scrubbed."""
-    text = messages_json.decode() if isinstance(messages_json, bytes) else messages_json
+    return _prepared(messages_json, cfg, counts)[0]
+
+
+def _prepared(
+    messages_json: str | bytes, cfg: DatasetSettings, counts: Counter[str]
+) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """:func:`_prepare`, and whether the result is the stored messages unchanged (nothing dropped or scrubbed)."""
     msgs = []
-    scrub = cfg.pii_scrub and pii.may_contain(text, cfg.pii_kinds)
-    for m in json.loads(text):
-        if m["role"] == "system" and not cfg.include_system:
+    same = True
+    scrub = cfg.pii_scrub and pii.may_contain(messages_json, cfg.pii_kinds)
+    for m in _loads(messages_json):
+        role, content = m["role"], m["content"]
+        if role == "system" and not cfg.include_system:
+            same = False
             continue
-        content = m["content"]
         if scrub:
-            content = pii.scrub(content, cfg.pii_kinds, counts)
-        msgs.append((m["role"], content))
-    return tuple(msgs)
+            scrubbed = pii.scrub(content, cfg.pii_kinds, counts)
+            same = same and scrubbed == content
+            content = scrubbed
+        msgs.append((role, content))
+    return tuple(msgs), same
 
 
 def _dedup(candidates: list[Example], keep_first: set[str], sel: Selection) -> None:
@@ -162,8 +185,8 @@ def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] 
 # stored only when it is not '{"messages": ' + stored messages + '}\n' (ingest stores the messages in the dataset
 # line's own encoding, so that is most of them).
 
-CACHE_VERSION = 1  # bump when the cached values would change for the same settings: example_line, _prepare, dedup
-_LINE_HEAD, _LINE_TAIL = b'{"messages": ', b"}\n"
+CACHE_VERSION = 3  # bump when the cached values would change for the same settings: example_line, _prepare, dedup
+_LINE_HEAD, _LINE_TAIL = b'{"messages":', b"}\n"
 
 
 def example_cfg(cfg: DatasetSettings) -> str:
@@ -203,10 +226,11 @@ def select_cached(
                 counts.update(json.loads(pii_json))
         else:
             own: Counter[str] = Counter()
-            pairs = _prepare(msgs, cfg, own)
-            line, key = _encode(pairs), _dedup_digest(pairs)
+            pairs, derived = _prepared(msgs, cfg, own)
+            # Stored messages are in the line's own encoding (records.messages_json): unchanged, they are the line.
+            line = b"".join((_LINE_HEAD, msgs, _LINE_TAIL)) if derived else _encode(pairs)
+            key = _dedup_digest(pairs)
             counts.update(own)
-            derived = line == _LINE_HEAD + msgs + _LINE_TAIL
             bucket = split_bucket(cid)
             fresh.append((cid, rev, cfg_key, key, json.dumps(own, sort_keys=True) if own else None,
                           None if derived else line, bucket))
@@ -255,14 +279,13 @@ def filters_used(cfg: DatasetSettings) -> dict[str, Any]:
 
 
 def example_line(ex: Example) -> bytes:
-    """``json.dumps({"messages": [{"role", "content"}, ...]}, ensure_ascii=False) + "\\n"``."""
+    """``json.dumps({"messages": [{"role", "content"}, ...]}, ensure_ascii=False, separators=(",", ":")) + "\\n"``
+    (compact, like the messages ingest stores)."""
     return ex.line or _encode(ex.messages)
 
 
 def _encode(messages: Iterable[tuple[str, str]]) -> bytes:
-    # Built by hand (same bytes as json.dumps, a third of the cost).
-    msgs = ", ".join('{"role": ' + _enc(r) + ', "content": ' + _enc(c) + "}" for r, c in messages)
-    return ('{"messages": [' + msgs + "]}\n").encode()
+    return b"".join((_LINE_HEAD, messages_json(messages).encode(), _LINE_TAIL))
 
 
 def fingerprint(train: Sequence[Example], evals: Sequence[Example], cfg: DatasetSettings) -> str:

@@ -63,11 +63,41 @@ def _may_match(kind: str, text: str) -> bool:
     return _has_digit(text)  # ipv4, phone
 
 
-def may_contain(text: str, kinds: Iterable[str]) -> bool:
+# The single characters among the hints (digits for ipv4/phone, "@" for email, "=" "_" for secrets): bytes.translate
+# deleting every other byte finds any of them in one C pass.
+_HINT_BYTES = {"email": b"@", "ipv4": b"0123456789", "phone": b"0123456789", "secret": b"=_"}
+# The longer secret hints, each behind one of its characters: a one-byte search runs at memchr speed, a longer one
+# at a tenth of that. ("xox" stands behind "-": its pattern needs "xox" and a "-".)
+_MULTI_HINTS = ((b"-", (b"sk-", b"xox", b"glpat-", b"-----BEGIN ")), (b"K", (b"AKIA",)), (b"z", (b"AIza",)),
+                (b"J", (b"eyJ",)), (b"B", (b"Bearer ",)))
+assert {h.decode() for _, hs in _MULTI_HINTS for h in hs} == {h for h in _SECRET_HINTS if len(h) > 1}
+
+
+def _hint_bytes_absent(kinds: frozenset[str]) -> bytes:
+    keep = {c for k in kinds for c in _HINT_BYTES.get(k, b"")}
+    return bytes(c for c in range(256) if c not in keep)
+
+
+_ABSENT: dict[frozenset[str], bytes] = {}
+
+
+def may_contain(text: str | bytes, kinds: Iterable[str]) -> bool:
     """False when no message of a conversation can hold a match, judged from its JSON text (one look at the whole
     instead of one per message). The hints hold no character JSON escapes, so a message's hint shows in its JSON
-    too; a ``\\u`` escape could hide one, so its presence answers True."""
-    enabled = set(kinds)
+    too; a ``\\u`` escape could hide one, so its presence answers True. Given the JSON as UTF-8 bytes, it looks at
+    every single-character hint in one pass (a non-ASCII digit, which ``\\d`` also matches, is never ASCII, so
+    non-ASCII text takes the careful way)."""
+    if isinstance(text, bytes):
+        enabled = frozenset(kinds)
+        if not text.isascii():
+            return may_contain(text.decode(), enabled)
+        absent = _ABSENT.get(enabled)
+        if absent is None:
+            absent = _ABSENT[enabled] = _hint_bytes_absent(enabled)
+        if (b"\\" in text and b"\\u" in text) or text.translate(None, absent):
+            return True
+        return "secret" in enabled and any(c in text and any(h in text for h in hs) for c, hs in _MULTI_HINTS)
+    enabled = frozenset(kinds)
     if "\\u" in text or ("email" in enabled and "@" in text):
         return True
     if ("ipv4" in enabled or "phone" in enabled) and _has_digit(text):  # one look for both

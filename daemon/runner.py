@@ -221,6 +221,14 @@ def run_command(argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
                           text=True, timeout=timeout, check=False)
 
 
+def spawn_piped(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """A short-lived helper process of the service's own code (the cold-ingest parse worker) on stdin/stdout pipes:
+    argv list, never a shell, no inherited descriptors, stderr discarded (the helper reports on stdout). It stays in
+    the service's session and cgroup, so stopping the service stops it; it exits by itself when the pipes close."""
+    return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            close_fds=True)
+
+
 def run_supervised(
     argv: Sequence[str],
     *,

@@ -5,9 +5,10 @@ nothing and counts nothing twice: the next run starts from the last committed cu
 (a cold start) groups several files into one transaction, each file in its own savepoint: an unreadable file
 undoes only its own writes, and a crash undoes the whole group, cursors included. Fewer, larger commits make a
 cold ingest ~25% cheaper: the id indexes' pages are written to the WAL once per group instead of once per file.
-A scan with many new files (a cold start) can also parse them in a child process (records.worker_main) while this
-one writes, once the runner module offers ``spawn_piped`` (the one module that starts processes). Only this
-process ever writes state, so atomicity is the same either way.
+A scan with many new files (a cold start) parses them in a child process (records.worker_main, started through
+runner.spawn_piped: the runner is the one module that starts processes) while this one writes: the two cores then
+share the work. Only this process ever writes state, so atomicity is the same either way, and anything the worker
+cannot supply (it died, a file changed under it) is read here instead.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from daemon import faults, log
+from daemon import faults, log, runner
 from daemon.state import ConvRow, State
 from daemon.store import records, tail
 from daemon.store.records import Conversation, ConvTuple, Kind, Rejected, Rejection
@@ -153,8 +154,14 @@ class _ParseWorker:
         self._fd = self._proc.stdout.fileno()
         with contextlib.suppress(OSError, AttributeError):  # a larger pipe lets the child run further ahead
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-        self._proc.stdin.write(pickle.dumps((tasks, max_line)))
-        self._proc.stdin.close()
+        try:
+            self._proc.stdin.write(pickle.dumps((tasks, max_line)))
+            self._proc.stdin.close()
+        except OSError:  # it died before taking its tasks (broken pipe)
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+            self.close()
+            raise
 
     def _read(self, wait: bool) -> bool:
         """Append what the pipe holds, waiting for it when ``wait``; whether anything came."""
@@ -233,8 +240,10 @@ class _ParseWorker:
 class Ingestor:
     """Reads one store root into one :class:`State`. Warnings about unreadable paths are given once each."""
 
-    def __init__(self, state: State, root: Path, *, max_line_bytes: int = 4 << 20) -> None:
+    def __init__(self, state: State, root: Path, *, max_line_bytes: int = 4 << 20,
+                 spawn: Callable[[Sequence[str]], Any] | None = None) -> None:
         self.state = state
+        self.spawn = spawn or runner.spawn_piped  # starts the parse worker (a seam for tests)
         self.root = Path(root)
         self.max_line = max_line_bytes
         self._warned: set[tuple[str, str]] = set()
@@ -360,14 +369,8 @@ class Ingestor:
             total += st.st_size
         if total < PARALLEL_BYTES:
             return None
-        # Processes are started by the runner module only (house rule); its spawn_piped gives stdin/stdout pipes.
-        from daemon import runner
-
-        spawn = getattr(runner, "spawn_piped", None)
-        if spawn is None:
-            return None
         try:
-            return _ParseWorker(tasks, self.max_line, spawn)
+            return _ParseWorker(tasks, self.max_line, self.spawn)
         except OSError as exc:  # cannot start a process (limits, sandbox): parse here
             _log.warning("ingest.parse_worker_unavailable", reason=exc.strerror or str(exc))
             return None
