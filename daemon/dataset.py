@@ -15,6 +15,7 @@ import operator
 import os
 import re
 import shutil
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ _VERSION_DIR = re.compile(r"^v(\d+)$")
 FORMAT = "messages-v1"
 _enc = json.encoder.encode_basestring  # the C string encoder json.dumps(..., ensure_ascii=False) uses
 _by_cid = operator.itemgetter(0)  # Example.cid
+_SPLIT_FILES = ("train.jsonl", "eval.jsonl")
 
 try:  # the service's JSON decoder when installed (a dependency); json otherwise
     from orjson import loads as _loads
@@ -288,14 +290,31 @@ def _encode(messages: Iterable[tuple[str, str]]) -> bytes:
     return b"".join((_LINE_HEAD, messages_json(messages).encode(), _LINE_TAIL))
 
 
-def fingerprint(train: Sequence[Example], evals: Sequence[Example], cfg: DatasetSettings) -> str:
-    """Identity of a dataset's content: same eligible set, same filters, same split -> same fingerprint."""
+def _chunks(examples: Sequence[Example], size: int = 1024) -> Iterator[bytes]:
+    """The examples' lines, ``size`` lines to a chunk: 34 writes and hash updates instead of 34k."""
+    for i in range(0, len(examples), size):
+        yield b"".join([example_line(ex) for ex in examples[i:i + size]])
+
+
+def file_digest(examples: Sequence[Example]) -> str:
+    """sha256 of the file these examples' lines make (what the manifest records for it)."""
+    h = hashlib.sha256()
+    for chunk in _chunks(examples):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(
+    train: Sequence[Example], evals: Sequence[Example], cfg: DatasetSettings,
+    digests: tuple[str, str] | None = None,
+) -> str:
+    """Identity of a dataset's content: same eligible set, same filters, same split -> same fingerprint. Made of
+    the two files' sha256 (``digests``, when already known) and the ids in each, so the lines are hashed once."""
+    train_digest, eval_digest = digests or (file_digest(train), file_digest(evals))
     h = hashlib.sha256(json.dumps(filters_used(cfg), sort_keys=True).encode())
-    for tag, part in (("train", train), ("eval", evals)):
-        h.update(tag.encode())
-        for ex in part:
-            h.update(ex.cid.encode() + b"\0")
-            h.update(example_line(ex))
+    for tag, part, digest in (("train", train, train_digest), ("eval", evals, eval_digest)):
+        h.update(f"{tag}\0{digest}\0".encode())
+        h.update("\0".join([ex.cid for ex in part]).encode())
     return h.hexdigest()
 
 
@@ -409,18 +428,39 @@ def _build_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_private(path: Path, chunks: Iterable[bytes]) -> str:
-    h = hashlib.sha256()
+def _write_private(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write a new private file and fsync it (callers know its hash already)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb", buffering=1 << 20, closefd=False) as f:
-            for chunk in chunks:
-                h.update(chunk)
-                f.write(chunk)
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    return h.hexdigest()
+
+
+class _Writer(threading.Thread):
+    """Writes and fsyncs the two split files while the build goes on with state (file writes, fsync and SQLite
+    all let go of the GIL, so the two overlap: ~0.1 s of a 0.5 s rebuild). :meth:`finish` re-raises its error."""
+
+    def __init__(self, folder: Path, train: Sequence[Example], evals: Sequence[Example]) -> None:
+        super().__init__(name="dataset-writer", daemon=True)
+        self.folder, self.parts = folder, (("train.jsonl", train), ("eval.jsonl", evals))
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for name, part in self.parts:
+                _write_private(self.folder / name, _chunks(part))
+        except BaseException as exc:  # handed to the build's thread by finish()
+            self.error = exc
+
+    def finish(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _fsync_dir(path: Path) -> None:
@@ -478,7 +518,8 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
                 f"too few eligible examples: {len(sel.examples)} after filters and dedup "
                 f"(need {need_train} train + {need_eval} eval; see dataset.min_score / dataset.include_unrated)"
             )
-        fp = fingerprint(train, evals, cfg)
+        digests = (file_digest(train), file_digest(evals))
+        fp = fingerprint(train, evals, cfg, digests)
         if latest is not None and latest.fingerprint == fp:
             return BuildResult(
                 False, latest.version, Path(latest.path), latest.train_count, latest.eval_count,
@@ -488,22 +529,28 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
         tmp = folder / f".tmp-v{version}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         private_dir(tmp)
-        hashes = {
-            "train.jsonl": _write_private(tmp / "train.jsonl", (example_line(e) for e in train)),
-            "eval.jsonl": _write_private(tmp / "eval.jsonl", (example_line(e) for e in evals)),
-        }
-        man = manifest(version, train, evals, sel, cfg, fp, hashes, store_root)
-        _write_private(tmp / "manifest.json", [manifest_bytes(man)])
-        _fsync_dir(tmp)
-        final = folder / f"v{version}"
-        faults.point("dataset.before_rename")
-        os.rename(tmp, final)
-        faults.point("dataset.before_record")  # the folder is in place, state does not know it yet
-        _fsync_dir(folder)
-        row = DatasetRow(version, man["created_at"], str(final), fp, man["content_hash"], len(train), len(evals), man)
-        with state.transaction():
-            state.add_eval_pins(new_pins)
-            state.add_dataset(row, [*((e.cid, "train") for e in train), *((e.cid, "eval") for e in evals)])
+        writer = _Writer(tmp, train, evals)
+        writer.start()
+        try:
+            man = manifest(version, train, evals, sel, cfg, fp, dict(zip(_SPLIT_FILES, digests, strict=True)),
+                           store_root)
+            final = folder / f"v{version}"
+            row = DatasetRow(version, man["created_at"], str(final), fp, man["content_hash"], len(train), len(evals),
+                             man)
+            # State learns of the version in a transaction that commits only once the folder is in place: a crash
+            # before the commit leaves a folder that state does not know, which the next build removes.
+            with state.transaction():
+                state.add_eval_pins(new_pins)
+                state.add_dataset(row, [*((e.cid, "train") for e in train), *((e.cid, "eval") for e in evals)])
+                _write_private(tmp / "manifest.json", [manifest_bytes(man)])
+                writer.finish()
+                _fsync_dir(tmp)
+                faults.point("dataset.before_rename")
+                os.rename(tmp, final)
+                faults.point("dataset.before_record")  # the folder is in place, state does not know it yet
+                _fsync_dir(folder)
+        finally:
+            writer.join()
         _log.info(
             "dataset.built", dataset_version=version, path=str(final), train=len(train), eval=len(evals),
             duplicates_removed=sel.duplicates_removed, pii_scrubbed=dict(sel.pii_counts),

@@ -154,8 +154,14 @@ def test_interrupted_build_leaves_no_visible_version(
             build(s, st)
         monkeypatch.undo()
         assert st.datasets() == []
-        # dies after the rename but before the state row: the folder exists but is not a version
-        monkeypatch.setattr(State, "add_dataset", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+        # dies after the rename but before the state row commits: the folder exists but is not a version
+        rename = os.rename
+
+        def rename_then_die(src: Any, dst: Any) -> None:
+            rename(src, dst)
+            raise RuntimeError("killed")
+
+        monkeypatch.setattr(dataset.os, "rename", rename_then_die)
         with pytest.raises(RuntimeError):
             build(s, st)
         monkeypatch.undo()
