@@ -21,7 +21,8 @@ def open_state(settings: Settings) -> State:
 
 def ingest(settings: Settings, state: State, paths: Iterable[str] | None = None) -> IngestReport:
     """Read what is new in the store (all of it, or just ``paths``) into state."""
-    ing = Ingestor(state, settings.store.root, max_line_bytes=settings.store.max_line_bytes)
+    ing = Ingestor(state, settings.store.root, max_line_bytes=settings.store.max_line_bytes,
+                   examples=dataset.example_spec(settings.dataset))
     report = ing.scan(paths)
     with state.transaction():
         state.set_kv("last_ingest_at", utcnow())

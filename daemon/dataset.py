@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import hashlib
+import itertools
 import json
 import operator
 import os
@@ -23,22 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from daemon import faults, log, pii
+from daemon import examples, faults, log
 from daemon.settings import DatasetSettings
 from daemon.state import DatasetRow, Eligible, State, private_dir, utcnow
-from daemon.store.records import messages_json
 
 _log = log.get("daemon.dataset")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
-FORMAT = "messages-v1"
-_enc = json.encoder.encode_basestring  # the C string encoder json.dumps(..., ensure_ascii=False) uses
+FORMAT = examples.FORMAT
 _by_cid = operator.itemgetter(0)  # Example.cid
 _SPLIT_FILES = ("train.jsonl", "eval.jsonl")
-
-try:  # the service's JSON decoder when installed (a dependency); json otherwise
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - depends on what is installed
-    _loads = json.loads  # type: ignore[assignment]
 
 
 class DatasetError(Exception):
@@ -93,26 +87,13 @@ class BuildResult:
 # -- pure core -------------------------------------------------------------------------------------------------
 
 
-def split_bucket(cid: str) -> float:
-    """A stable number in [0, 1) per conversation id: the split never depends on what else is in the store."""
-    return int.from_bytes(hashlib.sha256(cid.encode()).digest()[:8], "big") / 2**64
+split_bucket = examples.split_bucket
+_dedup_digest = examples.dedup_digest
+_encode = examples.encode_line
 
 
 def _bucket(ex: Example) -> float:
     return ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)
-
-
-def _dedup_digest(messages: Sequence[tuple[str, str]]) -> bytes:
-    """sha256 of the message list with each content's whitespace collapsed and case folded. Made in one pass over
-    one string (it runs once per example): every content sits between `` \x01 `` (after its role) and `` \x00 ``
-    (before the next role), so collapsing the whole string's whitespace also drops each content's leading and
-    trailing whitespace, and the separators still mark where each message starts and ends. A content holding one of
-    the two separator characters itself takes the unambiguous (slower) JSON form instead."""
-    text = " \x00 ".join([r + " \x01 " + c for r, c in messages])
-    if text.count("\x00") != len(messages) - 1 or text.count("\x01") != len(messages):
-        norm = ", ".join("[" + _enc(r) + ", " + _enc(" ".join(c.split()).casefold()) + "]" for r, c in messages)
-        return hashlib.sha256(("[" + norm + "]").encode()).digest()
-    return hashlib.sha256(" ".join(text.split()).casefold().encode()).digest()
 
 
 def dedup_key(messages: Sequence[tuple[str, str]]) -> str:
@@ -122,34 +103,18 @@ def dedup_key(messages: Sequence[tuple[str, str]]) -> str:
 
 def _prepare(messages_json: str | bytes, cfg: DatasetSettings, counts: Counter[str]) -> tuple[tuple[str, str], ...]:
     """A conversation's stored messages, filtered (system dropped unless configured) and PII-scrubbed."""
-    return _prepared(messages_json, cfg, counts)[0]
+    return examples.prepared(messages_json, cfg, counts)[0]
 
 
-def _prepared(
-    messages_json: str | bytes, cfg: DatasetSettings, counts: Counter[str]
-) -> tuple[tuple[tuple[str, str], ...], bool]:
-    """:func:`_prepare`, and whether the result is the stored messages unchanged (nothing dropped or scrubbed)."""
-    msgs = []
-    same = True
-    scrub = cfg.pii_scrub and pii.may_contain(messages_json, cfg.pii_kinds)
-    for m in _loads(messages_json):
-        role, content = m["role"], m["content"]
-        if role == "system" and not cfg.include_system:
-            same = False
-            continue
-        if scrub:
-            scrubbed = pii.scrub(content, cfg.pii_kinds, counts)
-            same = same and scrubbed == content
-            content = scrubbed
-        msgs.append((role, content))
-    return tuple(msgs), same
+def _full_key(ex: Example) -> bytes:
+    return _dedup_digest(ex.messages or examples.line_messages(example_line(ex)))
 
 
 def _dedup(candidates: list[Example], keep_first: set[str], sel: Selection) -> None:
-    """Keep one example per dedup key: an id in ``keep_first`` first, then the smallest id."""
-    keys = [ex.key or _dedup_digest(ex.messages) for ex in candidates]
+    """Keep one example per dedup key: an id in ``keep_first`` first, then the smallest id. Examples are grouped
+    by their pre-key (examples.dedup_prekey, cached), and only the few that share one get the full key."""
+    keys = [ex.key or examples.dedup_prekey(ex.messages) for ex in candidates]
     counts = Counter(keys)
-    sel.duplicates_removed += len(keys) - len(counts)
     losers: set[int] = set()  # id() of the examples dropped; only keys seen more than once need a choice
     if len(counts) < len(keys):
         groups: dict[bytes, list[Example]] = defaultdict(list)
@@ -157,9 +122,14 @@ def _dedup(candidates: list[Example], keep_first: set[str], sel: Selection) -> N
             if counts[key] > 1:
                 groups[key].append(ex)
         for group in groups.values():
-            group.sort(key=_by_cid)  # stable, as the order this replaces: (not in keep_first, cid)
-            kept = next((ex for ex in group if ex.cid in keep_first), group[0])
-            losers.update(id(ex) for ex in group if ex is not kept)
+            same: dict[bytes, list[Example]] = defaultdict(list)
+            for ex in group:
+                same[_full_key(ex)].append(ex)
+            for dupes in same.values():
+                dupes.sort(key=_by_cid)  # stable, as the order this replaces: (not in keep_first, cid)
+                kept = next((ex for ex in dupes if ex.cid in keep_first), dupes[0])
+                losers.update(id(ex) for ex in dupes if ex is not kept)
+    sel.duplicates_removed += len(losers)
     sel.examples = sorted((ex for ex in candidates if id(ex) not in losers), key=_by_cid)
 
 
@@ -187,20 +157,18 @@ def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] 
 # stored only when it is not '{"messages": ' + stored messages + '}\n' (ingest stores the messages in the dataset
 # line's own encoding, so that is most of them).
 
-CACHE_VERSION = 3  # bump when the cached values would change for the same settings: example_line, _prepare, dedup
-_LINE_HEAD, _LINE_TAIL = b'{"messages":', b"}\n"
+CACHE_VERSION = examples.CACHE_VERSION
 
 
 def example_cfg(cfg: DatasetSettings) -> str:
-    """Names everything that shapes a cached example: the settings that matter, this code, the PII patterns."""
-    ident = {
-        "cache": CACHE_VERSION,
-        "format": FORMAT,
-        "include_system": cfg.include_system,
-        "pii_kinds": sorted(cfg.pii_kinds) if cfg.pii_scrub else None,
-        "pii": pii.SIGNATURE,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+    """Names everything that shapes a cached example (examples.cfg_key)."""
+    return examples.cfg_key(cfg)
+
+
+def example_spec(cfg: DatasetSettings) -> examples.Spec:
+    """What the cold-ingest parse worker needs to make cache entries ahead of a build under ``cfg``."""
+    return examples.Spec(example_cfg(cfg), cfg.include_system, cfg.pii_scrub, tuple(cfg.pii_kinds), tuple(cfg.modes),
+                         cfg.min_score, cfg.include_unrated)
 
 
 # state.put_examples: cid, rev, cfg, dedup, pii, line, bucket
@@ -218,24 +186,19 @@ def select_cached(
     counts = sel.pii_counts
     candidates: list[Example] = []
     fresh: list[CacheRow] = []
+    paths: dict[str, str] = {}  # one string per source file: sorting by path (manifest ranges) compares by identity
     for cid, rev, mode, model, score, src_path, src_offset, src_len, msgs in rows:
+        src_path = paths.setdefault(src_path, src_path)
         hit = cached.get(cid)
         if hit is not None and hit[1] == rev:
             _, _, key, pii_json, line, bucket = hit
-            if line is None:
-                line = b"".join((_LINE_HEAD, msgs, _LINE_TAIL))
-            if pii_json:
-                counts.update(json.loads(pii_json))
         else:
-            own: Counter[str] = Counter()
-            pairs, derived = _prepared(msgs, cfg, own)
-            # Stored messages are in the line's own encoding (records.messages_json): unchanged, they are the line.
-            line = b"".join((_LINE_HEAD, msgs, _LINE_TAIL)) if derived else _encode(pairs)
-            key = _dedup_digest(pairs)
-            counts.update(own)
-            bucket = split_bucket(cid)
-            fresh.append((cid, rev, cfg_key, key, json.dumps(own, sort_keys=True) if own else None,
-                          None if derived else line, bucket))
+            entry = examples.cache_entry(cid, msgs, cfg)[0]
+            key, pii_json, line, bucket = entry
+            fresh.append((cid, rev, cfg_key, *entry))
+        if pii_json:
+            counts.update(json.loads(pii_json))
+        line = examples.line_of(line, msgs)
         candidates.append(Example(cid, (), mode, model, score, src_path, src_offset, src_len, line, key, bucket))
     if cfg.dedup:
         _dedup(candidates, keep_first, sel)
@@ -286,10 +249,6 @@ def example_line(ex: Example) -> bytes:
     return ex.line or _encode(ex.messages)
 
 
-def _encode(messages: Iterable[tuple[str, str]]) -> bytes:
-    return b"".join((_LINE_HEAD, messages_json(messages).encode(), _LINE_TAIL))
-
-
 def _chunks(examples: Sequence[Example], size: int = 1024) -> Iterator[bytes]:
     """The examples' lines, ``size`` lines to a chunk: 34 writes and hash updates instead of 34k."""
     for i in range(0, len(examples), size):
@@ -318,20 +277,24 @@ def fingerprint(
     return h.hexdigest()
 
 
+_SPAN = operator.itemgetter(5, 6, 7)  # Example.src_path, src_offset, src_len
+
+
 def _ranges(examples: Iterable[Example]) -> list[dict[str, Any]]:
-    by_file: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    for ex in examples:
-        by_file[ex.src_path].append((ex.src_offset, ex.src_offset + ex.src_len))
     out = []
-    for path in sorted(by_file):
-        spans = sorted(by_file[path])
+    for path, spans in itertools.groupby(sorted(map(_SPAN, examples)), key=_by_cid):
         merged: list[list[int]] = []
-        for a, b in spans:
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], b)
+        records = 0
+        last: list[int] = [-2, -2]
+        for _, a, length in spans:
+            records += 1
+            if a <= last[1] + 1:
+                if a + length > last[1]:
+                    last[1] = a + length
             else:
-                merged.append([a, b])
-        out.append({"path": path, "records": len(spans), "byte_ranges": merged})
+                last = [a, a + length]
+                merged.append(last)
+        out.append({"path": path, "records": records, "byte_ranges": merged})
     return out
 
 
@@ -504,7 +467,7 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
     with _build_lock(folder), _no_cycle_collection():
         cleanup(state, folder)
         latest = state.dataset(state.latest_dataset_version() or 0)
-        previous = {cid for cid, _ in state.members(latest.version)} if latest else set()
+        previous = state.member_ids(latest.version) if latest else set()
         key = example_cfg(cfg)
         rows = state.eligible_examples(cfg.modes, cfg.min_score, cfg.include_unrated)
         sel, fresh = select_cached(rows, state.cached_examples(key), cfg, previous, key)
@@ -541,8 +504,10 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
             # before the commit leaves a folder that state does not know, which the next build removes.
             with state.transaction():
                 state.add_eval_pins(new_pins)
-                state.add_dataset(row, [*((e.cid, "train") for e in train), *((e.cid, "eval") for e in evals)])
-                _write_private(tmp / "manifest.json", [manifest_bytes(man)])
+                text = manifest_bytes(man)
+                state.add_dataset(row, {"train": list(map(_by_cid, train)), "eval": list(map(_by_cid, evals))},
+                                  text.decode())
+                _write_private(tmp / "manifest.json", [text])
                 writer.finish()
                 _fsync_dir(tmp)
                 faults.point("dataset.before_rename")

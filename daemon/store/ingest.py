@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from daemon import faults, log, runner
+from daemon import examples, faults, log, runner
 from daemon.state import ConvRow, State
 from daemon.store import records, tail
 from daemon.store.records import Conversation, ConvTuple, Kind, Rejected, Rejection
@@ -138,8 +138,8 @@ class _ParseWorker:
 
     AHEAD = 32 << 20
 
-    def __init__(self, tasks: list[tuple[str, Kind, int, int]], max_line: int, spawn: Callable[[Sequence[str]], Any]
-                 ) -> None:
+    def __init__(self, tasks: list[tuple[str, Kind, int, int]], max_line: int, spawn: Callable[[Sequence[str]], Any],
+                 spec: examples.Spec | None = None) -> None:
         self.tasks = {path: i for i, (path, _, _, _) in enumerate(tasks)}
         self._buf = bytearray()
         self._pos = 0  # where the next frame starts in _buf
@@ -155,7 +155,7 @@ class _ParseWorker:
         with contextlib.suppress(OSError, AttributeError):  # a larger pipe lets the child run further ahead
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         try:
-            self._proc.stdin.write(pickle.dumps((tasks, max_line)))
+            self._proc.stdin.write(pickle.dumps((tasks, max_line, spec)))
             self._proc.stdin.close()
         except OSError:  # it died before taking its tasks (broken pipe)
             with contextlib.suppress(OSError):
@@ -192,7 +192,7 @@ class _ParseWorker:
             if not self._read(wait=True):
                 return None
 
-    def blocks(self, path: str) -> Iterator[tuple[int, int, list[int], list[Any]] | tail.Oversize]:
+    def blocks(self, path: str) -> Iterator[tuple[int, int, list[int], list[Any], list[Any]] | tail.Oversize]:
         """``path``'s parsed blocks; raises :class:`_Fallback` when the worker cannot supply them, and OSError
         when reading the file failed (as reading it here would have)."""
         task = self.tasks.get(path)
@@ -215,7 +215,7 @@ class _ParseWorker:
                 raise _Fallback
             tag = frame[1]
             if tag == "lines":
-                yield frame[2], frame[3], frame[4], frame[5]
+                yield frame[2], frame[3], frame[4], frame[5], frame[6]
             elif tag == "oversize":
                 yield tail.Oversize(*frame[2:5])
             elif tag == "end":
@@ -241,8 +241,9 @@ class Ingestor:
     """Reads one store root into one :class:`State`. Warnings about unreadable paths are given once each."""
 
     def __init__(self, state: State, root: Path, *, max_line_bytes: int = 4 << 20,
-                 spawn: Callable[[Sequence[str]], Any] | None = None) -> None:
+                 spawn: Callable[[Sequence[str]], Any] | None = None, examples: examples.Spec | None = None) -> None:
         self.state = state
+        self.examples = examples  # the dataset build's settings: the parse worker makes its cache entries ahead
         self.spawn = spawn or runner.spawn_piped  # starts the parse worker (a seam for tests)
         self.root = Path(root)
         self.max_line = max_line_bytes
@@ -370,7 +371,7 @@ class Ingestor:
         if total < PARALLEL_BYTES:
             return None
         try:
-            return _ParseWorker(tasks, self.max_line, self.spawn)
+            return _ParseWorker(tasks, self.max_line, self.spawn, self.examples)
         except OSError as exc:  # cannot start a process (limits, sandbox): parse here
             _log.warning("ingest.parse_worker_unavailable", reason=exc.strerror or str(exc))
             return None
@@ -453,6 +454,7 @@ class Ingestor:
             rejects: list[tuple[int, str, str]] = []
             conv_batch: list[tuple[ConvTuple, int, int]] = []  # record, offset, length
             fb_batch: list[tuple[Any, ...]] = []
+            entries: list[tuple[Any, ...]] = []  # cache entries the parse worker made for conv_batch's records
             end, lines = start, start_line
 
             def reject(number: int, reason: str, h: str) -> None:
@@ -469,6 +471,9 @@ class Ingestor:
                     if rank == _TOP_RANK:
                         top.update(r[0] for r, _, _ in conv_batch)
                     conv_batch.clear()
+                if entries:
+                    st.put_entries(self.examples.key, entries)  # type: ignore[union-attr]
+                    entries.clear()
                 if fb_batch:
                     st.add_feedback_tuples(fb_batch)
                     report.feedback_events += len(fb_batch)
@@ -499,7 +504,8 @@ class Ingestor:
                         reject(number, f"line over {self.max_line} bytes ({length} bytes)", f"long-{off}-{length}")
                         end, lines = off + length + 1, number
                         continue
-                    first, offset, lengths, results = block
+                    first, offset, lengths, results, made = block
+                    entries += made
                     number, off = first - 1, offset
                     for n, r in zip(lengths, results, strict=True):
                         number += 1
@@ -530,14 +536,15 @@ class Ingestor:
 
     def _parsed(
         self, fd: int, start: int, start_line: int, kind: Kind
-    ) -> Iterator[tuple[int, int, list[int], list[Any]] | tail.Oversize]:
-        """Blocks of parsed lines read here (what the parse worker sends, without the worker)."""
+    ) -> Iterator[tuple[int, int, list[int], list[Any], list[Any]] | tail.Oversize]:
+        """Blocks of parsed lines read here (what the parse worker sends, without the worker and its cache
+        entries: parsing here is on the critical path)."""
         for block in tail.read_blocks(fd, start, start_line, self.max_line):
             if isinstance(block, tail.Oversize):
                 yield block
             else:
                 yield block.first, block.offset, [len(x) for x in block.lines], records.parse_block(
-                    block.lines, kind, self._top)
+                    block.lines, kind, self._top), []
 
 
 def _upsert(st: State, batch: list[tuple[ConvTuple, int, int]], path: str, rank: int, top: set[str]) -> None:

@@ -520,11 +520,13 @@ def messages_json(messages: Iterable[tuple[str, str]]) -> str:
 
 
 def parse_block(
-    lines: list[bytes], kind: Kind, known: set[str] | frozenset[str] = frozenset()
+    lines: list[bytes], kind: Kind, known: set[str] | frozenset[str] = frozenset(),
+    pairs: list[list[tuple[str, str]] | None] | None = None,
 ) -> list[ConvTuple | FeedbackTuple | Rejected]:
     """Each line of a ``logs``, ``training`` or ``feedback`` file as ingest stores it, or why it is rejected.
     ``known``: ids whose content is known to come from a higher-ranked source already; a ``training`` line for one
-    of those carries no messages (ingest only records where it was seen)."""
+    of those carries no messages (ingest only records where it was seen). ``pairs``, when given, gets each
+    conversation line's messages as (role, content) pairs (None for a rejected line)."""
     out: list[ConvTuple | FeedbackTuple | Rejected] = []
     if kind == "feedback":
         for data in lines:
@@ -544,7 +546,11 @@ def parse_block(
         f = parse_fields(data, kind)
         if isinstance(f, Rejection):
             out.append(Rejected(f.reason, line_hash(data)))
+            if pairs is not None:
+                pairs.append(None)
             continue
+        if pairs is not None:
+            pairs.append(f.messages)
         cid, thumbs, quality = f.conversation_id, f.thumbs_up, f.quality
         msgs = None if cid in skip else messages_json(f.messages)
         out.append((cid, msgs, f.mode, f.model, quality, thumbs, score(thumbs, quality), rated(thumbs, quality),
@@ -557,18 +563,21 @@ def parse_block(
 # A bulk ingest (a cold start) spends about as long parsing lines as writing them to SQLite. The parent
 # (store.ingest) starts this loop in a child process and hands it the new files to read from byte 0, in the order
 # it will store them; the child streams each file's parsed blocks back while the parent writes the previous ones.
+# Given an examples.Spec, it also makes the dataset build's cache entries for the logs/ conversations it expects
+# the build to want (the build's own CPU, moved to the core the parent leaves idle).
 # The child reads, parses and answers; it never writes anything. Frames on stdout: a 4-byte length, then a pickle
-# of (task, tag, ...): "lines" (first line number, offset, line lengths, parse_block results), "oversize" (number,
+# of (task, tag, ...): "lines" (first line number, offset, line lengths, parse_block results, cache entries
+# ``(cid, *examples.Entry)``), "oversize" (number,
 # offset, length), "end" (the cursor's head and boundary hashes for what was read), "error" (errno, message:
 # reading failed), "skip" (not the file the parent saw), "crash" (traceback text). It exits at the end of its
 # list, or when the parent goes away (broken pipe).
 
 
 def worker_main() -> None:  # pragma: no cover - runs in the child; exercised through store.ingest
-    from daemon import faults
+    from daemon import examples, faults
     from daemon.store import tail
 
-    tasks, max_line = pickle.load(sys.stdin.buffer)
+    tasks, max_line, spec = pickle.load(sys.stdin.buffer)
     out = sys.stdout.buffer
 
     def send(*frame: Any) -> None:
@@ -577,6 +586,16 @@ def worker_main() -> None:  # pragma: no cover - runs in the child; exercised th
         out.flush()
 
     known: set[str] = set()
+    labels: dict[str, tuple[str, int]] = {}  # cid -> (timestamp, score) of its latest feedback event seen
+
+    def entries(results: list[Any], pairs: list[Any]) -> list[tuple[Any, ...]]:
+        """Cache entries (examples.cache_entry) for the conversations a build will likely want."""
+        out = []
+        for r, msgs in zip(results, pairs, strict=True):
+            if msgs is not None and examples.expected(spec, r, labels[r[0]][1] if r[0] in labels else None):
+                out.append((r[0], *examples.cache_entry(r[0], r[1].encode(), spec, msgs)[0]))
+        return out
+
     try:
         for task, (path, kind, dev, ino) in enumerate(tasks):
             faults.point("parse_worker.file")
@@ -599,11 +618,20 @@ def worker_main() -> None:  # pragma: no cover - runs in the child; exercised th
                     first, offset = block.first, block.offset
                     for i in range(0, len(block.lines), 256):  # small frames: several fit in the pipe
                         lines = block.lines[i:i + 256]
-                        results = parse_block(lines, kind, known)
+                        pairs: list[Any] | None = [] if kind == "logs" and spec is not None else None
+                        results = parse_block(lines, kind, known, pairs)
+                        made: list[tuple[Any, ...]] = []
                         if kind == "logs":
                             known.update(r[0] for r in results if type(r) is tuple)
+                            if pairs is not None:
+                                made = entries(results, pairs)
+                        elif kind == "feedback":
+                            for ev in results:  # latest by timestamp, then arrival (as state.refresh_labels)
+                                e: Any = ev
+                                if type(e) is tuple and (e[0] not in labels or e[4] >= labels[e[0]][0]):
+                                    labels[e[0]] = (e[4], e[5])
                         lengths = [len(x) for x in lines]
-                        send(task, "lines", first, offset, lengths, results)
+                        send(task, "lines", first, offset, lengths, results, made)
                         first, offset = first + len(lines), offset + sum(lengths) + len(lines)
                     end, lines_read = offset, first - 1
                 # What the parent's cursor will say about these bytes: if the file changes before the parent

@@ -5,6 +5,7 @@ nothing. Real child processes, started through runner.spawn_piped."""
 from __future__ import annotations
 
 import errno
+import shutil
 import json
 import sqlite3
 import subprocess
@@ -196,3 +197,61 @@ def test_a_file_rewritten_after_the_worker_read_it_is_read_again_here(
     assert live == {f"{i:012x}" for i in [*range(1, 20), 999, *range(100, 110)]}
     files = {r[0]: r for r in got["files"]}
     assert files[str(day)][3] == day.stat().st_size  # the cursor is at the end of the new content
+
+
+def _build_dir(root: Path, state_dir: Path, make_settings: Any, worker: bool, monkeypatch: pytest.MonkeyPatch
+               ) -> tuple[list[str], dict[str, bytes], list[tuple[Any, ...]]]:
+    """Ingest ``root`` through api.ingest (the worker making cache entries, or not), add a late feedback event and
+    ingest again, then build: the ids the build made entries for, the dataset's files, and the cache entries as
+    they were before the build."""
+    from daemon import api, dataset
+
+    s = make_settings(**{"state": {"dir": str(state_dir)}, "store": {"root": str(root)},
+                         "dataset": {"include_unrated": False, "min_score": 1}})
+    made: list[str] = []
+    real = dataset.examples.cache_entry
+
+    def counted(cid: str, *a: Any, **kw: Any) -> Any:
+        made.append(cid)
+        return real(cid, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ingest, "PARALLEL_BYTES", 1 if worker else 0)
+        with State(s.state_dir()) as st:
+            api.ingest(s, st)
+            write_lines(feedback_file(root, "2026-11-30"), [fb("ccccccccccc3")])  # after the worker's guesses
+            api.ingest(s, st)
+            entries = st.conn.execute("SELECT cid, rev, cfg, dedup, pii, line, bucket FROM examples ORDER BY cid"
+                                      ).fetchall()
+            m.setattr(dataset.examples, "cache_entry", counted)
+            res = api.build_dataset(s, st, ingest_first=False)
+    files = {p.name: p.read_bytes() for p in sorted(Path(str(res.path)).iterdir())}
+    files["manifest.json"] = json.dumps({k: v for k, v in json.loads(files["manifest.json"]).items()
+                                         if k not in ("created_at", "sources", "store_root")}).encode()
+    return made, files, entries
+
+
+def test_worker_made_cache_entries_give_the_same_dataset(
+    store: Path, tmp_path: Path, make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker makes the build's cache entries for the conversations it expects to be eligible (from the
+    feedback it parsed first): the build then makes almost none itself, and writes the same files. Covers lines
+    that are not the stored messages (a system message dropped, PII scrubbed) and a missed guess (feedback that
+    arrives after the worker ran: the build makes that entry)."""
+    generate_store(store, 400, days=2, seed=9, assistant_words=(5, 30))
+    write_lines(logs_file(store, "2026-11-21"), [
+        rec("ccccccccccc1", user="mail me at a@b.co"),
+        {**rec("ccccccccccc2"), "messages": [{"role": "system", "content": "Be brief."}, *rec("x")["messages"]]},
+        rec("ccccccccccc3", user="late feedback"),
+    ])
+    write_lines(feedback_file(store, "2026-11-21"), [fb("ccccccccccc1"), fb("ccccccccccc2")])
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    made_ref, want, _ = _build_dir(copy, tmp_path / "ref", make_settings, False, monkeypatch)
+    made, got, entries = _build_dir(store, tmp_path / "w", make_settings, True, monkeypatch)
+    assert len(made_ref) > 100  # without the worker, the build makes every entry
+    assert len(entries) > 100 and made == ["ccccccccccc3"]  # with it, only the one it could not foresee
+    by_cid = {e[0]: e for e in entries}
+    assert by_cid["ccccccccccc1"][4] == '{"email": 1}' and by_cid["ccccccccccc1"][5] is not None  # scrubbed line
+    assert by_cid["ccccccccccc2"][5] is not None  # the system message dropped
+    assert got == want

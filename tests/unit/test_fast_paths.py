@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemon import dataset, pii
+from daemon import dataset, examples, pii
 from daemon.store import records
 
 ODD: list[Any] = [None, True, False, 0, 1.5, "", " ", "x", "GOOD ", "Excellent", "stellar", [], {}, ["a"], {"a": 1},
@@ -127,13 +127,45 @@ def test_dedup_digest_groups_exactly_as_the_plain_definition() -> None:
              "\x1c", "user", "assistant"]
     seen: dict[str, bytes] = {}
     inverse: dict[bytes, str] = {}
+    prekeys: dict[str, bytes] = {}
     for _ in range(20000):
         msgs = [(rng.choice(["user", "assistant", "system"]), "".join(rng.choices(words, k=rng.randint(0, 4))))
                 for _ in range(rng.randint(1, 3))]
         plain, digest = _plain_dedup_key(msgs), dataset._dedup_digest(msgs)
         assert seen.setdefault(plain, digest) == digest, msgs  # same normal form -> same key
         assert inverse.setdefault(digest, plain) == plain, msgs  # same key -> same normal form
+        prekey = examples.dedup_prekey(msgs)
+        assert prekeys.setdefault(plain, prekey) == prekey, msgs  # same normal form -> same pre-key
     assert len(seen) > 2000
+    assert len(set(prekeys.values())) > len(seen) // 2  # and the pre-key still tells most apart
+
+
+def test_dedup_keeps_one_per_normal_form() -> None:
+    """_dedup (pre-key groups, then the full key inside them, the full key read back from a cached line when the
+    example has no messages) against the plain rule: per normal form, an id in keep_first, else the smallest id."""
+    rng = random.Random(8)
+    texts = ["Hi there", "hi  there", "HI THERE ", "Hi\tthere", "Hithere", "hi there!", "ß", "ss", "SS", "K", "\u212a"]
+    for _ in range(3000):
+        cands = []
+        for i in range(rng.randint(0, 12)):
+            msgs = (("user", rng.choice(texts)), ("assistant", rng.choice(texts[:3])))
+            cached = rng.random() < 0.5
+            cands.append(dataset.Example(
+                f"c{i:02d}", () if cached else msgs, "normal", None, 1, "/p", 0, 1,
+                examples.encode_line(msgs) if cached else b"", examples.dedup_prekey(msgs) if cached else b""))
+        keep = set(rng.sample([e.cid for e in cands], min(len(cands), rng.randint(0, 2))))
+        best: dict[str, dataset.Example] = {}
+        removed = 0
+        for ex in sorted(cands, key=lambda e: (e.cid not in keep, e.cid)):
+            norm = _plain_dedup_key(list(ex.messages or examples.line_messages(ex.line)))
+            if norm in best:
+                removed += 1
+            else:
+                best[norm] = ex
+        sel = dataset.Selection([])
+        dataset._dedup(cands, keep, sel)
+        assert [e.cid for e in sel.examples] == sorted(e.cid for e in best.values())
+        assert sel.duplicates_removed == removed
 
 
 def test_pii_hint_check_on_bytes_never_skips_a_match() -> None:
@@ -158,3 +190,20 @@ def test_pii_hint_check_on_bytes_never_skips_a_match() -> None:
         if "xox" not in text:
             assert as_bytes == pii.may_contain(text, kinds), (text, kinds)
     assert misses > 200
+
+
+def test_manifest_byte_ranges_cover_exactly_the_records() -> None:
+    rng = random.Random(4)
+    for _ in range(3000):
+        exs = [dataset.Example("c", (), "m", None, 1, rng.choice(["/a", "/b"]), rng.randint(0, 60), rng.randint(0, 9))
+               for _ in range(rng.randint(0, 12))]
+        out = dataset._ranges(exs)
+        assert [src["path"] for src in out] == sorted({e.src_path for e in exs})
+        for src in out:
+            mine = [(e.src_offset, e.src_offset + e.src_len) for e in exs if e.src_path == src["path"]]
+            ranges = src["byte_ranges"]
+            assert src["records"] == len(mine)
+            assert all(any(a <= s and e <= b for a, b in ranges) for s, e in mine)  # every record inside a range
+            assert all(ranges[i][1] + 1 < ranges[i + 1][0] for i in range(len(ranges) - 1))  # apart by > a newline
+            assert all((a, b) in {(s, max(e2 for s2, e2 in mine if a <= s2 <= b)) for s, _ in mine if s == a}
+                       for a, b in ranges)  # each range starts at a record and ends where its last record ends
