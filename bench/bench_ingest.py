@@ -87,13 +87,10 @@ def _children() -> tuple[float, float]:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     log.configure("warning", "json", sys.stderr)
-    if spec.get("parse_worker"):  # install the runner helper the parse worker needs (proposed for runner.py)
-        import equivalence
+    if spec.get("no_parse_worker"):  # parse in this process, as before the parse worker (for comparison)
+        from daemon.store import ingest
 
-        from daemon import runner
-
-        if not hasattr(runner, "spawn_piped"):
-            runner.spawn_piped = equivalence.spawn_piped  # type: ignore[attr-defined]
+        ingest.PARALLEL_BYTES = 0
     phase = spec["phase"]
     root, state_dir = Path(spec["root"]), Path(spec["state"])
     out: dict[str, Any] = {"phase": phase, "startup_s": T_IMPORTED - T_START, "rss_after_import_mb": _rss_mb()}
@@ -172,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", type=Path, default=None, help="cached pristine store (generated when missing)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/chatos-bench/work"), help="scratch folder (wiped)")
     ap.add_argument("--json", action="store_true", help="also print every run as JSON")
-    ap.add_argument("--parse-worker", action="store_true",
-                    help="let the cold ingest parse in a child process (installs the proposed runner.spawn_piped)")
+    ap.add_argument("--no-parse-worker", action="store_true",
+                    help="parse the cold ingest in the measuring process (no parse worker), for comparison")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeat):
         sd = args.work / f"state-cold-{i}"
         cold_runs.append(run_child({"phase": "cold", "root": str(root), "state": str(sd),
-                                    "parse_worker": args.parse_worker}))
+                                    "no_parse_worker": args.no_parse_worker}))
         if i < args.repeat - 1:
             shutil.rmtree(sd)
     cold = best(cold_runs)

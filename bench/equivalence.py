@@ -195,23 +195,14 @@ def dump(root: Path, state: Path) -> dict[str, Any]:
     return normalised
 
 
-def spawn_piped(argv: list[str]) -> subprocess.Popen[bytes]:
-    """What runner.spawn_piped is to be: a helper process on stdin/stdout pipes, no shell, no inherited fds."""
-    return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            close_fds=True)
-
-
 def child(first: int, last: int, root: Path, state: Path) -> dict[str, Any]:
     from daemon import log
 
     log.configure("error", "json", sys.stderr)
-    if os.environ.get("EQ_PARSE_WORKER"):  # parse every new or re-read file in the worker process
-        from daemon import runner
+    if os.environ.get("EQ_PARSE_WORKER"):  # parse every new file in the worker process, however small
         from daemon.store import ingest
 
         ingest.PARALLEL_BYTES = 1
-        if not hasattr(runner, "spawn_piped"):  # the helper proposed for runner.py (see bench/README.md)
-            runner.spawn_piped = spawn_piped  # type: ignore[attr-defined]
     results = []
     for i in range(first, last):
         r = step(i, root, state)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import gc
 import hashlib
-import itertools
 import json
 import operator
 import os
@@ -18,9 +17,10 @@ import re
 import shutil
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -110,13 +110,16 @@ def _full_key(ex: Example) -> bytes:
     return _dedup_digest(ex.messages or examples.line_messages(example_line(ex)))
 
 
-def _dedup(candidates: list[Example], keep_first: set[str], sel: Selection) -> None:
+def _dedup(candidates: list[Example], keep_first: set[str] | Callable[[], set[str]], sel: Selection) -> None:
     """Keep one example per dedup key: an id in ``keep_first`` first, then the smallest id. Examples are grouped
-    by their pre-key (examples.dedup_prekey, cached), and only the few that share one get the full key."""
+    by their pre-key (examples.dedup_prekey, cached), and only the few that share one get the full key.
+    ``keep_first`` may be a function that gives it: called only when there are duplicates."""
     keys = [ex.key or examples.dedup_prekey(ex.messages) for ex in candidates]
     counts = Counter(keys)
     losers: set[int] = set()  # id() of the examples dropped; only keys seen more than once need a choice
     if len(counts) < len(keys):
+        if callable(keep_first):
+            keep_first = keep_first()
         groups: dict[bytes, list[Example]] = defaultdict(list)
         for ex, key in zip(candidates, keys, strict=True):
             if counts[key] > 1:
@@ -158,6 +161,7 @@ def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] 
 # line's own encoding, so that is most of them).
 
 CACHE_VERSION = examples.CACHE_VERSION
+_LINE_HEAD, _LINE_TAIL = examples.LINE_HEAD, examples.LINE_TAIL
 
 
 def example_cfg(cfg: DatasetSettings) -> str:
@@ -177,7 +181,7 @@ CacheRow = tuple[str, int, str, bytes, str | None, bytes | None, float]
 
 def select_cached(
     rows: Iterable[Sequence[Any]], cached: dict[str, tuple[str, int, bytes, str | None, bytes | None, float]],
-    cfg: DatasetSettings, keep_first: set[str], cfg_key: str,
+    cfg: DatasetSettings, keep_first: set[str] | Callable[[], set[str]], cfg_key: str,
 ) -> tuple[Selection, list[CacheRow]]:
     """:func:`select` over ``state.eligible_examples`` rows and ``state.cached_examples``: a valid cache entry is
     used as it is, the other rows are made and returned as new cache entries. Same examples, lines, PII counts and
@@ -186,9 +190,11 @@ def select_cached(
     counts = sel.pii_counts
     candidates: list[Example] = []
     fresh: list[CacheRow] = []
-    paths: dict[str, str] = {}  # one string per source file: sorting by path (manifest ranges) compares by identity
+    # One string object per source file, mode and model (a few each, against 34k rows): less to make and free.
+    names: dict[Any, Any] = {}
     for cid, rev, mode, model, score, src_path, src_offset, src_len, msgs in rows:
-        src_path = paths.setdefault(src_path, src_path)
+        src_path, mode, model = names.setdefault(src_path, src_path), names.setdefault(mode, mode), names.setdefault(
+            model, model)
         hit = cached.get(cid)
         if hit is not None and hit[1] == rev:
             _, _, key, pii_json, line, bucket = hit
@@ -198,7 +204,8 @@ def select_cached(
             fresh.append((cid, rev, cfg_key, *entry))
         if pii_json:
             counts.update(json.loads(pii_json))
-        line = examples.line_of(line, msgs)
+        if line is None:
+            line = b"".join((_LINE_HEAD, msgs, _LINE_TAIL))
         candidates.append(Example(cid, (), mode, model, score, src_path, src_offset, src_len, line, key, bucket))
     if cfg.dedup:
         _dedup(candidates, keep_first, sel)
@@ -215,7 +222,8 @@ def split(
     train: list[Example] = []
     evals: list[Example] = []
     for ex in examples:
-        (evals if ex.cid in pins or _bucket(ex) < eval_fraction else train).append(ex)
+        (evals if ex.cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)) < eval_fraction
+         else train).append(ex)
     new_pins: set[str] = set()
     if len(evals) < min_eval and train:
         need = min_eval - len(evals)
@@ -281,20 +289,31 @@ _SPAN = operator.itemgetter(5, 6, 7)  # Example.src_path, src_offset, src_len
 
 
 def _ranges(examples: Iterable[Example]) -> list[dict[str, Any]]:
+    """Per source file (sorted): how many records, and the byte ranges they cover (a range runs from a record's
+    first byte to the end of the last record that starts at most one byte, its newline, after the one before).
+    Each record is one int ``offset << 32 | length`` (lines are capped far below 4 GiB): a list of ints sorts
+    several times faster than a list of tuples."""
+    by_file: dict[str, list[int]] = {}
+    for path, offset, length in map(_SPAN, examples):
+        spans = by_file.get(path)
+        if spans is None:
+            spans = by_file[path] = []
+        spans.append(offset << 32 | length)
     out = []
-    for path, spans in itertools.groupby(sorted(map(_SPAN, examples)), key=_by_cid):
+    for path in sorted(by_file):
+        spans = by_file[path]
+        spans.sort()
         merged: list[list[int]] = []
-        records = 0
         last: list[int] = [-2, -2]
-        for _, a, length in spans:
-            records += 1
+        for span in spans:
+            a, b = span >> 32, (span >> 32) + (span & 0xFFFFFFFF)
             if a <= last[1] + 1:
-                if a + length > last[1]:
-                    last[1] = a + length
+                if b > last[1]:
+                    last[1] = b
             else:
-                last = [a, a + length]
+                last = [a, b]
                 merged.append(last)
-        out.append({"path": path, "records": records, "byte_ranges": merged})
+        out.append({"path": path, "records": len(spans), "byte_ranges": merged})
     return out
 
 
@@ -466,8 +485,8 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
     folder = datasets_dir(state)
     with _build_lock(folder), _no_cycle_collection():
         cleanup(state, folder)
-        latest = state.dataset(state.latest_dataset_version() or 0)
-        previous = state.member_ids(latest.version) if latest else set()
+        latest = state.dataset(state.latest_dataset_version() or 0, manifest=False)
+        previous = partial(state.member_ids, latest.version) if latest else set  # needed only for duplicates
         key = example_cfg(cfg)
         rows = state.eligible_examples(cfg.modes, cfg.min_score, cfg.include_unrated)
         sel, fresh = select_cached(rows, state.cached_examples(key), cfg, previous, key)
@@ -486,7 +505,8 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
         if latest is not None and latest.fingerprint == fp:
             return BuildResult(
                 False, latest.version, Path(latest.path), latest.train_count, latest.eval_count,
-                f"no new version: the eligible set is the same as v{latest.version}", latest.manifest,
+                f"no new version: the eligible set is the same as v{latest.version}",
+                state.dataset(latest.version).manifest,  # type: ignore[union-attr]
             )
         version = (latest.version if latest else 0) + 1
         tmp = folder / f".tmp-v{version}-{os.getpid()}"

@@ -55,8 +55,8 @@ class Spec(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """A cached example: its dedup pre-key (:func:`dedup_prekey`), PII replacements (JSON, None when none), its line when that is not
-    ``LINE_HEAD + stored messages + LINE_TAIL`` (None otherwise), and its split bucket."""
+    """A cached example: its dedup pre-key (:func:`dedup_prekey`), PII replacements (JSON, None when none), its
+    line when that is not ``LINE_HEAD + stored messages + LINE_TAIL`` (None otherwise), and its split bucket."""
 
     dedup: bytes
     pii: str | None
@@ -155,10 +155,6 @@ def cache_entry(
     entry = Entry(dedup_prekey(msgs), json.dumps(own, sort_keys=True) if own else None,
                   None if same else encode_line(msgs), split_bucket(cid))
     return entry, msgs
-
-
-def line_of(entry_line: bytes | None, stored: bytes) -> bytes:
-    return entry_line if entry_line is not None else b"".join((LINE_HEAD, stored, LINE_TAIL))
 
 
 def expected(spec: Spec, row: Sequence[Any], label: int | None) -> bool:

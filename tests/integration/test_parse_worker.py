@@ -5,8 +5,8 @@ nothing. Real child processes, started through runner.spawn_piped."""
 from __future__ import annotations
 
 import errno
-import shutil
 import json
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable, Sequence
