@@ -102,12 +102,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         with State(settings.state_dir()) as st:
             report = api.ingest(settings, st)
             t1, c1 = time.perf_counter(), time.process_time()
+            ingest_rss = _rss_mb()  # this process's peak while the parse worker ran beside it
             res = api.build_dataset(settings, st, ingest_first=False)
         t2, c2 = time.perf_counter(), time.process_time()
         worker_cpu, worker_rss = _children()
         out.update(seconds=t2 - t0, cpu_s=c2 - c0, ingest_s=t1 - t0, ingest_cpu_s=c1 - c0, build_s=t2 - t1,
                    build_cpu_s=c2 - c1, report=report.as_dict(), build=res.as_json(), worker_cpu_s=worker_cpu,
-                   worker_rss_mb=worker_rss)
+                   worker_rss_mb=worker_rss, ingest_rss_mb=ingest_rss)
     elif phase == "incremental":
         settings = _settings(root, state_dir)
         t0 = time.perf_counter()
@@ -227,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{sec / ref['seconds']:.1f}" if ref else ""
         print(f"{name:32} {fmt_s(sec):>9} {fmt_s(cpu):>9} {fmt_s(target) if target else '':>9} {verdict:4}"
               f" {fmt_s(ref['seconds']) if ref else '':>10} {ratio:>7} {rss:>8}  {runs}")
-    rss_ok = "PASS" if cold["max_rss_mb"] <= TARGETS["cold_rss_mb"] else "MISS"
-    print(f"{'cold peak RSS':32} {cold['max_rss_mb']:>6.0f} MB {'':9} {TARGETS['cold_rss_mb']:>6.0f} MB {rss_ok:4}"
-          f"   (interpreter + imports alone: {cold['rss_after_import_mb']:.0f} MB)")
+    # Both processes count: while the worker runs, the sum of the two peaks bounds what they hold together.
+    both = max(max(r["peak_rss_mb"] for r in cold_runs),
+               max(r["ingest_rss_mb"] + (r.get("worker_rss_mb") or 0) for r in cold_runs))
+    rss_ok = "PASS" if both <= TARGETS["cold_rss_mb"] else "MISS"
+    print(f"{'cold peak RSS, both processes':32} {both:>6.0f} MB {'':9} {TARGETS['cold_rss_mb']:>6.0f} MB {rss_ok:4}"
+          f"   (this process {cold['max_rss_mb']:.0f} MB at most, {cold['ingest_rss_mb']:.0f} MB during ingest;"
+          f" interpreter + imports alone: {cold['rss_after_import_mb']:.0f} MB)")
     if cold.get("worker_cpu_s"):
         print(f"{'  parse worker (child process)':32} {'':9} {fmt_s(cold['worker_cpu_s']):>9} {'':9} {'':4} {'':10}"
               f" {'':7} {cold['worker_rss_mb']:>5.0f} MB  (its CPU is not in the cpu column above)")

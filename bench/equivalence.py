@@ -151,6 +151,9 @@ def step(i: int, root: Path, state: Path) -> dict[str, Any]:
     return {"report": report, "build": built}
 
 
+VALUES = bool(os.environ.get("EQ_VALUES"))  # compare dataset lines as JSON values (across an encoding change)
+
+
 def dump(root: Path, state: Path) -> dict[str, Any]:
     """Everything observable, normalised: timestamps dropped, paths relative, messages as JSON values."""
     out: dict[str, Any] = {"folders": {}}
@@ -162,8 +165,15 @@ def dump(root: Path, state: Path) -> dict[str, Any]:
                 man = json.loads(data)
                 man.pop("created_at")
                 files[f.name] = man
+                if VALUES:  # what hashes the files' bytes
+                    for key in ("fingerprint", "content_hash", "files"):
+                        man.pop(key, None)
+                    continue
                 raw = re.sub(rb'"created_at": "[^"]*"', b"", data).replace(str(root).encode(), b"<ROOT>")
                 files["manifest bytes"] = hashlib.sha256(raw).hexdigest()
+            elif VALUES:  # each line as a JSON value: the same examples, whatever the encoding
+                canon = [json.dumps(json.loads(line), sort_keys=True) for line in data.splitlines()]
+                files[f.name] = hashlib.sha256("\n".join(canon).encode()).hexdigest()
             else:
                 files[f.name] = hashlib.sha256(data).hexdigest()
         out["folders"][d.name] = files
@@ -180,7 +190,8 @@ def dump(root: Path, state: Path) -> dict[str, Any]:
         "rejects": "SELECT path, line, reason, line_hash FROM rejects ORDER BY path, line",
         "files": "SELECT path, kind, size, offset, lines, head_len, head_hash, tail_len, tail_hash FROM files"
                  " ORDER BY path",
-        "datasets": "SELECT version, path, fingerprint, content_hash, train_count, eval_count FROM datasets",
+        "datasets": "SELECT version, path, train_count, eval_count" + ("" if VALUES else ", fingerprint, content_hash")
+                    + " FROM datasets",
         "members": "SELECT version, cid, split FROM dataset_members ORDER BY version, cid",
         "pins": "SELECT cid FROM eval_pins ORDER BY cid",
     }
@@ -352,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int, default=1500)
     ap.add_argument("--migrate", action="store_true", help="also: reference for steps 0-4, then this tree")
     ap.add_argument("--work", type=Path, default=Path("/tmp/chatos-equivalence"))
+    ap.add_argument("--values", action="store_true",
+                    help="compare dataset lines as JSON values, not bytes (for a reference with another encoding)")
     args = ap.parse_args(argv)
+    if args.values:
+        os.environ["EQ_VALUES"] = "1"  # read by the children's dump()
     shutil.rmtree(args.work, ignore_errors=True)
     sys.path.insert(0, str(REPO))
     fast = check_fast_paths()

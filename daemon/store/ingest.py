@@ -34,7 +34,7 @@ from daemon.store import records, tail
 from daemon.store.records import Conversation, ConvTuple, Kind, Rejected, Rejection
 
 DATA_FOLDERS = ("logs", "training_data", "feedback")
-BATCH = 4000
+BATCH = 2000
 GROUP_BYTES = 32 << 20  # a scan commits after about this many bytes read (and at its end)
 PARALLEL_BYTES = 16 << 20  # new files holding this much are parsed in a child process (0: never)
 _TOP_RANK = max(records.RANK.values())
@@ -136,7 +136,7 @@ class _ParseWorker:
     ``AHEAD`` bytes, without waiting. (A reader thread would wait for the GIL on every pipe read while this thread
     runs Python: that cost more than it overlapped.)"""
 
-    AHEAD = 32 << 20
+    AHEAD = 4 << 20
 
     def __init__(self, tasks: list[tuple[str, Kind, int, int]], max_line: int, spawn: Callable[[Sequence[str]], Any],
                  spec: examples.Spec | None = None) -> None:
