@@ -154,11 +154,11 @@ def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] 
 
 # -- processed-example cache -----------------------------------------------------------------------------------
 #
-# Filtering, scrubbing, encoding and the dedup key cost ~30 us per example: a build of 34k examples spent ~1.2 s on
-# them. state.examples keeps the result per conversation (see state migration 5): a rebuild redoes only what
-# changed. An entry is valid for one content revision of its conversation and one example_cfg(); its line is
-# stored only when it is not '{"messages": ' + stored messages + '}\n' (ingest stores the messages in the dataset
-# line's own encoding, so that is most of them).
+# Filtering, scrubbing, encoding and the dedup key (daemon/examples.py) cost ~10 us per example. state.examples
+# keeps the result per conversation (see state migration 5): a rebuild redoes only what changed, and a cold ingest's
+# parse worker makes most entries before the first build. An entry is valid for one content revision of its
+# conversation and one example_cfg(); its line is stored only when it is not '{"messages":' + stored messages +
+# '}\n' (ingest stores the messages in the dataset line's own encoding, so that is most of them).
 
 CACHE_VERSION = examples.CACHE_VERSION
 _LINE_HEAD, _LINE_TAIL = examples.LINE_HEAD, examples.LINE_TAIL

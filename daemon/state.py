@@ -100,7 +100,7 @@ MIGRATIONS: list[str] = [
     """,
     # 5: processed-example cache for dataset builds. conversations.rev counts content changes; a cached example is
     # valid while its (rev, cfg) match, cfg naming the settings and code that shape the line (dataset.example_cfg).
-    # line is NULL when the example line is '{"messages": ' + messages + '}\n' (nothing dropped or scrubbed).
+    # line is NULL when the example line is '{"messages":' + messages + '}\n' (nothing dropped or scrubbed).
     # Sightings name their file by a small id instead of its path, and lose their cid index: a cold ingest writes
     # 170k of them, and one small b-tree stays in cache (-1.0 s of a cold ingest's ~5 s of CPU). The only lookup by
     # cid, reconcile_vanished (a file re-read or gone), scans the table once instead (~20 ms per 100k records).
