@@ -15,7 +15,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-_WORDS = ["the", "a", "list", "function", "return", "value", "python", "code", "error", "file", "data", "model", "train", "test", "loop", "index", "string", "number", "print", "import", "class", "object", "method", "call", "reverse", "sort", "key", "dict", "set", "tuple", "async", "await", "thread", "process", "memory", "disk", "network", "request", "response", "server", "client", "json", "parse", "write", "read", "line", "byte", "path", "folder", "system", "user", "question", "answer", "because", "when", "then", "else", "while", "for", "with", "from", "into", "over", "under", "about", "between", "example", "simple", "fast", "slow", "better", "best", "good", "careful", "check", "run", "build", "install", "package", "version", "update", "config", "option"]
+_WORDS = (  # noqa: SIM905 - one readable string, split once
+    "the a list function return value python code error file data model train test loop index string number "
+    "print import class object method call reverse sort key dict set tuple async await thread process memory "
+    "disk network request response server client json parse write read line byte path folder system user "
+    "question answer because when then else while for with from into over under about between example "
+    "simple fast slow better best good careful check run build install package version update config option"
+).split()
 _MODELS = ("qwen2.5:7b", "llama3.1:8b", "mistral:7b", "qwen2.5-coder:7b")
 _QUALITIES = ("unrated",) * 6 + ("good", "excellent", "acceptable", "poor", "failed")
 
