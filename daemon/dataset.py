@@ -160,7 +160,6 @@ def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] 
 # conversation and one example_cfg(); its line is stored only when it is not '{"messages":' + stored messages +
 # '}\n' (ingest stores the messages in the dataset line's own encoding, so that is most of them).
 
-CACHE_VERSION = examples.CACHE_VERSION
 _LINE_HEAD, _LINE_TAIL = examples.LINE_HEAD, examples.LINE_TAIL
 
 
@@ -199,7 +198,7 @@ def select_cached(
         if hit is not None and hit[1] == rev:
             _, _, key, pii_json, line, bucket = hit
         else:
-            entry = examples.cache_entry(cid, msgs, cfg)[0]
+            entry = examples.cache_entry(cid, msgs, cfg)
             key, pii_json, line, bucket = entry
             fresh.append((cid, rev, cfg_key, *entry))
         if pii_json:
@@ -222,8 +221,7 @@ def split(
     train: list[Example] = []
     evals: list[Example] = []
     for ex in examples:
-        (evals if ex.cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)) < eval_fraction
-         else train).append(ex)
+        (evals if ex.cid in pins or _bucket(ex) < eval_fraction else train).append(ex)
     new_pins: set[str] = set()
     if len(evals) < min_eval and train:
         need = min_eval - len(evals)

@@ -146,15 +146,12 @@ def encode_line(messages: Iterable[tuple[str, str]]) -> bytes:
     return b"".join((LINE_HEAD, messages_json(messages).encode(), LINE_TAIL))
 
 
-def cache_entry(
-    cid: str, stored: str | bytes, cfg: Shaping, pairs: Iterable[tuple[str, str]] | None = None
-) -> tuple[Entry, tuple[tuple[str, str], ...]]:
-    """The cache entry for a conversation's stored messages, and the prepared messages it was made from. Stored
-    messages are in the line's own encoding (records.messages_json): left unchanged, they are the line."""
+def cache_entry(cid: str, stored: str | bytes, cfg: Shaping, pairs: Iterable[tuple[str, str]] | None = None) -> Entry:
+    """The cache entry for a conversation's stored messages. Stored messages are in the line's own encoding
+    (records.messages_json): left unchanged, they are the line."""
     msgs, same, own = prepared(stored, cfg, None, pairs)
-    entry = Entry(dedup_prekey(msgs), json.dumps(own, sort_keys=True) if own else None,
-                  None if same else encode_line(msgs), split_bucket(cid))
-    return entry, msgs
+    return Entry(dedup_prekey(msgs), json.dumps(own, sort_keys=True) if own else None,
+                 None if same else encode_line(msgs), split_bucket(cid))
 
 
 def expected(spec: Spec, row: Sequence[Any], label: int | None) -> bool:

@@ -146,38 +146,6 @@ def _json_ids(ids: Iterable[str]) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class ConvRow:
-    """A conversation ready to upsert (from :mod:`daemon.store.records`)."""
-
-    cid: str
-    rank: int
-    messages: str
-    mode: str
-    model: str | None
-    quality: str | None
-    thumbs_up: bool | None
-    inline_score: int
-    inline_rated: bool
-    usable: bool
-    started_at: str | None
-    path: str
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True, slots=True)
-class FeedbackRow:
-    path: str
-    line: int
-    cid: str
-    thumbs_up: bool | None
-    quality: str | None
-    note: str | None
-    ts: str
-    score: int
-
-
-@dataclass(frozen=True, slots=True)
 class Eligible:
     cid: str
     messages: str
@@ -403,18 +371,11 @@ class State:
         " WHERE excluded.rank >= conversations.rank"
     )
 
-    def upsert_conversations(self, rows: Sequence[ConvRow]) -> None:
-        """Insert or update; content from a higher-ranked source (logs/) wins; deleted stays deleted."""
-        self.upsert_tuples([
-            (r.cid, r.rank, r.messages, r.mode, r.model, r.quality, r.thumbs_up, r.inline_score, r.inline_rated,
-             r.usable, r.started_at, r.path, r.offset, r.length)
-            for r in rows
-        ])
-
-    def upsert_tuples(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """:meth:`upsert_conversations` for rows given as tuples in :class:`ConvRow`'s field order (bulk ingest
-        makes 100k rows; a tuple costs a fraction of a frozen dataclass). A content change bumps ``rev``, which
-        invalidates the conversation's cached example."""
+    def upsert_conversations(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert or update conversations given as ``(cid, rank, messages, mode, model, quality, thumbs_up,
+        inline_score, inline_rated, usable, started_at, path, offset, length)`` (tuples: bulk ingest makes 100k rows,
+        and a tuple costs a fraction of a dataclass). Content from a higher-ranked source (logs/) wins; deleted
+        stays deleted; a content change bumps ``rev``, which invalidates the conversation's cached example."""
         now = utcnow()
         self.conn.executemany(self._UPSERT, [(*r, now, now) for r in rows])
         self.add_sightings([(r[11], r[0], r[1]) for r in rows])
@@ -476,11 +437,9 @@ class State:
 
     # -- feedback ------------------------------------------------------------------------------------------
 
-    def add_feedback(self, rows: Sequence[FeedbackRow]) -> None:
-        self.add_feedback_tuples([(r.path, r.line, r.cid, r.thumbs_up, r.quality, r.note, r.ts, r.score) for r in rows])
-
-    def add_feedback_tuples(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """:meth:`add_feedback` for rows given as tuples in :class:`FeedbackRow`'s field order."""
+    def add_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add feedback events ``(path, line, cid, thumbs_up, quality, note, ts, score)`` and refresh the labels of
+        their conversations."""
         self.conn.executemany(
             "INSERT INTO feedback (path, line, cid, thumbs_up, quality, note, ts, score) VALUES (?,?,?,?,?,?,?,?)",
             rows,
@@ -667,11 +626,6 @@ class State:
 
     def member_ids(self, version: int) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT cid FROM dataset_members WHERE version = ?", (version,))}
-
-    def members(self, version: int) -> list[tuple[str, str]]:
-        return self.conn.execute(
-            "SELECT cid, split FROM dataset_members WHERE version = ? ORDER BY cid", (version,)
-        ).fetchall()
 
     def datasets_containing(self, cid: str) -> list[int]:
         return [r[0] for r in self.conn.execute(

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemon import examples, faults, log, runner
-from daemon.state import ConvRow, State
+from daemon.state import State
 from daemon.store import records, tail
 from daemon.store.records import Conversation, ConvTuple, Kind, Rejected, Rejection
 
@@ -61,34 +61,8 @@ class IngestReport:
         return d
 
 
-def _line_hash(data: bytes) -> str:
-    return records.line_hash(data)
-
-
-messages_json = records.messages_json
-
-
 def _messages_json(conv: Conversation) -> str:
-    return messages_json((m.role, m.content) for m in conv.messages)
-
-
-def conv_row(conv: Conversation, path: str, offset: int, length: int) -> ConvRow:
-    return ConvRow(
-        cid=conv.conversation_id,
-        rank=records.RANK[conv.kind],
-        messages=_messages_json(conv),
-        mode=conv.mode,
-        model=conv.model,
-        quality=conv.quality,
-        thumbs_up=conv.thumbs_up,
-        inline_score=conv.inline_score,
-        inline_rated=conv.inline_rated,
-        usable=conv.usable,
-        started_at=conv.started_at,
-        path=path,
-        offset=offset,
-        length=length,
-    )
+    return records.messages_json((m.role, m.content) for m in conv.messages)
 
 
 class _Group:
@@ -475,7 +449,7 @@ class Ingestor:
                     st.put_entries(self.examples.key, entries)  # type: ignore[union-attr]
                     entries.clear()
                 if fb_batch:
-                    st.add_feedback_tuples(fb_batch)
+                    st.add_feedback(fb_batch)
                     report.feedback_events += len(fb_batch)
                     fb_batch.clear()
 
@@ -485,12 +459,12 @@ class Ingestor:
                 end, lines = len(data), 1
                 report.bytes_read += len(data)
                 if len(data) > self.max_line:
-                    reject(1, f"file over {self.max_line} bytes", _line_hash(data[:4096]))
+                    reject(1, f"file over {self.max_line} bytes", records.line_hash(data[:4096]))
                 else:
                     fallback = "json-" + hashlib.sha1(os.path.basename(path).encode()).hexdigest()[:12]
                     rec = records.parse_conversation(data, kind, fallback_id=fallback)
                     if isinstance(rec, Rejection):
-                        reject(1, rec.reason, _line_hash(data))
+                        reject(1, rec.reason, records.line_hash(data))
                     else:
                         msgs = _messages_json(rec)
                         row = (rec.conversation_id, msgs, rec.mode, rec.model, rec.quality, rec.thumbs_up,
@@ -562,6 +536,6 @@ def _upsert(st: State, batch: list[tuple[ConvTuple, int, int]], path: str, rank:
     if any(row[2] is None for row in rows):
         raise _Fallback  # the parse worker left out content that is needed after all
     if rows:
-        st.upsert_tuples(rows)
+        st.upsert_conversations(rows)
     if outranked:
         st.add_sightings([(path, r[0], rank) for r, _, _ in batch if r[0] in outranked])

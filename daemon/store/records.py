@@ -593,7 +593,7 @@ def worker_main() -> None:  # pragma: no cover - runs in the child; exercised th
         out = []
         for r, msgs in zip(results, pairs, strict=True):
             if msgs is not None and examples.expected(spec, r, labels[r[0]][1] if r[0] in labels else None):
-                out.append((r[0], *examples.cache_entry(r[0], r[1].encode(), spec, msgs)[0]))
+                out.append((r[0], *examples.cache_entry(r[0], r[1].encode(), spec, msgs)))
         return out
 
     try:
