@@ -15,12 +15,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from daemon import pii
+from daemon.store.records import load_json as _loads
 from daemon.store.records import messages_json
-
-try:  # the service's JSON decoder when installed (a dependency); json otherwise
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - depends on what is installed
-    _loads = json.loads  # type: ignore[assignment]
 
 FORMAT = "messages-v1"
 CACHE_VERSION = 4  # bump when the cached values would change for the same settings: the line, prepare, dedup

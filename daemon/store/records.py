@@ -18,7 +18,7 @@ import stat
 import struct
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -33,11 +33,16 @@ _CID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 # What json.loads runs, configured as json.loads's default decoder.
 _scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
-try:  # optional: parses a store line in a third of json's time. Only ever a fast path: see parse_fields.
+try:  # the store's JSON codec (a dependency): 3x json decoding, 4x encoding. json still decides every line orjson
+    # refuses (see parse_fields), and does all of it when orjson cannot be imported.
     from orjson import JSONDecodeError as _OrjsonError
+    from orjson import dumps as _orjson_dumps
     from orjson import loads as _orjson_loads
 except ImportError:  # pragma: no cover - depends on what is installed
     _orjson_loads = None  # type: ignore[assignment]
+    _orjson_dumps = None  # type: ignore[assignment]
+# Decodes JSON that this service wrote itself (stored messages, dataset lines): no rejection reasons needed.
+load_json: Callable[[str | bytes], Any] = _orjson_loads if _orjson_loads is not None else json.loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,10 +494,6 @@ def _fast_feedback(raw: bytes) -> FeedbackTuple | None:
 
 _enc = json.encoder.encode_basestring  # the C encoder of json.dumps(ensure_ascii=False)
 _OPEN = {role: '{"role":' + _enc(role) + ',"content":' for role in ROLES}
-try:  # orjson writes the same bytes as json.dumps(..., ensure_ascii=False, separators=(",", ":")), 4x faster
-    from orjson import dumps as _orjson_dumps
-except ImportError:  # pragma: no cover - depends on what is installed
-    _orjson_dumps = None  # type: ignore[assignment]
 
 # One accepted conversation line, as stored: (cid, messages JSON or None, mode, model, quality, thumbs_up,
 # inline_score, inline_rated, usable, started_at). One accepted feedback line: (cid, thumbs_up, quality, note,
@@ -513,7 +514,8 @@ def line_hash(data: bytes) -> str:
 def messages_json(messages: Iterable[tuple[str, str]]) -> str:
     """``json.dumps([{"role", "content"}, ...], ensure_ascii=False, separators=(",", ":"))``, byte for byte (it runs
     once per ingested record): compact, as the dataset's lines are, so that a dataset line is
-    ``'{"messages":' + this + '}'`` whenever nothing is dropped or scrubbed (see dataset.example_cfg)."""
+    ``'{"messages":' + this + '}'`` whenever nothing is dropped or scrubbed (see dataset.example_cfg). orjson
+    writes the same bytes as that json.dumps."""
     if _orjson_dumps is not None:
         return _orjson_dumps([{"role": r, "content": c} for r, c in messages]).decode()
     return "[" + ",".join([_OPEN[r] + _enc(c) + "}" for r, c in messages]) + "]"
