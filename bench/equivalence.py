@@ -263,13 +263,12 @@ def _mutant(rng: Any, kind: str) -> bytes:
 
 
 def check_fast_paths(cases: int = 20000) -> list[str]:
-    """parse_fields == parse_conversation, read_blocks == read_lines, manifest_bytes == json.dumps(indent=1), and
-    the dataset's model counter == its plain loop."""
+    """parse_fields == parse_conversation, manifest_bytes == json.dumps(indent=1), and the dataset's model counter
+    == its plain loop (read_blocks and dedup: tests/unit/test_fast_paths.py)."""
     import random
-    import tempfile
 
     from daemon import dataset
-    from daemon.store import records, tail
+    from daemon.store import records
 
     rng = random.Random(7)
     problems = []
@@ -281,31 +280,6 @@ def check_fast_paths(cases: int = 20000) -> list[str]:
         got = records.parse_fields(raw, kind)  # type: ignore[arg-type]
         if got != want:
             problems.append(f"parse_fields case {i}: {raw[:120]!r}: {got} != {want}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(300):
-            lines = [b"x" * rng.choice([0, 1, 5, 50, 3000, 70000]) for _ in range(rng.randint(0, 40))]
-            data = b"\n".join(lines) + rng.choice([b"", b"\n", b"partial"])
-            path = Path(tmp) / f"f{i}"
-            path.write_bytes(data)
-            start = rng.choice([0, 0, min(len(data), rng.randint(0, 100))])
-            cap = rng.choice([10, 100, 4000, 1 << 20])
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                old = [(x.number, x.offset, x.data) if isinstance(x, tail.Line) else x
-                       for x in tail.read_lines(fd, start, 3, cap)]
-                new: list[Any] = []
-                for b in tail.read_blocks(fd, start, 3, cap):
-                    if isinstance(b, tail.Oversize):
-                        new.append(tuple(b))
-                        continue
-                    off = b.offset
-                    for j, line in enumerate(b.lines):
-                        new.append((b.first + j, off, line))
-                        off += len(line) + 1
-            finally:
-                os.close(fd)
-            if old != new:
-                problems.append(f"read_blocks case {i} (start {start}, cap {cap}) differs from read_lines")
     for i in range(2000):
         paths = ["/a/b", "/ü/x\"y", "p\\q", "", "\0sources\0"]
         srcs = [{"path": rng.choice(paths) + str(j), "records": rng.randint(0, 9),
@@ -371,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     sys.path.insert(0, str(REPO))
     fast = check_fast_paths()
-    print(f"fast paths vs plain ones (parser, line reader, manifest, models): {'SAME' if not fast else 'DIFFERENT'}")
+    print(f"fast paths vs plain ones (parser, manifest, models): {'SAME' if not fast else 'DIFFERENT'}")
     for p in fast:
         print("  ", p)
     runs = {

@@ -39,13 +39,6 @@ class Cursor:
     tail_hash: str
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
-    number: int  # 1-based line number in the file
-    offset: int  # byte offset of the line's first byte
-    data: bytes  # without the trailing newline
-
-
 @dataclass(slots=True)
 class Plan:
     """What to do with one file now. ``reason`` says why a re-read is needed (for the log)."""
@@ -111,51 +104,6 @@ def open_for_read(path: str) -> int:
     return fd
 
 
-def read_lines(fd: int, start: int, start_line: int, max_line: int) -> Iterator[Line | tuple[int, int, int]]:
-    """Complete lines from ``start`` to the end of file, as :class:`Line`.
-
-    A line longer than ``max_line`` bytes is not kept in memory; it is yielded as ``(number, offset, length)`` so the
-    caller can reject it. A partial last line (no newline yet) is not yielded: it waits for its writer.
-    """
-    pos = start
-    number = start_line
-    pending = bytearray()
-    pending_off = start
-    oversize = False
-    while True:
-        chunk = os.pread(fd, CHUNK, pos)
-        if not chunk:
-            return
-        pos += len(chunk)
-        begin = 0
-        while True:
-            nl = chunk.find(b"\n", begin)
-            if nl < 0:
-                if not oversize:
-                    pending += chunk[begin:]
-                    if len(pending) > max_line:
-                        oversize = True
-                        pending = bytearray()
-                break
-            number += 1
-            if oversize:
-                yield (number, pending_off, pos - len(chunk) + nl - pending_off)
-                oversize = False
-            else:
-                if pending:
-                    pending += chunk[begin:nl]
-                    data = bytes(pending)
-                    pending = bytearray()
-                else:
-                    data = chunk[begin:nl]
-                if len(data) > max_line:
-                    yield (number, pending_off, len(data))
-                else:
-                    yield Line(number, pending_off, data)
-            begin = nl + 1
-            pending_off = pos - len(chunk) + begin
-
-
 class Block(NamedTuple):
     """Complete lines read in one go: ``lines[i]`` is line ``first + i``; the first starts at byte ``offset`` and each
     next one right after the previous one's newline."""
@@ -174,10 +122,12 @@ class Oversize(NamedTuple):
 
 
 def read_blocks(fd: int, start: int, start_line: int, max_line: int) -> Iterator[Block | Oversize]:
-    """The lines :func:`read_lines` yields, a chunk's worth at a time (same numbers, offsets, bytes and cap).
+    """Complete lines from ``start`` to the end of file, a chunk's worth at a time: :class:`Block` runs of lines,
+    and each line longer than ``max_line`` as an :class:`Oversize` (its bytes are never held). A partial last line
+    is not yielded: it waits for its writer.
 
     Bulk ingest reads 200k lines: one ``split`` per 1 MiB chunk instead of a ``find`` and an object per line makes
-    reading ~4x cheaper. A partial last line is not yielded: it waits for its writer.
+    reading ~4x cheaper (tests/unit/test_fast_paths.py checks it against the plain line-by-line reader).
     """
     pos = start
     number = start_line

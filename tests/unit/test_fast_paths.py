@@ -4,6 +4,7 @@ orjson (a dependency; the code falls back to json when it cannot be imported).""
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from daemon import dataset, examples, pii
-from daemon.store import records
+from daemon.store import records, tail
 
 ODD: list[Any] = [None, True, False, 0, 1.5, "", " ", "x", "GOOD ", "Excellent", "stellar", [], {}, ["a"], {"a": 1},
                   "\ud800", "\udc00x", "é😀", "a\u0000b", 10**20, "  \n", "unrated", "2026-13-01T00:00:00.000000",
@@ -207,3 +208,45 @@ def test_manifest_byte_ranges_cover_exactly_the_records() -> None:
             assert all(ranges[i][1] + 1 < ranges[i + 1][0] for i in range(len(ranges) - 1))  # apart by > a newline
             assert all((a, b) in {(s, max(e2 for s2, e2 in mine if a <= s2 <= b)) for s, _ in mine if s == a}
                        for a, b in ranges)  # each range starts at a record and ends where its last record ends
+
+
+def _plain_lines(data: bytes, start: int, start_line: int, cap: int) -> list[tuple[int, int, bytes | int]]:
+    """(number, offset, line, or its length when over ``cap``) of every complete line from ``start``."""
+    out: list[tuple[int, int, bytes | int]] = []
+    *complete, _partial = data[start:].split(b"\n")
+    pos, number = start, start_line
+    for line in complete:
+        number += 1
+        out.append((number, pos, line if len(line) <= cap else len(line)))
+        pos += len(line) + 1
+    return out
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096, tail.CHUNK])
+def test_read_blocks_yields_every_complete_line_once(chunk: int, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    """read_blocks against splitting the whole file: the same numbers, offsets and bytes, lines over the cap as
+    their length, the partial last line held back, whatever the chunk boundaries."""
+    monkeypatch.setattr(tail, "CHUNK", chunk)
+    rng = random.Random(chunk)
+    for i in range(150):
+        lines = [b"x" * rng.choice([0, 1, 5, 50, 300, 3000, 70000]) for _ in range(rng.randint(0, 30))]
+        data = b"\n".join(lines) + rng.choice([b"", b"\n", b"partial"])
+        path = tmp_path / f"f{i}"
+        path.write_bytes(data)
+        start = rng.choice([0, 0, data.find(b"\n") + 1])
+        cap = rng.choice([10, 100, 4000, 1 << 20])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got: list[tuple[int, int, bytes | int]] = []
+            for b in tail.read_blocks(fd, start, 3, cap):
+                if isinstance(b, tail.Oversize):
+                    got.append(tuple(b))  # type: ignore[arg-type]
+                    continue
+                off = b.offset
+                for j, line in enumerate(b.lines):
+                    got.append((b.first + j, off, line))
+                    off += len(line) + 1
+        finally:
+            os.close(fd)
+        assert got == _plain_lines(data, start, 3, cap), (chunk, i, start, cap)
