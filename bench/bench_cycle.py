@@ -26,15 +26,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ollama_standin import StandinProcess  # noqa: E402
 
-from daemon import export, ollama, runner, settings  # noqa: E402
-from daemon.pipeline import CycleRequest, run_cycle  # noqa: E402
+from daemon import (
+    proc,
+    settings,  # noqa: E402
+)
+from daemon.cycle.pipeline import CycleRequest, run_cycle  # noqa: E402
+from daemon.demo.storegen import generate_store  # noqa: E402
+from daemon.publish import export, ollama
 from daemon.state import State  # noqa: E402
-from daemon.storegen import generate_store  # noqa: E402
 
 
 def tiny_model(work: Path) -> Path:
     conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
-    out = runner.run_command([sys.executable, str(ROOT / "daemon" / "training" / "tinymodel.py"), str(work),
+    out = proc.run_command([sys.executable, str(ROOT / "daemon" / "trainer" / "tinymodel.py"), str(work),
                               "--family", "qwen2", "--llama-cpp-dir", str(conv.root)], timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])

@@ -5,10 +5,10 @@ on a tiny model and on realistic-size models built from a config, for a GPU mach
     python3 bench/bench_gpu.py run DIR [--out FILE]       # on the GPU machine, from the repository root
 
 ``prepare`` writes ``DIR/tok-qwen2/`` (the real Qwen2 vocabulary and the Qwen2.5 chat template, as
-``daemon/training/tinymodel.py`` makes them, without the weights), ``DIR/data/{train,eval}.jsonl`` (a dataset built
+``daemon/trainer/tinymodel.py`` makes them, without the weights), ``DIR/data/{train,eval}.jsonl`` (a dataset built
 by the service from a generated store) and ``DIR/plan.json``. ``run`` builds each model with random weights from
 its config (no download), renders each job's config with ``runner.render_job_config`` (every path absolute), runs
-``runner.trainer_argv`` through ``runner.run_command`` and prints, per job, what the trainer's ``result.json``
+``runner.trainer_argv`` through ``proc.run_command`` and prints, per job, what the trainer's ``result.json``
 says: device, dtype, 4-bit or not, tokens/s, peak GPU memory, eval loss before and after. It exits 1 when a job
 fails or a check does not hold (the device is CUDA, 4-bit when asked and bitsandbytes is there, the adapter is
 written, eval loss drops on the tiny model). The trainer's Python packages must be importable there (trl, peft,
@@ -47,11 +47,12 @@ PLAN = [  # (model, load_in_4bit, steps)
 
 
 def prepare(out: Path) -> None:
-    from daemon import api, export
+    from daemon import api
+    from daemon.demo.storegen import generate_store
+    from daemon.publish import export
     from daemon.settings import Settings
     from daemon.state import State
-    from daemon.storegen import generate_store
-    from daemon.training import tinymodel
+    from daemon.trainer import tinymodel
 
     out.mkdir(parents=True, exist_ok=True)
     conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
@@ -93,7 +94,7 @@ def build_model(tok_dir: Path, shape: dict[str, Any], out: Path) -> int:
 def run(src: Path, work: Path, only: str | None = None, steps_override: int | None = None) -> list[dict[str, Any]]:
     import yaml
 
-    from daemon import runner
+    from daemon.train import runner
 
     plan = json.loads((src / "plan.json").read_text())
     models: dict[str, tuple[Path, int]] = {}
@@ -123,7 +124,7 @@ def run(src: Path, work: Path, only: str | None = None, steps_override: int | No
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = runner.trainer_argv(Path(sys.executable), runner.TRAINER_SCRIPT, cfg_path)
         t0 = time.perf_counter()
-        done = runner.run_command(argv, timeout=900, cwd=job_dir)
+        done = proc.run_command(argv, timeout=900, cwd=job_dir)
         wall = time.perf_counter() - t0
         res_path = job_dir / "result.json"
         res = json.loads(res_path.read_text()) if res_path.exists() else {}

@@ -37,10 +37,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import gen_store  # noqa: E402
 
 from daemon import api, log  # noqa: E402
+from daemon.demo.storegen import append_records  # noqa: E402
+from daemon.ingest.ingestor import Ingestor  # noqa: E402
 from daemon.settings import Settings  # noqa: E402
 from daemon.state import State  # noqa: E402
-from daemon.store.ingest import Ingestor  # noqa: E402
-from daemon.storegen import append_records  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
@@ -88,7 +88,7 @@ def _children() -> tuple[float, float]:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     log.configure("warning", "json", sys.stderr)
     if spec.get("no_parse_worker"):  # parse in this process, as before the parse worker (for comparison)
-        from daemon.store import ingest
+        from daemon.ingest import ingestor as ingest
 
         ingest.PARALLEL_BYTES = 0
     phase = spec["phase"]

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon import control  # noqa: E402
-from daemon.storegen import generate_store  # noqa: E402
+from daemon.demo.storegen import generate_store  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 

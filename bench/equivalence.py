@@ -93,8 +93,9 @@ def _settings(root: Path, state: Path, **dataset: Any) -> Any:
 
 def step(i: int, root: Path, state: Path) -> dict[str, Any]:
     """Change the store (or the settings) as step ``i`` says, then ingest and build."""
-    from daemon import api, dataset
-    from daemon.storegen import append_records, generate_store
+    from daemon import api
+    from daemon.dataset import builder as dataset
+    from daemon.demo.storegen import append_records, generate_store
 
     logs = root / "logs" / "conversations_2026-12-01.jsonl"
     train = root / "training_data" / "training_2026-12-01.jsonl"
@@ -211,7 +212,7 @@ def child(first: int, last: int, root: Path, state: Path) -> dict[str, Any]:
 
     log.configure("error", "json", sys.stderr)
     if os.environ.get("EQ_PARSE_WORKER"):  # parse every new file in the worker process, however small
-        from daemon.store import ingest
+        from daemon.ingest import ingestor as ingest
 
         ingest.PARALLEL_BYTES = 1
     results = []
@@ -267,8 +268,8 @@ def check_fast_paths(cases: int = 20000) -> list[str]:
     == its plain loop (read_blocks and dedup: tests/unit/test_fast_paths.py)."""
     import random
 
-    from daemon import dataset
-    from daemon.store import records
+    from daemon.dataset import builder as dataset
+    from daemon.ingest import records
 
     rng = random.Random(7)
     problems = []

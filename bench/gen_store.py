@@ -1,6 +1,6 @@
 """Generate (once) and cache a realistic ChatOS store for the benchmarks: ~100k records, ~200 MB on disk.
 
-Uses :func:`daemon.storegen.generate_store` (``logs/`` + ``training_data/`` copies + feedback sidecar + the non-data
+Uses :func:`daemon.demo.storegen.generate_store` (``logs/`` + ``training_data/`` copies + feedback sidecar + the non-data
 files ChatOS leaves around). The store is cached under ``--out`` (default ``/tmp/chatos-bench/store-<n>``); a
 ``.complete`` marker holding the parameters makes repeated runs skip generation, and a half-written store (no marker,
 or other parameters) is generated again from scratch.
@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.storegen import generate_store
+from daemon.demo.storegen import generate_store
 
 RECORDS = 100_000
 DAYS = 60

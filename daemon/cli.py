@@ -16,12 +16,16 @@ from typing import Any
 
 import yaml
 
-from daemon import api, control, doctor, export, log, ollama, registry, runner, settings, storegen, unit
-from daemon.dataset import DatasetError, verify
-from daemon.pipeline import CycleRequest, run_cycle
-from daemon.service import SOCKET_NAME, Service
+from daemon import api, log, proc, settings
+from daemon.cycle.pipeline import CycleRequest, run_cycle
+from daemon.dataset.builder import DatasetError, verify
+from daemon.demo import storegen
+from daemon.ingest.feedback import QUALITIES
+from daemon.publish import export, ollama, registry
+from daemon.service import control, unit
+from daemon.service.lifecycle import SOCKET_NAME, Service
 from daemon.state import StateError
-from daemon.store.feedback import QUALITIES
+from daemon.train import doctor, runner
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -505,7 +509,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_model(base: Path) -> Path | None:
     """Build the demo's tiny base model with the trainer's interpreter (this one), or None without torch."""
-    probe = runner.run_command([sys.executable, "-c", "import torch, transformers, trl, peft, gguf"], timeout=300)
+    probe = proc.run_command([sys.executable, "-c", "import torch, transformers, trl, peft, gguf"], timeout=300)
     if probe.returncode != 0:
         print("training stack not installed (pip install torch==2.13.0 -e '.[train]'): the demo stops at datasets",
               file=sys.stderr)
@@ -516,7 +520,7 @@ def _demo_model(base: Path) -> Path | None:
         print(f"no demo model: {exc}", file=sys.stderr)
         return None
     print("building a tiny local base model (real Qwen2 vocabulary, random weights)...", file=sys.stderr)
-    out = runner.run_command([sys.executable, str(runner.TRAINER_SCRIPT.parent / "tinymodel.py"), str(base / "models"),
+    out = proc.run_command([sys.executable, str(runner.TRAINER_SCRIPT.parent / "tinymodel.py"), str(base / "models"),
                               "--family", "qwen2", "--llama-cpp-dir", str(conv.root)], timeout=900)
     if out.returncode != 0:
         print(f"no demo model: {(out.stderr.strip().splitlines() or ['tinymodel failed'])[-1]}", file=sys.stderr)

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from trainjobs import UNSLOTH_PYTHON
 
-from daemon.pipeline import CycleRequest, run_cycle
+from daemon.cycle.pipeline import CycleRequest, run_cycle
+from daemon.demo.storegen import append_records, generate_store
 from daemon.state import State
-from daemon.storegen import append_records, generate_store
 
 pytestmark = pytest.mark.slow
 

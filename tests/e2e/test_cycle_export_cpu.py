@@ -12,11 +12,12 @@ import httpx
 import pytest
 from ollama_standin import StandinServer
 
-from daemon import registry, templates
-from daemon.export import default_cache_dir, installed
-from daemon.pipeline import CycleRequest, run_cycle
+from daemon.cycle.pipeline import CycleRequest, run_cycle
+from daemon.demo.storegen import append_records, generate_store
+from daemon.publish import registry
+from daemon.publish.export import default_cache_dir, installed
 from daemon.state import State
-from daemon.storegen import append_records, generate_store
+from daemon.train import templates
 
 pytestmark = pytest.mark.slow
 

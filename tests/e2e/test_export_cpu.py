@@ -1,6 +1,6 @@
 """GGUF export end to end on CPU: tiny Qwen2 / Llama models with real vocabularies, a LoRA adapter with random
 weights (training is tested elsewhere), the real ``merge_export.py`` child running the real converter, the GGUF read
-back by the ``gguf`` reader and by transformers, and the verdict by ``daemon.export.outcome``.
+back by the ``gguf`` reader and by transformers, and the verdict by ``daemon.publish.export.outcome``.
 
 Needs the training stack + ``sentencepiece`` in this interpreter and the extracted llama.cpp files
 (``.ci/train-setup.sh`` or ``chatos-retrain setup export``); the Unsloth test also needs ``.venv-unsloth``. Anything
@@ -24,8 +24,9 @@ import pytest
 import yaml
 from trainjobs import LLAMA_CPP_DIR, TIMEOUT_S, UNSLOTH_PYTHON, trainer_env
 
-from daemon import export, templates
-from daemon.templates import ChatTemplate
+from daemon.publish import export
+from daemon.train import templates
+from daemon.train.templates import ChatTemplate
 
 pytestmark = [
     pytest.mark.slow,

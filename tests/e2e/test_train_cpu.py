@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from trainjobs import TIMEOUT_S, TRAINER, UNSLOTH_PYTHON, Job, make_job, trainer_env
 
-from daemon import templates
+from daemon.train import templates
 
 pytestmark = pytest.mark.slow
 

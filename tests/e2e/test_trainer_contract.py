@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from trainjobs import CONFIG_TEMPLATE, TRAINER, Job
 
-from daemon import templates
+from daemon.train import templates
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from daemon import templates
-from daemon.export import default_cache_dir
+from daemon.publish.export import default_cache_dir
+from daemon.train import templates
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "daemon" / "training" / "train_qlora.py"

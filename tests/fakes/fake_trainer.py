@@ -10,7 +10,7 @@ It checks its argv, cwd and environment the way the real contract demands, then 
   renamed into place) | badtemplate (a GGUF whose chat template is not the training one). It writes a tiny but valid
   GGUF (the architecture the template is meant for, the training chat template, the job id in ``general.name`` so each
   export has its own digest) through a ``.partial.gguf`` renamed into place, and ``export_result.json`` last and
-  atomically, in the shape ``daemon/training/merge_export.py`` writes and ``daemon.export.outcome`` reads.
+  atomically, in the shape ``daemon/trainer/merge_export.py`` writes and ``daemon.publish.export.outcome`` reads.
 
 ``FAKE_TRAINER_ARGV_LOG`` (a file) receives the argv of the last call, either kind.
 """
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The architecture each template's GGUF must declare (daemon/templates.py gguf_architectures; chatml: any).
+# The architecture each template's GGUF must declare (daemon/train/templates.py gguf_architectures; chatml: any).
 ARCH = {"qwen-2.5": "qwen2", "chatml": "qwen2", "llama-3.1": "llama", "mistral": "llama"}
 
 

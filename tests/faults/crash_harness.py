@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from daemon import dataset
-from daemon.storegen import append_records, generate_store, line, training_record
+from daemon.dataset import builder as dataset
+from daemon.demo.storegen import append_records, generate_store, line, training_record
 
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:  # the stand-in is a test module; the bench script imports us from outside pytest

@@ -76,7 +76,7 @@ def test_kill_anywhere_then_restart_loses_nothing(tmp_path: Path) -> None:
 def test_the_ground_truth_oracle_agrees_with_the_generator(tmp_path: Path) -> None:
     """The harness's own reading of the store files equals what the generator says it wrote; a deletion before any
     ingest is recorded as unseen (the service cannot know it; see crash_harness.World.deleted_unseen)."""
-    from daemon.storegen import generate_store
+    from daemon.demo.storegen import generate_store
 
     truth = generate_store(tmp_path / "reference", 300, days=10, seed=5, extras=False)
     world = h.make_world(tmp_path / "world", n_records=300, seed=5)

@@ -17,9 +17,10 @@ import pytest
 from helpers import logs_file, rec, write_lines
 from ollama_standin import StandinServer
 
-from daemon import runner
-from daemon.pipeline import EXPORT_PENDING, CycleRequest, run_cycle
+from daemon import proc
+from daemon.cycle.pipeline import EXPORT_PENDING, CycleRequest, run_cycle
 from daemon.state import State
+from daemon.train import runner
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
 
@@ -66,7 +67,7 @@ def test_an_export_stopped_by_the_service_is_resumed_by_the_next_cycle(
         assert st.models() == [] and st.get_kv("champion_job") == r.job_id
         pending = json.loads(st.get_kv(EXPORT_PENDING) or "{}")
         assert pending["job_id"] == r.job_id and pending["pid"]  # the child is remembered
-        assert not runner.alive(pending["pid"], pending["pid_start"])  # and was stopped with the service
+        assert not proc.alive(pending["pid"], pending["pid_start"])  # and was stopped with the service
         ok = settings_for(make_settings, world, ollama_standin.url)
         nxt = run_cycle(ok, st, CycleRequest(set()))  # no new data: only the resumed export
         assert nxt.counts["export_resumed"] == {"job_id": r.job_id, "outcome": "registered",
@@ -89,7 +90,7 @@ def test_a_stray_export_child_is_stopped_before_the_export_runs_again(
             st.conn.execute("DELETE FROM models")
             st.set_kv("latest_model", "")
             st.set_kv(EXPORT_PENDING, json.dumps({"job_id": r.job_id, "gate": {}, "pid": stray.pid,
-                                                   "pid_start": runner.process_start_time(stray.pid)}))
+                                                   "pid_start": proc.process_start_time(stray.pid)}))
         nxt = run_cycle(s, st, CycleRequest(set()))
         assert stray.wait(15) is not None  # stopped (SIGTERM to its group) before the export ran again
         assert nxt.counts["export_resumed"]["outcome"] == "registered", nxt.counts

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon import control
-from daemon.control import ControlError, ControlInUse, ControlServer, ControlUnavailable, RequestError
+from daemon.service import control
+from daemon.service.control import ControlError, ControlInUse, ControlServer, ControlUnavailable, RequestError
 
 WAIT = 5.0
 

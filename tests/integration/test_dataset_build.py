@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from helpers import fb, feedback_file, logs_file, rec, write_lines
 
-from daemon import api, cli, dataset
-from daemon.dataset import DatasetError
+from daemon import api, cli
+from daemon.dataset import builder as dataset
+from daemon.dataset.builder import DatasetError
+from daemon.demo.storegen import generate_store
 from daemon.state import State
-from daemon.storegen import generate_store
 
 
 def build(s: Any, st: State) -> dataset.BuildResult:

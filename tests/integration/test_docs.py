@@ -8,8 +8,8 @@ from typing import Any
 
 from helpers import logs_file, rec, write_lines
 
+from daemon.ingest.ingestor import Ingestor
 from daemon.state import State
-from daemon.store.ingest import Ingestor
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "chatos-integration.md"
 

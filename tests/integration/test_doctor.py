@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon import doctor
+from daemon.train import doctor
 
 
 def bare_python(tmp_path: Path) -> Path:

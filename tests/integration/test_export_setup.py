@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon import export, templates
-from daemon.training import merge_export
+from daemon.publish import export
+from daemon.train import templates
+from daemon.trainer import merge_export
 
 QWEN = templates.get("qwen-2.5")
 LLAMA = templates.get("llama-3.1")

@@ -29,10 +29,11 @@ from helpers import fb, feedback_file, logs_file, rec, write_lines
 from ollama_standin import StandinServer
 from structlog.testing import capture_logs
 
-from daemon import api, cli, dataset, settings
-from daemon.pipeline import CycleRequest, CycleResult, run_cycle
+from daemon import api, cli, settings
+from daemon.cycle.pipeline import CycleRequest, CycleResult, run_cycle
+from daemon.dataset import builder as dataset
+from daemon.demo.storegen import append_records, generate_store
 from daemon.state import State, StateError, storage_problem
-from daemon.storegen import append_records, generate_store
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from daemon.ingest import records
+from daemon.ingest.ingestor import Ingestor
 from daemon.state import State
-from daemon.store import records
-from daemon.store.ingest import Ingestor
 
 BAD_LINES: list[tuple[bytes, str]] = [
     (b"\xff\xfe\xfd not utf-8", "invalid UTF-8"),
@@ -105,7 +105,7 @@ def test_corpus_store_zero_crashes_each_bad_line_reported_once(store: Path, tmp_
 
 def test_file_truncated_while_being_read(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer truncates the file between our plan and our read: nothing crashes and the next scan reconciles."""
-    from daemon.store import tail
+    from daemon.ingest import tail
 
     p = logs_file(store)
     write_lines(p, [rec(f"t0000000000{i}", quality="good", answer=f"t{i}") for i in range(6)])

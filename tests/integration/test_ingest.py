@@ -13,8 +13,8 @@ from helpers import fb, feedback_file, logs_file, rec, write_lines
 from structlog.testing import capture_logs
 
 from daemon import api
+from daemon.ingest.ingestor import Ingestor
 from daemon.state import State
-from daemon.store.ingest import Ingestor
 
 
 def ingest(state: State, root: Path, **kw: Any) -> Any:
@@ -348,7 +348,7 @@ def test_state_refuses_a_newer_schema(tmp_path: Path) -> None:
 
 def test_copy_of_store_gives_same_counts(store: Path, tmp_path: Path) -> None:
     """Sanity: ingest is a function of the files (two fresh states agree)."""
-    from daemon.storegen import generate_store
+    from daemon.demo.storegen import generate_store
 
     truth = generate_store(store, 300, days=3, seed=3)
     a, b = State(tmp_path / "a"), State(tmp_path / "b")

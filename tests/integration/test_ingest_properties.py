@@ -10,8 +10,8 @@ from helpers import fb, rec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.ingest.ingestor import Ingestor
 from daemon.state import State
-from daemon.store.ingest import Ingestor
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""daemon.ollama: the pure request builders and judges, then the client against the stand-in Ollama for every call and
+"""daemon.publish.ollama: the pure request builders and judges, then the client against the stand-in Ollama for every call and
 every error path (HTTP error before the first line, error line mid-stream, missing success, 404s, digest mismatch,
 down, 500, slow), and a 50 MB blob upload with the stand-in as a subprocess proving memory stays flat."""
 
@@ -18,8 +18,9 @@ import pytest
 from ollama_standin import CANNED_REPLY, StandinProcess, StandinServer, make_tiny_gguf
 from structlog.testing import capture_logs
 
-from daemon import ollama, templates
-from daemon.ollama import DigestMismatch, NotFound, OllamaClient, OllamaError, OllamaUnavailable
+from daemon.publish import ollama
+from daemon.publish.ollama import DigestMismatch, NotFound, OllamaClient, OllamaError, OllamaUnavailable
+from daemon.train import templates
 
 QWEN = templates.get("qwen-2.5")
 DIGEST = "sha256:" + "ab" * 32
@@ -373,7 +374,7 @@ def test_chat_with_llama_cpp_really_loads_the_gguf(client: OllamaClient, gguf: P
 _CLIENT = r"""
 import json, sys
 from pathlib import Path
-from daemon.ollama import OllamaClient
+from daemon.publish.ollama import OllamaClient
 
 def hwm():
     for line in Path("/proc/self/status").read_text().splitlines():

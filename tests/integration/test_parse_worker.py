@@ -1,6 +1,6 @@
 """The cold-ingest parse worker (a child process that parses while this one writes): same state as parsing here,
 and every way it can fail (cannot start, dies, the file changes under it) falls back to parsing here, losing
-nothing. Real child processes, started through runner.spawn_piped."""
+nothing. Real child processes, started through proc.spawn_piped."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import pytest
 from helpers import fb, feedback_file, logs_file, rec, write_lines
 from structlog.testing import capture_logs
 
-from daemon import runner
+from daemon import proc
+from daemon.demo.storegen import generate_store
+from daemon.ingest import ingestor as ingest
+from daemon.ingest.ingestor import Ingestor
 from daemon.state import State
-from daemon.store import ingest
-from daemon.store.ingest import Ingestor
-from daemon.storegen import generate_store
 
 TABLES = {
     "conversations": "SELECT cid, rank, messages, mode, model, quality, thumbs_up, inline_score, inline_rated, usable,"
@@ -69,7 +69,7 @@ def hostile_store(store: Path) -> Path:
 
 
 class Spawns:
-    """runner.spawn_piped, counted, with something done to each child right after it starts."""
+    """proc.spawn_piped, counted, with something done to each child right after it starts."""
 
     def __init__(self, then: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
         self.then = then
@@ -77,7 +77,7 @@ class Spawns:
 
     def __call__(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         self.count += 1
-        proc = runner.spawn_piped(argv)
+        proc = proc.spawn_piped(argv)
         if self.then is not None:
             self.then(proc)
         return proc
@@ -179,7 +179,7 @@ def test_a_file_rewritten_after_the_worker_read_it_is_read_again_here(
     write_lines(day, [rec(f"{i:012x}") for i in range(20)])
     write_lines(logs_file(store, "2025-12-06"), [rec(f"{i:012x}") for i in range(100, 110)])
 
-    started = ingest._ParseWorker.__init__
+    started = parse_worker.ParseWorker.__init__
 
     def start_then_rewrite(self: Any, *args: Any, **kw: Any) -> None:
         started(self, *args, **kw)
@@ -188,7 +188,7 @@ def test_a_file_rewritten_after_the_worker_read_it_is_read_again_here(
             f.truncate(0)
             f.write("".join(json.dumps(rec(f"{i:012x}")) + "\n" for i in [*range(1, 20), 999]))
 
-    monkeypatch.setattr(ingest._ParseWorker, "__init__", start_then_rewrite)
+    monkeypatch.setattr(parse_worker.ParseWorker, "__init__", start_then_rewrite)
     with capture_logs() as logs:
         scan(tmp_path / "w", store)
     assert not [e for e in logs if e["event"].startswith("ingest.parse_worker")]  # a fallback, not a failure
@@ -204,7 +204,8 @@ def _build_dir(root: Path, state_dir: Path, make_settings: Any, worker: bool, mo
     """Ingest ``root`` through api.ingest (the worker making cache entries, or not), add a late feedback event and
     ingest again, then build: the ids the build made entries for, the dataset's files, and the cache entries as
     they were before the build."""
-    from daemon import api, dataset
+    from daemon import api
+    from daemon.dataset import builder as dataset
 
     s = make_settings(**{"state": {"dir": str(state_dir)}, "store": {"root": str(root)},
                          "dataset": {"include_unrated": False, "min_score": 1}})

@@ -9,8 +9,9 @@ import httpx
 import pytest
 from ollama_standin import StandinServer, make_tiny_gguf
 
-from daemon import ollama, registry, templates
+from daemon.publish import ollama, registry
 from daemon.state import State
+from daemon.train import templates
 
 
 def gguf(tmp_path: Path, n: int, architecture: str = "qwen2", template: str = "qwen-2.5") -> tuple[Path, str, int]:

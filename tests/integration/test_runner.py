@@ -18,9 +18,10 @@ import yaml
 from helpers import logs_file, rec, write_lines
 from structlog.testing import capture_logs
 
-from daemon import runner, settings
-from daemon.pipeline import CycleRequest, run_cycle
+from daemon import proc, settings
+from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.state import State
+from daemon.train import runner
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
 
@@ -173,7 +174,7 @@ def test_timeout_sends_sigterm_to_the_group(state: State, tmp_path: Path, fake_p
         out = supervise(state, job, timeout=1.0)
     assert out.status == "timeout" and "training.timeout" in out.reason
     assert [e["event"] for e in logs if e["event"].startswith("job.sig")] == ["job.sigterm"]
-    assert not runner.alive(job.pid, job.pid_start)
+    assert not proc.alive(job.pid, job.pid_start)
 
 
 def test_sigkill_after_grace_when_sigterm_is_ignored(state: State, tmp_path: Path, fake_python: Path,
@@ -312,9 +313,9 @@ def test_sigterm_to_the_group_reaches_grandchildren(state: State, tmp_path: Path
     while not pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pidfile.read_text())
-    assert runner.signal_group(proc.pid, signal.SIGTERM)
+    assert proc.signal_group(proc.pid, signal.SIGTERM)
     proc.wait(10)
     deadline = time.monotonic() + 10
-    while runner.alive(child, None) and time.monotonic() < deadline:
+    while proc.alive(child, None) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not runner.alive(child, None)
+    assert not proc.alive(child, None)

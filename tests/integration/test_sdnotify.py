@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.sdnotify import Notifier
+from daemon.service.sdnotify import Notifier
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -216,7 +216,7 @@ def test_a_real_process_notifies_from_its_own_pid(receiver: Receiver) -> None:
     """What systemd checks for NotifyAccess=main: the datagram comes from the service's own pid."""
     code = (
         "import os\n"
-        "from daemon.sdnotify import Notifier\n"
+        "from daemon.service.sdnotify import Notifier\n"
         "n = Notifier.from_env()\n"
         "assert n.watchdog_interval() == 0.5, n.watchdog_interval()\n"
         "n.ready(f'pid {os.getpid()}')\n"

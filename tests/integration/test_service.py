@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from helpers import fb, feedback_file, logs_file, rec, write_lines
 
-from daemon import control
+from daemon.service import control
 from daemon.state import State
 
 DEADLINE = 60.0

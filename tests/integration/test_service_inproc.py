@@ -12,9 +12,9 @@ import pytest
 from helpers import fb, feedback_file, logs_file, rec, write_lines
 from structlog.testing import capture_logs
 
-from daemon import watch
-from daemon.sdnotify import Notifier
-from daemon.service import Service
+from daemon.ingest import watch
+from daemon.service.lifecycle import Service
+from daemon.service.sdnotify import Notifier
 
 
 def wait_until(pred: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:

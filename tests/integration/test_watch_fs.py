@@ -17,8 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 from watchdog.observers.api import BaseObserver, EventEmitter
 
-from daemon import watch
-from daemon.watch import WatchdogWatcher, Watcher
+from daemon.ingest import watch
+from daemon.ingest.watch import WatchdogWatcher, Watcher
 
 WAIT = 5.0  # generous upper bound; every wait returns as soon as its condition holds
 POLL = 0.05

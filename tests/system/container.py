@@ -513,7 +513,7 @@ def as_chatos_python(c: Container, code: str, timeout: float = 120.0) -> Any:
 
 
 def generate_store(c: Container, n_records: int, seed: int) -> dict[str, int]:
-    """A realistic store (``daemon.storegen``) written by the ChatOS user; returns what a reader must count."""
+    """A realistic store (``daemon.demo.storegen``) written by the ChatOS user; returns what a reader must count."""
     code = (
         "import json; from pathlib import Path; from daemon import storegen\n"
         f"t = storegen.generate_store(Path({STORE!r}), {n_records}, days=3, seed={seed}, feedback_fraction=0.5)\n"

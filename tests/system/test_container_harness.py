@@ -14,7 +14,7 @@ from typing import Any
 import container as ct
 import pytest
 
-from daemon.unit import render_unit
+from daemon.service.unit import render_unit
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon import runner
 from daemon.settings import Settings
+from daemon.train import runner
 
 PKG = Path(__file__).resolve().parents[2] / "daemon"
-SERVICE_MODULES = sorted(p for p in PKG.rglob("*.py") if "training" not in p.parts)
+SERVICE_MODULES = sorted(p for p in PKG.rglob("*.py") if "trainer" not in p.parts)
 HEAVY = {"torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes"}
 
 
@@ -26,9 +26,14 @@ def imports(path: Path) -> set[str]:
     return out
 
 
-def test_only_the_runner_spawns_processes() -> None:
+def test_only_proc_spawns_processes() -> None:
     spawners = [p.name for p in SERVICE_MODULES if {"subprocess", "multiprocessing"} & imports(p)]
-    assert spawners == ["runner.py"]
+    assert spawners == ["proc.py"]
+
+
+def test_only_the_state_package_speaks_sql() -> None:
+    sql = [str(p.relative_to(PKG)) for p in SERVICE_MODULES if "sqlite3" in imports(p) and "state" not in p.parts]
+    assert sql == []
 
 
 def test_only_the_ollama_adapter_speaks_http() -> None:
@@ -42,7 +47,7 @@ def test_the_service_never_imports_the_training_stack() -> None:
     assert offenders == {}
 
 
-@pytest.mark.parametrize("path", [*SERVICE_MODULES, *sorted((PKG / "training").glob("*.py"))],
+@pytest.mark.parametrize("path", [*SERVICE_MODULES, *sorted((PKG / "trainer").glob("*.py"))],
                          ids=lambda p: str(p.relative_to(PKG)))
 def test_no_shell_anywhere(path: Path) -> None:
     tree = ast.parse(path.read_text())
@@ -58,7 +63,7 @@ def test_no_shell_anywhere(path: Path) -> None:
 
 
 def test_training_scripts_import_nothing_of_the_service() -> None:
-    for p in (PKG / "training").glob("*.py"):
+    for p in (PKG / "trainer").glob("*.py"):
         assert "daemon" not in imports(p), p.name
 
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon import pii
-from daemon.dataset import Example, dedup_key, fingerprint, select, split, split_bucket
+from daemon.dataset import pii
+from daemon.dataset.builder import Example, dedup_key, fingerprint, select, split, split_bucket
 from daemon.settings import DatasetSettings
 from daemon.state import Eligible
 

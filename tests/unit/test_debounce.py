@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.debounce import Debouncer
+from daemon.ingest.debounce import Debouncer
 
 STORE = "/home/u/ChatOS-Memory"
 

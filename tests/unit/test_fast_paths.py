@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from daemon import dataset, examples, pii
-from daemon.store import records, tail
+from daemon import codec
+from daemon.dataset import builder as dataset
+from daemon.dataset import examples, pii
+from daemon.ingest import records, tail
 
 ODD: list[Any] = [None, True, False, 0, 1.5, "", " ", "x", "GOOD ", "Excellent", "stellar", [], {}, ["a"], {"a": 1},
                   "\ud800", "\udc00x", "é😀", "a\u0000b", 10**20, "  \n", "unrated", "2026-13-01T00:00:00.000000",
@@ -24,7 +26,7 @@ ODD: list[Any] = [None, True, False, 0, 1.5, "", " ", "x", "GOOD ", "Excellent",
 def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     if request.param == "json":
         monkeypatch.setattr(records, "_orjson_loads", None)
-        monkeypatch.setattr(records, "_orjson_dumps", None)
+        monkeypatch.setattr(codec, "orjson_dumps", None)
     else:
         assert records._orjson_loads is not None, "orjson is a dependency: it should be installed"
     yield request.param
@@ -100,7 +102,7 @@ def test_parse_block_matches_the_careful_parser(decoder: str) -> None:
             continue
         fast += 1
         f = records.fields_of(want)
-        assert got == (f.conversation_id, records.messages_json(f.messages), f.mode, f.model, f.quality, f.thumbs_up,
+        assert got == (f.conversation_id, codec.messages_json(f.messages), f.mode, f.model, f.quality, f.thumbs_up,
                        want.inline_score, want.inline_rated, f.usable, f.started_at), raw
     assert fast > 1000 and slow > 1000  # both kinds of line were exercised
 
@@ -112,7 +114,7 @@ def test_stored_messages_are_compact_json_with_or_without_orjson(decoder: str) -
         pairs = [(rng.choice(["user", "assistant", "system"]), "".join(rng.choices(chars, k=rng.randint(0, 12))))
                  for _ in range(rng.randint(1, 3))]
         want = json.dumps([{"role": r, "content": c} for r, c in pairs], ensure_ascii=False, separators=(",", ":"))
-        assert records.messages_json(pairs) == want
+        assert codec.messages_json(pairs) == want
         line = dataset._encode(pairs)
         assert json.loads(line) == {"messages": [{"role": r, "content": c} for r, c in pairs]}
         assert line == b'{"messages":' + want.encode() + b"}\n"

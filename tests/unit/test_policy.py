@@ -12,8 +12,8 @@ from apscheduler.triggers.cron import CronTrigger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.policy import PolicyInput, current_window, day_start, decide, next_window_open
 from daemon.settings import PolicySettings, Window
+from daemon.train.policy import PolicyInput, current_window, day_start, decide, next_window_open
 
 NOW = datetime(2025, 3, 14, 6, 56, tzinfo=UTC)  # a Friday
 

@@ -10,8 +10,8 @@ from helpers import rec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.store import records
-from daemon.store.records import Conversation, FeedbackEvent, Rejection, classify, parse_conversation, parse_feedback
+from daemon.ingest import records
+from daemon.ingest.records import Conversation, FeedbackEvent, Rejection, classify, parse_conversation, parse_feedback
 
 
 def enc(obj: Any) -> bytes:

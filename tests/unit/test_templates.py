@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon import templates
-from daemon.templates import ChatTemplate, UnknownTemplate
+from daemon.train import templates
+from daemon.train.templates import ChatTemplate, UnknownTemplate
 
 jinja2 = pytest.importorskip("jinja2", reason="jinja2 renders the templates (installed with the train extra)")
 from jinja2 import nodes  # noqa: E402

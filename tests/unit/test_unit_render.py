@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import unit
-from daemon.unit import InstallResult, UnitExistsError, install_unit, render_unit
+from daemon.service import unit
+from daemon.service.unit import InstallResult, UnitExistsError, install_unit, render_unit
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_FILE = ROOT / "systemd" / "chatos-retrain.service"

@@ -20,8 +20,8 @@ from watchdog.events import (
     FileOpenedEvent,
 )
 
-from daemon import watch
-from daemon.watch import ScriptedWatcher, Watcher
+from daemon.ingest import watch
+from daemon.ingest.watch import ScriptedWatcher, Watcher
 
 ROOT = "/home/u/ChatOS-Memory"
 REAL = "/data/chatos"  # the resolved root (the configured one is a symlink to it)

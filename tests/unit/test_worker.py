@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from daemon.pipeline import CycleRequest, CycleResult, Worker
+from daemon.cycle.pipeline import CycleRequest, CycleResult, Worker
 
 
 class Gate:

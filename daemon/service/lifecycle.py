@@ -18,13 +18,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemon import api, control, log, policy, runner, settings, watch
-from daemon.debounce import Debouncer
-from daemon.pipeline import CycleRequest, CycleResult, Progress, Worker, run_cycle
-from daemon.sdnotify import Notifier
+from daemon import log, settings
+from daemon.cycle.pipeline import CycleRequest, CycleResult, Progress, Worker, run_cycle
+from daemon.ingest import ingestor, watch
+from daemon.ingest.debounce import Debouncer
+from daemon.service import control, status
+from daemon.service.sdnotify import Notifier
 from daemon.state import State
+from daemon.train import policy, runner
 
-_log = log.get("daemon.service")
+_log = log.get("daemon.service.lifecycle")
 SOCKET_NAME = "control.sock"
 
 
@@ -96,7 +99,7 @@ class Service:
     def live_status(self) -> dict[str, Any]:
         s = self.settings
         with State(s.state_dir()) as st:
-            store = api.store_status(s, st).as_json()
+            store = status.store_status(s, st).as_json()
         nxt = policy.next_window_open(s.policy, datetime.now(UTC))
         last = self.last_result.as_json() if self.last_result else None
         return {
@@ -267,7 +270,7 @@ class Service:
         def scan() -> None:
             try:
                 with State(self.settings.state_dir()) as st:
-                    rep = api.ingest(self.settings, st)
+                    rep = ingestor.ingest(self.settings, st)
                 _log.info("service.startup_scan", **rep.as_dict())
             except BaseException as exc:  # reported by the main thread
                 errors.append(exc)

@@ -3,26 +3,22 @@
 Pure: bytes in, a record or a :class:`Rejection` out. Never raises on any input.
 Shapes (see docs/chatos-store.md): full ``logs/`` records, ``training_data/*.jsonl`` training records,
 ``training_data/*.json`` single objects with a top-level ``feedback_score``; plus ``feedback/*.jsonl`` events.
-:func:`parse_block` turns a block of lines into what ingest stores; :func:`worker_main` (the one impure part) runs
-it in the child process that bulk ingest uses to parse while it writes.
+:func:`parse_block` turns a block of lines into what ingest stores (the parse worker, ``ingest.worker``, runs it
+in a child process during a bulk ingest).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pickle
 import re
-import stat
-import struct
-import sys
-import traceback
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any, Literal, NamedTuple
+
+from daemon import codec
+from daemon.codec import messages_json
 
 Kind = Literal["logs", "training", "training_json", "feedback"]
 ROLES = frozenset({"user", "assistant", "system"})
@@ -32,17 +28,9 @@ RANK = {"logs": 2, "training": 1, "training_json": 1}
 _CID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 # What json.loads runs, configured as json.loads's default decoder.
 _scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-try:  # the store's JSON codec (a dependency): 3x json decoding, 4x encoding. json still decides every line orjson
-    # refuses (see parse_fields), and does all of it when orjson cannot be imported.
-    from orjson import JSONDecodeError as _OrjsonError
-    from orjson import dumps as _orjson_dumps
-    from orjson import loads as _orjson_loads
-except ImportError:  # pragma: no cover - depends on what is installed
-    _orjson_loads = None  # type: ignore[assignment]
-    _orjson_dumps = None  # type: ignore[assignment]
-# Decodes JSON that this service wrote itself (stored messages, dataset lines): no rejection reasons needed.
-load_json: Callable[[str | bytes], Any] = _orjson_loads if _orjson_loads is not None else json.loads
+# The store's JSON codec (orjson when installed); json still decides every line orjson refuses (see parse_fields).
+_orjson_loads = codec.orjson_loads
+_OrjsonError = codec.OrjsonError
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,8 +480,6 @@ def _fast_feedback(raw: bytes) -> FeedbackTuple | None:
 
 # -- batches: what ingest stores per line ------------------------------------------------------------------------
 
-_enc = json.encoder.encode_basestring  # the C encoder of json.dumps(ensure_ascii=False)
-_OPEN = {role: '{"role":' + _enc(role) + ',"content":' for role in ROLES}
 
 # One accepted conversation line, as stored: (cid, messages JSON or None, mode, model, quality, thumbs_up,
 # inline_score, inline_rated, usable, started_at). One accepted feedback line: (cid, thumbs_up, quality, note,
@@ -509,16 +495,6 @@ class Rejected(NamedTuple):
 
 def line_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=12).hexdigest()
-
-
-def messages_json(messages: Iterable[tuple[str, str]]) -> str:
-    """``json.dumps([{"role", "content"}, ...], ensure_ascii=False, separators=(",", ":"))``, byte for byte (it runs
-    once per ingested record): compact, as the dataset's lines are, so that a dataset line is
-    ``'{"messages":' + this + '}'`` whenever nothing is dropped or scrubbed (see dataset.example_cfg). orjson
-    writes the same bytes as that json.dumps."""
-    if _orjson_dumps is not None:
-        return _orjson_dumps([{"role": r, "content": c} for r, c in messages]).decode()
-    return "[" + ",".join([_OPEN[r] + _enc(c) + "}" for r, c in messages]) + "]"
 
 
 def parse_block(
@@ -558,93 +534,3 @@ def parse_block(
         out.append((cid, msgs, f.mode, f.model, quality, thumbs, score(thumbs, quality), rated(thumbs, quality),
                     f.usable, f.started_at))
     return out
-
-
-# -- the parse worker: the child side -----------------------------------------------------------------------------
-#
-# A bulk ingest (a cold start) spends about as long parsing lines as writing them to SQLite. The parent
-# (store.ingest) starts this loop in a child process and hands it the new files to read from byte 0, in the order
-# it will store them; the child streams each file's parsed blocks back while the parent writes the previous ones.
-# Given an examples.Spec, it also makes the dataset build's cache entries for the logs/ conversations it expects
-# the build to want (the build's own CPU, moved to the core the parent leaves idle).
-# The child reads, parses and answers; it never writes anything. Frames on stdout: a 4-byte length, then a pickle
-# of (task, tag, ...): "lines" (first line number, offset, line lengths, parse_block results, cache entries
-# ``(cid, *examples.Entry)``), "oversize" (number,
-# offset, length), "end" (the cursor's head and boundary hashes for what was read), "error" (errno, message:
-# reading failed), "skip" (not the file the parent saw), "crash" (traceback text). It exits at the end of its
-# list, or when the parent goes away (broken pipe).
-
-
-def worker_main() -> None:  # pragma: no cover - runs in the child; exercised through store.ingest
-    from daemon import examples, faults
-    from daemon.store import tail
-
-    tasks, max_line, spec = pickle.load(sys.stdin.buffer)
-    out = sys.stdout.buffer
-
-    def send(*frame: Any) -> None:
-        data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-        out.write(struct.pack("<I", len(data)) + data)
-        out.flush()
-
-    known: set[str] = set()
-    labels: dict[str, tuple[str, int]] = {}  # cid -> (timestamp, score) of its latest feedback event seen
-
-    def entries(results: list[Any], pairs: list[Any]) -> list[tuple[Any, ...]]:
-        """Cache entries (examples.cache_entry) for the conversations a build will likely want."""
-        out = []
-        for r, msgs in zip(results, pairs, strict=True):
-            if msgs is not None and examples.expected(spec, r, labels[r[0]][1] if r[0] in labels else None):
-                out.append((r[0], *examples.cache_entry(r[0], r[1].encode(), spec, msgs)))
-        return out
-
-    try:
-        for task, (path, kind, dev, ino) in enumerate(tasks):
-            faults.point("parse_worker.file")
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                send(task, "skip")
-                continue
-            try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISREG(st.st_mode):
-                    send(task, "skip")
-                    continue
-                end = lines_read = 0
-                for block in tail.read_blocks(fd, 0, 0, max_line):
-                    if isinstance(block, tail.Oversize):
-                        send(task, "oversize", *block)
-                        end, lines_read = block.offset + block.length + 1, block.number
-                        continue
-                    first, offset = block.first, block.offset
-                    for i in range(0, len(block.lines), 256):  # small frames: several fit in the pipe
-                        lines = block.lines[i:i + 256]
-                        pairs: list[Any] | None = [] if kind == "logs" and spec is not None else None
-                        results = parse_block(lines, kind, known, pairs)
-                        made: list[tuple[Any, ...]] = []
-                        if kind == "logs":
-                            known.update(r[0] for r in results if type(r) is tuple)
-                            if pairs is not None:
-                                made = entries(results, pairs)
-                        elif kind == "feedback":
-                            for ev in results:  # latest by timestamp, then arrival (as state.refresh_labels)
-                                e: Any = ev
-                                if type(e) is tuple and (e[0] not in labels or e[4] >= labels[e[0]][0]):
-                                    labels[e[0]] = (e[4], e[5])
-                        lengths = [len(x) for x in lines]
-                        send(task, "lines", first, offset, lengths, results, made)
-                        first, offset = first + len(lines), offset + sum(lengths) + len(lines)
-                    end, lines_read = offset, first - 1
-                # What the parent's cursor will say about these bytes: if the file changes before the parent
-                # stores it, the hashes differ and the parent reads the file itself.
-                cur = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines_read)
-                send(task, "end", cur.head_hash, cur.tail_hash)
-            except OSError as exc:
-                send(task, "error", exc.errno, exc.strerror or str(exc))
-            finally:
-                os.close(fd)
-    except BrokenPipeError:
-        return  # the parent is gone
-    except Exception:  # a bug: say what, so the parent can log it and parse by itself
-        send(len(tasks), "crash", traceback.format_exc())

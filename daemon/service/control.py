@@ -29,7 +29,7 @@ from typing import Any
 
 from daemon import log
 
-_log = log.get("daemon.control")
+_log = log.get("daemon.service.control")
 
 Emit = Callable[[dict[str, Any]], None]
 Handler = Callable[[dict[str, Any], Emit], dict[str, Any]]

@@ -43,9 +43,9 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon import log
-from daemon.store.records import classify
+from daemon.ingest.records import classify
 
-_log = log.get("daemon.watch")
+_log = log.get("daemon.ingest.watch")
 
 OnEvent = Callable[[str], None]
 OnRescan = Callable[[str], None]

@@ -8,7 +8,7 @@ Three parts, in the order a cycle uses them:
   into ``<cache>/llama.cpp-<version>/``. Idempotent (a marker holding the sha), locked against a concurrent setup,
   and strict about the archive (absolute names, ``..`` and links refuse it). ``export.llama_cpp_dir`` may name an
   existing llama.cpp checkout instead (:func:`validate_llama_cpp_dir`).
-* **Plan** (pure): the job config of ``daemon/training/merge_export.py`` (which runs in the trainer's interpreter and
+* **Plan** (pure): the job config of ``daemon/trainer/merge_export.py`` (which runs in the trainer's interpreter and
   cannot import us), with the converter and quantizer argv already built (:func:`merge_config`).
 * **Judgement** (pure): the child's ``export_result.json`` + exit status -> an :class:`ExportOutcome`; the GGUF's
   facts read by the ``gguf`` reader -> problems (:func:`gguf_problems`).
@@ -34,12 +34,12 @@ from typing import Any
 
 import yaml
 
-from daemon import log, runner
-from daemon.templates import ChatTemplate
+from daemon import log, proc
+from daemon.train.templates import ChatTemplate
 
-_log = log.get("daemon.export")
+_log = log.get("daemon.publish.export")
 
-MERGE_EXPORT_SCRIPT = Path(__file__).resolve().parent / "training" / "merge_export.py"
+MERGE_EXPORT_SCRIPT = Path(__file__).resolve().parent.parent / "trainer" / "merge_export.py"
 
 
 class ExportError(Exception):
@@ -277,14 +277,14 @@ def fetch_sdist(cache_dir: Path, pin: SdistPin = SDIST, *, python: Path | None =
         reqs.write_text(f"{pin.requirement} --hash=sha256:{pin.sha256}\n")
         argv = pip_download_argv(python or Path(sys.executable), reqs, tmp / "out")
         try:
-            proc = runner.run_command(argv, timeout=timeout_s, cwd=tmp,
-                                      env={**os.environ, "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"})
-        except runner.TimeoutExpired:
+            done = proc.run_command(argv, timeout=timeout_s, cwd=tmp,
+                                    env={**os.environ, "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"})
+        except proc.TimeoutExpired:
             raise SetupError(f"pip download {pin.requirement} did not finish within {timeout_s:g}s") from None
         except OSError as exc:
             raise SetupError(f"cannot run pip ({argv[0]}): {exc.strerror or exc}") from None
-        if proc.returncode != 0:
-            raise SetupError(pip_failure(proc.stdout + proc.stderr, pin, proc.returncode))
+        if done.returncode != 0:
+            raise SetupError(pip_failure(done.stdout + done.stderr, pin, done.returncode))
         got = tmp / "out" / pin.filename
         if not got.is_file():
             found = sorted(p.name for p in (tmp / "out").glob("*"))

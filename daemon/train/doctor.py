@@ -7,8 +7,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import runner, templates
+from daemon import proc
 from daemon.settings import Settings
+from daemon.train import runner, templates
 
 # Runs inside the trainer's interpreter: what imports there, and what the device can do.
 _PROBE = r"""
@@ -84,15 +85,15 @@ def run(settings: Settings, *, timeout: float = 180.0) -> list[Check]:
     want_unsloth = t.backend in ("unsloth", "auto")
     argv = [str(t.python), "-c", _PROBE] + ([] if want_unsloth else ["--no-unsloth"])
     try:
-        proc = runner.run_command(argv, timeout=timeout)
-    except (OSError, runner.TimeoutExpired) as exc:
+        done = proc.run_command(argv, timeout=timeout)
+    except (OSError, proc.TimeoutExpired) as exc:
         checks.append(Check("trainer interpreter", False, f"{t.python} did not run: {exc}",
                             "check that the path is an executable Python"))
         return checks
     try:
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        info = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         checks.append(Check("trainer interpreter", False, f"{t.python} failed: {tail[0][:200]}",
                             "run it by hand to see why"))
         return checks

@@ -11,12 +11,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from daemon import faults, log, ollama, templates
-from daemon.ollama import OllamaClient, OllamaError
+from daemon import faults, log
+from daemon.publish import ollama
+from daemon.publish.ollama import OllamaClient, OllamaError
 from daemon.settings import Settings
 from daemon.state import State, utcnow
+from daemon.train import templates
 
-_log = log.get("daemon.registry")
+_log = log.get("daemon.publish.registry")
 
 
 class Rejected(Exception):

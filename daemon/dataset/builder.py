@@ -24,11 +24,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from daemon import examples, faults, log
+from daemon import faults, log
+from daemon.dataset import examples
 from daemon.settings import DatasetSettings
 from daemon.state import DatasetRow, Eligible, State, private_dir, utcnow
 
-_log = log.get("daemon.dataset")
+_log = log.get("daemon.dataset.builder")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 FORMAT = examples.FORMAT
 _by_cid = operator.itemgetter(0)  # Example.cid
@@ -154,7 +155,7 @@ def select(rows: Iterable[Eligible], cfg: DatasetSettings, keep_first: set[str] 
 
 # -- processed-example cache -----------------------------------------------------------------------------------
 #
-# Filtering, scrubbing, encoding and the dedup key (daemon/examples.py) cost ~10 us per example. state.examples
+# Filtering, scrubbing, encoding and the dedup key (daemon/dataset/examples.py) cost ~10 us per example. state.examples
 # keeps the result per conversation (see state migration 5): a rebuild redoes only what changed, and a cold ingest's
 # parse worker makes most entries before the first build. An entry is valid for one content revision of its
 # conversation and one example_cfg(); its line is stored only when it is not '{"messages":' + stored messages +

@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from daemon import pii
-from daemon.store.records import load_json as _loads
-from daemon.store.records import messages_json
+from daemon.codec import load_json as _loads
+from daemon.codec import messages_json
+from daemon.dataset import pii
 
 FORMAT = "messages-v1"
 CACHE_VERSION = 4  # bump when the cached values would change for the same settings: the line, prepare, dedup
@@ -144,7 +144,7 @@ def encode_line(messages: Iterable[tuple[str, str]]) -> bytes:
 
 def cache_entry(cid: str, stored: str | bytes, cfg: Shaping, pairs: Iterable[tuple[str, str]] | None = None) -> Entry:
     """The cache entry for a conversation's stored messages. Stored messages are in the line's own encoding
-    (records.messages_json): left unchanged, they are the line."""
+    (codec.messages_json): left unchanged, they are the line."""
     msgs, same, own = prepared(stored, cfg, None, pairs)
     return Entry(dedup_prekey(msgs), json.dumps(own, sort_keys=True) if own else None,
                  None if same else encode_line(msgs), split_bucket(cid))

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.store.records import QUALITY_SCORE, Rejection, parse_feedback
+from daemon.ingest.records import QUALITY_SCORE, Rejection, parse_feedback
 
 
 def make_event(

@@ -2,10 +2,10 @@
 
 Runs under the *trainer's* interpreter (the same venv that trained the adapter), by absolute path:
 
-    /path/to/python /abs/daemon/training/merge_export.py --config /abs/exports/<id>/export.yaml
+    /path/to/python /abs/daemon/trainer/merge_export.py --config /abs/exports/<id>/export.yaml
 
-The config is written by ``daemon.export.merge_config`` (the service cannot be imported here): every path is absolute
-and the converter/quantizer argv are already built. Steps:
+The config is written by ``daemon.publish.export.merge_config`` (the service cannot be imported here): every path
+is absolute and the converter/quantizer argv are already built. Steps:
 
 1. free-disk pre-check (``min_free_factor`` x the base's weights, 3x by default: merged copy, f16 and final GGUF);
 2. merge: PEFT ``merge_and_unload()`` on an fp16/bf16/fp32 base (``backend: transformers``) or Unsloth
@@ -21,7 +21,7 @@ and the converter/quantizer argv are already built. Steps:
 
 ``export_result.json`` is written last, atomically, on success *and* failure (``status``, ``error`` as one line).
 Exit codes: 0 ok, 1 anything else, 2 bad config or missing input, 3 the converter or quantizer failed, 4 not enough
-disk, 5 out of memory, 143 terminated (SIGTERM). The service judges the GGUF facts (``daemon.export.outcome``).
+disk, 5 out of memory, 143 terminated (SIGTERM). The service judges the GGUF facts (``daemon.publish.export.outcome``).
 """
 
 from __future__ import annotations

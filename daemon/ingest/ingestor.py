@@ -5,22 +5,16 @@ nothing and counts nothing twice: the next run starts from the last committed cu
 (a cold start) groups several files into one transaction, each file in its own savepoint: an unreadable file
 undoes only its own writes, and a crash undoes the whole group, cursors included. Fewer, larger commits make a
 cold ingest ~25% cheaper: the id indexes' pages are written to the WAL once per group instead of once per file.
-A scan with many new files (a cold start) parses them in a child process (records.worker_main, started through
-runner.spawn_piped: the runner is the one module that starts processes) while this one writes: the two cores then
+A scan with many new files (a cold start) parses them in a child process (ingest.worker, started through
+proc.spawn_piped: proc is the one module that starts processes) while this one writes: the two cores then
 share the work. Only this process ever writes state, so atomicity is the same either way, and anything the worker
 cannot supply (it died, a file changed under it) is read here instead.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
-import pickle
-import select
-import struct
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -28,10 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from daemon import examples, faults, log, runner
-from daemon.state import State
-from daemon.store import records, tail
-from daemon.store.records import Conversation, ConvTuple, Kind, Rejected, Rejection
+from daemon import codec, faults, log, proc
+from daemon.dataset import builder as dataset
+from daemon.dataset import examples
+from daemon.ingest import records, tail
+from daemon.ingest import worker as parse_worker
+from daemon.ingest.records import Conversation, ConvTuple, Kind, Rejected, Rejection
+from daemon.settings import Settings
+from daemon.state import State, utcnow
+from daemon.state.rows import Cursor
 
 DATA_FOLDERS = ("logs", "training_data", "feedback")
 BATCH = 2000
@@ -62,7 +61,7 @@ class IngestReport:
 
 
 def _messages_json(conv: Conversation) -> str:
-    return records.messages_json((m.role, m.content) for m in conv.messages)
+    return codec.messages_json((m.role, m.content) for m in conv.messages)
 
 
 class _Group:
@@ -99,118 +98,6 @@ class _Group:
             stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
-class _Fallback(Exception):
-    """The parse worker cannot supply this file (gone, replaced, or content it left out): parse it here."""
-
-
-class _ParseWorker:
-    """The parent side of records.worker_main: starts the child with the files to parse (in the order this process
-    will store them) and hands their parsed blocks over as they come. The child runs ahead by what the pipe (1 MiB)
-    and this side's buffer hold: whenever this process takes a block it also takes whatever else is ready, up to
-    ``AHEAD`` bytes, without waiting. (A reader thread would wait for the GIL on every pipe read while this thread
-    runs Python: that cost more than it overlapped.)"""
-
-    AHEAD = 4 << 20
-
-    def __init__(self, tasks: list[tuple[str, Kind, int, int]], max_line: int, spawn: Callable[[Sequence[str]], Any],
-                 spec: examples.Spec | None = None) -> None:
-        self.tasks = {path: i for i, (path, _, _, _) in enumerate(tasks)}
-        self._buf = bytearray()
-        self._pos = 0  # where the next frame starts in _buf
-        self._eof = False
-        self._next = 0  # the task whose frames come next
-        self._pending: tuple[Any, ...] | None = None
-        self.failed = False
-        self.hashes: tuple[str, str] | None = None  # the cursor hashes of the last file supplied
-        code = f"import sys; sys.path[:] = {sys.path!r}; from daemon.store.records import worker_main; worker_main()"
-        self._proc = spawn([sys.executable, "-I", "-c", code])
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._fd = self._proc.stdout.fileno()
-        with contextlib.suppress(OSError, AttributeError):  # a larger pipe lets the child run further ahead
-            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-        try:
-            self._proc.stdin.write(pickle.dumps((tasks, max_line, spec)))
-            self._proc.stdin.close()
-        except OSError:  # it died before taking its tasks (broken pipe)
-            with contextlib.suppress(OSError):
-                self._proc.stdin.close()
-            self.close()
-            raise
-
-    def _read(self, wait: bool) -> bool:
-        """Append what the pipe holds, waiting for it when ``wait``; whether anything came."""
-        if self._eof or (not wait and not select.select([self._fd], [], [], 0)[0]):
-            return False
-        data = os.read(self._fd, 1 << 20)
-        self._buf += data
-        self._eof = not data
-        return bool(data)
-
-    def _frame(self) -> tuple[Any, ...] | None:
-        if self._pending is not None:
-            frame, self._pending = self._pending, None
-            return frame
-        while True:
-            pos, buf = self._pos, self._buf
-            if len(buf) - pos >= 4:
-                (size,) = struct.unpack_from("<I", buf, pos)
-                if len(buf) - pos >= 4 + size:
-                    got: tuple[Any, ...] = pickle.loads(memoryview(buf)[pos + 4:pos + 4 + size])  # from our child
-                    self._pos = pos + 4 + size
-                    if self._pos > len(buf) // 2:
-                        del buf[:self._pos]
-                        self._pos = 0
-                    while len(buf) - self._pos < self.AHEAD and self._read(wait=False):
-                        pass  # take what else is ready: the child goes on parsing meanwhile
-                    return got
-            if not self._read(wait=True):
-                return None
-
-    def blocks(self, path: str) -> Iterator[tuple[int, int, list[int], list[Any], list[Any]] | tail.Oversize]:
-        """``path``'s parsed blocks; raises :class:`_Fallback` when the worker cannot supply them, and OSError
-        when reading the file failed (as reading it here would have)."""
-        task = self.tasks.get(path)
-        if task is None or self.failed or task < self._next:
-            raise _Fallback
-        while True:
-            frame = self._frame()
-            if frame is None:
-                self.failed = True
-                _log.warning("ingest.parse_worker_stopped", exit_code=self._proc.poll())
-                raise _Fallback
-            if frame[1] == "crash":
-                self.failed = True
-                _log.warning("ingest.parse_worker_failed", error=frame[2].strip().splitlines()[-1])
-                raise _Fallback
-            if frame[0] < task:
-                continue  # a file this process skipped
-            if frame[0] > task:  # this file's frames are gone: only when skipped earlier; keep the frame
-                self._pending = frame
-                raise _Fallback
-            tag = frame[1]
-            if tag == "lines":
-                yield frame[2], frame[3], frame[4], frame[5], frame[6]
-            elif tag == "oversize":
-                yield tail.Oversize(*frame[2:5])
-            elif tag == "end":
-                self._next = task + 1
-                self.hashes = (frame[2], frame[3])
-                return
-            elif tag == "error":
-                self._next = task + 1
-                raise OSError(frame[2], frame[3])
-            else:  # "skip": not the file this process has open
-                self._next = task + 1
-                raise _Fallback
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        assert self._proc.stdout is not None
-        self._proc.stdout.close()
-
-
 class Ingestor:
     """Reads one store root into one :class:`State`. Warnings about unreadable paths are given once each."""
 
@@ -218,7 +105,7 @@ class Ingestor:
                  spawn: Callable[[Sequence[str]], Any] | None = None, examples: examples.Spec | None = None) -> None:
         self.state = state
         self.examples = examples  # the dataset build's settings: the parse worker makes its cache entries ahead
-        self.spawn = spawn or runner.spawn_piped  # starts the parse worker (a seam for tests)
+        self.spawn = spawn or proc.spawn_piped  # starts the parse worker (a seam for tests)
         self.root = Path(root)
         self.max_line = max_line_bytes
         self._warned: set[tuple[str, str]] = set()
@@ -226,7 +113,7 @@ class Ingestor:
         # Ids this scan stored with logs/ content, in files whose writes are final unless the whole scan fails: the
         # training_data/ copies of those need no query to learn they are outranked (rank never goes down).
         self._top: set[str] = set()
-        self._worker: _ParseWorker | None = None
+        self._worker: parse_worker.ParseWorker | None = None
 
     # -- listing ---------------------------------------------------------------------------------------------
 
@@ -327,7 +214,7 @@ class Ingestor:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _start_worker(self, todo: dict[str, Kind], cursors: dict[str, tail.Cursor]) -> _ParseWorker | None:
+    def _start_worker(self, todo: dict[str, Kind], cursors: dict[str, Cursor]) -> parse_worker.ParseWorker | None:
         """A parse worker for the files never read before, when they hold enough to be worth a process."""
         if PARALLEL_BYTES <= 0:
             return None
@@ -345,7 +232,7 @@ class Ingestor:
         if total < PARALLEL_BYTES:
             return None
         try:
-            return _ParseWorker(tasks, self.max_line, self.spawn, self.examples)
+            return parse_worker.ParseWorker(tasks, self.max_line, self.spawn, self.examples)
         except OSError as exc:  # cannot start a process (limits, sandbox): parse here
             _log.warning("ingest.parse_worker_unavailable", reason=exc.strerror or str(exc))
             return None
@@ -357,7 +244,7 @@ class Ingestor:
     def _under_root(self, p: str) -> bool:
         return p.startswith(str(self.root) + os.sep)
 
-    def ingest_file(self, path: str, kind: Kind, cursor: tail.Cursor | None, report: IngestReport) -> None:
+    def ingest_file(self, path: str, kind: Kind, cursor: Cursor | None, report: IngestReport) -> None:
         p = tail.plan(path, cursor)
         if Path(path).is_symlink() and not self._inside_root(Path(path)):
             p = tail.Plan(path, "gone", "now a symlink outside the store") if cursor else tail.Plan(path, "unchanged")
@@ -395,7 +282,7 @@ class Ingestor:
                 try:
                     self._read(fd, path, kind, p, report, worker)
                     return
-                except _Fallback:  # its writes were rolled back: read it here
+                except parse_worker.Fallback:  # its writes were rolled back: read it here
                     report.__dict__.update(counts)
             self._read(fd, path, kind, p, report)
         except OSError as exc:  # I/O error mid-read: the transaction rolled back, the cursor did not move
@@ -405,7 +292,8 @@ class Ingestor:
             os.close(fd)
 
     def _read(
-        self, fd: int, path: str, kind: Kind, p: tail.Plan, report: IngestReport, worker: _ParseWorker | None = None
+        self, fd: int, path: str, kind: Kind, p: tail.Plan, report: IngestReport,
+        worker: parse_worker.ParseWorker | None = None,
     ) -> None:
         reread = p.mode == "reread"
         if reread:
@@ -502,7 +390,8 @@ class Ingestor:
             faults.point("ingest.before_cursor")
             cursor = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines)
             if worker is not None and worker.hashes != (cursor.head_hash, cursor.tail_hash):
-                raise _Fallback  # the file changed after the worker read it: what it parsed is not what is there
+                # the file changed after the worker read it: what it parsed is not what is there
+                raise parse_worker.Fallback
             st.save_cursor(cursor)
         self._top |= top
         for number, reason in warnings:
@@ -534,8 +423,18 @@ def _upsert(st: State, batch: list[tuple[ConvTuple, int, int]], path: str, rank:
         outranked |= st.outranked(ids - outranked, rank)
     rows = [(r[0], rank, *r[1:], path, off, n) for r, off, n in batch if r[0] not in outranked]
     if any(row[2] is None for row in rows):
-        raise _Fallback  # the parse worker left out content that is needed after all
+        raise parse_worker.Fallback  # the parse worker left out content that is needed after all
     if rows:
         st.upsert_conversations(rows)
     if outranked:
         st.add_sightings([(path, r[0], rank) for r, _, _ in batch if r[0] in outranked])
+
+
+def ingest(settings: Settings, state: State, paths: Iterable[str] | None = None) -> IngestReport:
+    """Read what is new in the store (all of it, or just ``paths``) into state."""
+    ingestor = Ingestor(state, settings.store.root, max_line_bytes=settings.store.max_line_bytes,
+                   examples=dataset.example_spec(settings.dataset))
+    report = ingestor.scan(paths)
+    with state.transaction():
+        state.set_kv("last_ingest_at", utcnow())
+    return report

@@ -6,7 +6,7 @@ from the ``llama-cpp-python`` sdist that ``.ci/train-setup.sh`` extracts into a 
 transformers 5 rebuilds a qwen2 pre-tokenizer from its own rules, and the GGUF converter rejects unknown BPE
 tokenizers. Runs under the trainer's interpreter and imports nothing from the service package:
 
-    python daemon/training/tinymodel.py OUT_DIR [--family qwen2] [--family llama] [--llama-cpp-dir DIR]
+    python daemon/trainer/tinymodel.py OUT_DIR [--family qwen2] [--family llama] [--llama-cpp-dir DIR]
 
 writes ``OUT_DIR/tiny-<family>/`` for each family and prints one JSON line per model built.
 """

@@ -2,7 +2,7 @@
 
 Runs under the *trainer's* interpreter (possibly a separate Unsloth venv), by absolute path:
 
-    /path/to/python /abs/daemon/training/train_qlora.py --config /abs/jobs/<id>/config.yaml
+    /path/to/python /abs/daemon/trainer/train_qlora.py --config /abs/jobs/<id>/config.yaml
 
 It imports nothing from the service package (the chat template arrives rendered in the config's ``template:``
 block) and keeps torch & co. inside :func:`main`'s callees, so a bad config fails in a fraction of a second.

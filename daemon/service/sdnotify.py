@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from daemon import log
 
-_log = log.get("daemon.sdnotify")
+_log = log.get("daemon.service.sdnotify")
 
 SEND_TIMEOUT_S = 2.0  # a full receive queue on systemd's side must not stall the main loop for long
 

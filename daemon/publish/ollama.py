@@ -35,7 +35,7 @@ from daemon import log
 if TYPE_CHECKING:
     from daemon.settings import OllamaSettings
 
-_log = log.get("daemon.ollama")
+_log = log.get("daemon.publish.ollama")
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 """What this client sends: lowercase hex, colon separator (the server also accepts ``sha256-`` and uppercase)."""

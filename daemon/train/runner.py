@@ -1,4 +1,4 @@
-"""The absolute-path training runner: the only module that spawns processes.
+"""The absolute-path training runner (its processes start through ``daemon.proc``, the only module that spawns).
 
 Pure parts build values (the job config with every path absolute, the argv, the meaning of an exit code); the
 shell creates ``jobs/<job_id>/``, spawns the trainer in its own session with output to ``job.log``, tails
@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,14 +24,15 @@ from typing import Any
 
 import yaml
 
-from daemon import faults, log, templates
+from daemon import faults, log
+from daemon.proc import Popen, alive, process_start_time, spawn_in_session, stop_group
 from daemon.state import State, private_dir, utcnow
+from daemon.train import templates
 
-_log = log.get("daemon.runner")
+_log = log.get("daemon.train.runner")
 
-TRAINER_SCRIPT = Path(__file__).resolve().parent / "training" / "train_qlora.py"
+TRAINER_SCRIPT = Path(__file__).resolve().parent.parent / "trainer" / "train_qlora.py"
 GRACE_S = 10.0
-TimeoutExpired = subprocess.TimeoutExpired  # for callers that run commands through us and must not import subprocess
 
 # The job config template: the seed's shape. configs/chatos_qlora.yaml is this, documented (a test keeps them equal).
 DEFAULT_TEMPLATE: dict[str, Any] = {
@@ -178,57 +178,6 @@ def parse_metrics(buf: bytes) -> tuple[list[dict[str, Any]], bytes]:
 # -- processes ---------------------------------------------------------------------------------------------------
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (/proc/<pid>/stat field 22), or None if it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def alive(pid: int, start: int | None) -> bool:
-    """The same process is still running (pid reuse is caught by the start time; zombies count as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    if state[state.rfind(b")") + 2 :].split()[:1] == [b"Z"]:
-        return False
-    return start is None or process_start_time(pid) == start
-
-
-def signal_group(pid: int, sig: signal.Signals) -> bool:
-    try:
-        os.killpg(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        _log.warning("job.signal_denied", pid=pid, signal=sig.name)
-        return False
-
-
-def run_command(argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
-                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """A short helper command (argv list, never a shell), logged before it runs."""
-    _log.info("command.run", argv=[str(a) for a in argv])
-    return subprocess.run(list(argv), cwd=cwd, env=dict(env) if env is not None else None, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
-def spawn_piped(argv: Sequence[str]) -> subprocess.Popen[bytes]:
-    """A short-lived helper process of the service's own code (the cold-ingest parse worker) on stdin/stdout pipes:
-    argv list, never a shell, no inherited descriptors, stderr discarded (the helper reports on stdout). It stays in
-    the service's session and cgroup, so stopping the service stops it; it exits by itself when the pipes close."""
-    return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            close_fds=True)
-
-
 def run_supervised(
     argv: Sequence[str],
     *,
@@ -244,13 +193,8 @@ def run_supervised(
     ``timeout_s`` and the service's stop event (SIGTERM to the group, grace, SIGKILL). Returns (exit code, why).
     ``on_start(pid, start time)`` lets the caller record the child, which outlives a SIGKILLed service."""
     _log.info("command.run", argv=[str(a) for a in argv], cwd=str(cwd))
-    logf = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        proc = subprocess.Popen(list(argv), cwd=cwd, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
-    finally:
-        os.close(logf)
+    proc = spawn_in_session(argv, cwd=cwd, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+                            log_path=log_path)
     job = Job({"job_id": f"pid-{proc.pid}", "job_dir": str(cwd), "pid": proc.pid, "metrics_path": os.devnull,
                "result_path": os.devnull}, proc)
     if on_start is not None:
@@ -259,7 +203,7 @@ def run_supervised(
     while proc.poll() is None:
         if stop.is_set() or time.monotonic() - started > timeout_s:
             why = "the service is stopping" if stop.is_set() else f"timed out after {timeout_s:g}s"
-            _stop_group(job, why, grace_s, wake)
+            stop_group(job.pid, job.running, job.id, why, grace_s, wake)
             return proc.poll(), why
         wake.wait(0.2)
     return proc.returncode, "finished"
@@ -278,7 +222,7 @@ class JobOutcome:
 class Job:
     """One spawned (or re-attached) trainer and its files."""
 
-    def __init__(self, row: dict[str, Any], proc: subprocess.Popen[bytes] | None = None) -> None:
+    def __init__(self, row: dict[str, Any], proc: Popen[bytes] | None = None) -> None:
         self.row = row
         self.id: str = row["job_id"]
         self.dir = Path(row["job_dir"])
@@ -350,37 +294,19 @@ def start_job(
     with state.transaction():
         state.add_job(row)
     _log.info("job.spawn", job_id=job_id, argv=argv, cwd=str(job_dir))
-    logf = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        proc = subprocess.Popen(argv, cwd=job_dir, env=child_env, stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        proc = spawn_in_session(argv, cwd=job_dir, env=child_env, log_path=log_path)
     except OSError as exc:
         with state.transaction():
             state.update_job(job_id, status="failed", error=f"cannot start the trainer: {exc.strerror or exc}",
                              finished_at=utcnow())
         raise
-    finally:
-        os.close(logf)
     faults.point("job.spawned")  # the trainer runs, its row still says starting
     row.update(pid=proc.pid, pid_start=process_start_time(proc.pid), status="running", started_at=utcnow())
     with state.transaction():
         state.update_job(job_id, pid=row["pid"], pid_start=row["pid_start"], status="running",
                          started_at=row["started_at"])
     return Job(row, proc)
-
-
-def _stop_group(job: Job, why: str, grace: float, wake: threading.Event) -> None:
-    _log.warning("job.sigterm", job_id=job.id, pid=job.pid, reason=why)
-    signal_group(job.pid, signal.SIGTERM)
-    end = time.monotonic() + grace
-    while job.running() and time.monotonic() < end:
-        wake.wait(0.1)
-    if job.running():
-        _log.warning("job.sigkill", job_id=job.id, pid=job.pid, reason=f"still running {grace:g}s after SIGTERM")
-        signal_group(job.pid, signal.SIGKILL)
-        end = time.monotonic() + 5
-        while job.running() and time.monotonic() < end:
-            wake.wait(0.05)
 
 
 def supervise(
@@ -417,7 +343,7 @@ def supervise(
             elif time.monotonic() - started > timeout_s:
                 forced = ("timeout", f"no result after training.timeout ({timeout_s:g}s)")
             if forced is not None:
-                _stop_group(job, forced[1], grace_s, wake)
+                stop_group(job.pid, job.running, job.id, forced[1], grace_s, wake)
                 continue
         wake.wait(tick_s)
     job.poll_metrics()
@@ -502,7 +428,7 @@ def stop_stray(pid: int, start: int | None, why: str, grace_s: float = GRACE_S) 
         return False
     stray = Job({"job_id": f"pid-{pid}", "job_dir": "/", "pid": pid, "pid_start": start, "metrics_path": os.devnull,
                  "result_path": os.devnull})
-    _stop_group(stray, why, grace_s, threading.Event())
+    stop_group(stray.pid, stray.running, stray.id, why, grace_s, threading.Event())
     return True
 
 
@@ -513,7 +439,7 @@ def cancel_detached(state: State, job_id: str, grace_s: float = GRACE_S) -> bool
         return False
     job = Job(row)
     if job.running():
-        _stop_group(job, "cancelled by an operator", grace_s, threading.Event())
+        stop_group(job.pid, job.running, job.id, "cancelled by an operator", grace_s, threading.Event())
     with state.transaction():
         state.update_job(job_id, status="cancelled", error="cancelled by an operator", finished_at=utcnow())
     return True

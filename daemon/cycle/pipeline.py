@@ -22,11 +22,15 @@ from typing import Any
 import structlog
 import yaml
 
-from daemon import api, dataset, export, faults, gate, log, policy, registry, runner, templates
+from daemon import faults, log
+from daemon.dataset import builder as dataset
+from daemon.ingest import ingestor
+from daemon.publish import export, registry
 from daemon.settings import Settings
 from daemon.state import State, StateError, private_dir, storage_problem
+from daemon.train import gate, policy, runner, templates
 
-_log = log.get("daemon.pipeline")
+_log = log.get("daemon.cycle.pipeline")
 # kv key: the promoted job whose export has not finished yet ({"job_id", "gate", "pid", "pid_start"}). Set with the
 # promotion, cleared with the model version (or when the export failed on its own), so an export that a crash or a
 # stop interrupted is resumed by the next cycle instead of leaving the champion without a model.
@@ -443,7 +447,7 @@ def run_cycle(
                     result.model_tag = resumed.model_tag
             step("ingesting", "full scan" if request.paths is None else f"{len(request.paths)} changed file(s)")
             t0 = time.perf_counter()
-            rep = api.ingest(settings, state, None if request.paths is None else sorted(request.paths))
+            rep = ingestor.ingest(settings, state, None if request.paths is None else sorted(request.paths))
             timed("ingest", t0)
             result.counts["ingest"] = {k: v for k, v in rep.as_dict().items() if k != "seconds"}
 

@@ -16,27 +16,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
+from daemon.state.rows import Cursor
+
 HEAD_BYTES = 4096
 BOUNDARY_BYTES = 1024
 CHUNK = 1 << 20
 
 Mode = Literal["new", "append", "reread", "unchanged", "gone", "unreadable"]
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    path: str
-    kind: str
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    offset: int
-    lines: int
-    head_len: int
-    head_hash: str
-    tail_len: int
-    tail_hash: str
 
 
 @dataclass(slots=True)

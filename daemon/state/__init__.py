@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.store.tail import Cursor
+from daemon.state.rows import Cursor
 
 DB_NAME = "state.sqlite3"
 

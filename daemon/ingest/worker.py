@@ -1,0 +1,229 @@
+"""The cold-ingest parse worker: a child process that reads and parses new store files while the service writes.
+
+A bulk ingest (a cold start) spends about as long parsing lines as writing them to SQLite. :class:`ParseWorker`
+(the parent side, in the service) starts :func:`main` in a child process through ``proc.spawn_piped`` and hands it
+the new files to read from byte 0, in the order it will store them; the child streams each file's parsed blocks back
+while the parent writes the previous ones. Only the parent ever writes state; anything the child cannot supply (it
+died, a file changed under it) the parent reads itself (:class:`Fallback`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pickle
+import select
+import stat
+import struct
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from daemon import faults, log
+from daemon.dataset import examples
+from daemon.ingest import tail
+from daemon.ingest.records import Kind, parse_block
+
+_log = log.get("daemon.ingest")
+
+
+class Fallback(Exception):
+    """The parse worker cannot supply this file (gone, replaced, or content it left out): parse it here."""
+
+
+class ParseWorker:
+    """The parent side of :func:`main`: starts the child with the files to parse (in the order this process
+    will store them) and hands their parsed blocks over as they come. The child runs ahead by what the pipe (1 MiB)
+    and this side's buffer hold: whenever this process takes a block it also takes whatever else is ready, up to
+    ``AHEAD`` bytes, without waiting. (A reader thread would wait for the GIL on every pipe read while this thread
+    runs Python: that cost more than it overlapped.)"""
+
+    AHEAD = 4 << 20
+
+    def __init__(self, tasks: list[tuple[str, Kind, int, int]], max_line: int, spawn: Callable[[Sequence[str]], Any],
+                 spec: examples.Spec | None = None) -> None:
+        self.tasks = {path: i for i, (path, _, _, _) in enumerate(tasks)}
+        self._buf = bytearray()
+        self._pos = 0  # where the next frame starts in _buf
+        self._eof = False
+        self._next = 0  # the task whose frames come next
+        self._pending: tuple[Any, ...] | None = None
+        self.failed = False
+        self.hashes: tuple[str, str] | None = None  # the cursor hashes of the last file supplied
+        code = f"import sys; sys.path[:] = {sys.path!r}; from daemon.ingest.worker import main; main()"
+        self._proc = spawn([sys.executable, "-I", "-c", code])
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._fd = self._proc.stdout.fileno()
+        with contextlib.suppress(OSError, AttributeError):  # a larger pipe lets the child run further ahead
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        try:
+            self._proc.stdin.write(pickle.dumps((tasks, max_line, spec)))
+            self._proc.stdin.close()
+        except OSError:  # it died before taking its tasks (broken pipe)
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+            self.close()
+            raise
+
+    def _read(self, wait: bool) -> bool:
+        """Append what the pipe holds, waiting for it when ``wait``; whether anything came."""
+        if self._eof or (not wait and not select.select([self._fd], [], [], 0)[0]):
+            return False
+        data = os.read(self._fd, 1 << 20)
+        self._buf += data
+        self._eof = not data
+        return bool(data)
+
+    def _frame(self) -> tuple[Any, ...] | None:
+        if self._pending is not None:
+            frame, self._pending = self._pending, None
+            return frame
+        while True:
+            pos, buf = self._pos, self._buf
+            if len(buf) - pos >= 4:
+                (size,) = struct.unpack_from("<I", buf, pos)
+                if len(buf) - pos >= 4 + size:
+                    got: tuple[Any, ...] = pickle.loads(memoryview(buf)[pos + 4:pos + 4 + size])  # from our child
+                    self._pos = pos + 4 + size
+                    if self._pos > len(buf) // 2:
+                        del buf[:self._pos]
+                        self._pos = 0
+                    while len(buf) - self._pos < self.AHEAD and self._read(wait=False):
+                        pass  # take what else is ready: the child goes on parsing meanwhile
+                    return got
+            if not self._read(wait=True):
+                return None
+
+    def blocks(self, path: str) -> Iterator[tuple[int, int, list[int], list[Any], list[Any]] | tail.Oversize]:
+        """``path``'s parsed blocks; raises :class:`Fallback` when the worker cannot supply them, and OSError
+        when reading the file failed (as reading it here would have)."""
+        task = self.tasks.get(path)
+        if task is None or self.failed or task < self._next:
+            raise Fallback
+        while True:
+            frame = self._frame()
+            if frame is None:
+                self.failed = True
+                _log.warning("ingest.parse_worker_stopped", exit_code=self._proc.poll())
+                raise Fallback
+            if frame[1] == "crash":
+                self.failed = True
+                _log.warning("ingest.parse_worker_failed", error=frame[2].strip().splitlines()[-1])
+                raise Fallback
+            if frame[0] < task:
+                continue  # a file this process skipped
+            if frame[0] > task:  # this file's frames are gone: only when skipped earlier; keep the frame
+                self._pending = frame
+                raise Fallback
+            tag = frame[1]
+            if tag == "lines":
+                yield frame[2], frame[3], frame[4], frame[5], frame[6]
+            elif tag == "oversize":
+                yield tail.Oversize(*frame[2:5])
+            elif tag == "end":
+                self._next = task + 1
+                self.hashes = (frame[2], frame[3])
+                return
+            elif tag == "error":
+                self._next = task + 1
+                raise OSError(frame[2], frame[3])
+            else:  # "skip": not the file this process has open
+                self._next = task + 1
+                raise Fallback
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        assert self._proc.stdout is not None
+        self._proc.stdout.close()
+
+
+# -- the child side -----------------------------------------------------------------------------
+#
+# A bulk ingest (a cold start) spends about as long parsing lines as writing them to SQLite. The parent
+# (store.ingest) starts this loop in a child process and hands it the new files to read from byte 0, in the order
+# it will store them; the child streams each file's parsed blocks back while the parent writes the previous ones.
+# Given an examples.Spec, it also makes the dataset build's cache entries for the logs/ conversations it expects
+# the build to want (the build's own CPU, moved to the core the parent leaves idle).
+# The child reads, parses and answers; it never writes anything. Frames on stdout: a 4-byte length, then a pickle
+# of (task, tag, ...): "lines" (first line number, offset, line lengths, parse_block results, cache entries
+# ``(cid, *examples.Entry)``), "oversize" (number,
+# offset, length), "end" (the cursor's head and boundary hashes for what was read), "error" (errno, message:
+# reading failed), "skip" (not the file the parent saw), "crash" (traceback text). It exits at the end of its
+# list, or when the parent goes away (broken pipe).
+
+
+def main() -> None:  # pragma: no cover - runs in the child; exercised through ingest.ingestor
+
+    tasks, max_line, spec = pickle.load(sys.stdin.buffer)
+    out = sys.stdout.buffer
+
+    def send(*frame: Any) -> None:
+        data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(struct.pack("<I", len(data)) + data)
+        out.flush()
+
+    known: set[str] = set()
+    labels: dict[str, tuple[str, int]] = {}  # cid -> (timestamp, score) of its latest feedback event seen
+
+    def entries(results: list[Any], pairs: list[Any]) -> list[tuple[Any, ...]]:
+        """Cache entries (examples.cache_entry) for the conversations a build will likely want."""
+        out = []
+        for r, msgs in zip(results, pairs, strict=True):
+            if msgs is not None and examples.expected(spec, r, labels[r[0]][1] if r[0] in labels else None):
+                out.append((r[0], *examples.cache_entry(r[0], r[1].encode(), spec, msgs)))
+        return out
+
+    try:
+        for task, (path, kind, dev, ino) in enumerate(tasks):
+            faults.point("parse_worker.file")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                send(task, "skip")
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISREG(st.st_mode):
+                    send(task, "skip")
+                    continue
+                end = lines_read = 0
+                for block in tail.read_blocks(fd, 0, 0, max_line):
+                    if isinstance(block, tail.Oversize):
+                        send(task, "oversize", *block)
+                        end, lines_read = block.offset + block.length + 1, block.number
+                        continue
+                    first, offset = block.first, block.offset
+                    for i in range(0, len(block.lines), 256):  # small frames: several fit in the pipe
+                        lines = block.lines[i:i + 256]
+                        pairs: list[Any] | None = [] if kind == "logs" and spec is not None else None
+                        results = parse_block(lines, kind, known, pairs)
+                        made: list[tuple[Any, ...]] = []
+                        if kind == "logs":
+                            known.update(r[0] for r in results if type(r) is tuple)
+                            if pairs is not None:
+                                made = entries(results, pairs)
+                        elif kind == "feedback":
+                            for ev in results:  # latest by timestamp, then arrival (as state.refresh_labels)
+                                e: Any = ev
+                                if type(e) is tuple and (e[0] not in labels or e[4] >= labels[e[0]][0]):
+                                    labels[e[0]] = (e[4], e[5])
+                        lengths = [len(x) for x in lines]
+                        send(task, "lines", first, offset, lengths, results, made)
+                        first, offset = first + len(lines), offset + sum(lengths) + len(lines)
+                    end, lines_read = offset, first - 1
+                # What the parent's cursor will say about these bytes: if the file changes before the parent
+                # stores it, the hashes differ and the parent reads the file itself.
+                cur = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines_read)
+                send(task, "end", cur.head_hash, cur.tail_hash)
+            except OSError as exc:
+                send(task, "error", exc.errno, exc.strerror or str(exc))
+            finally:
+                os.close(fd)
+    except BrokenPipeError:
+        return  # the parent is gone
+    except Exception:  # a bug: say what, so the parent can log it and parse by itself
+        send(len(tasks), "crash", traceback.format_exc())

@@ -1,0 +1,55 @@
+"""What the store and state hold, as ``status`` shows it (live from the service, or read here when none runs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.settings import Settings
+from daemon.state import State
+
+
+@dataclass
+class StoreStatus:
+    store_root: str
+    state_dir: str
+    files_tracked: int
+    conversations: dict[str, int]
+    feedback_events: int
+    feedback_waiting: int
+    new_eligible_since_dataset: int
+    latest_dataset: int | None
+    last_ingest_at: str | None
+    latest_model: str | None = None
+    pending_registrations: list[dict[str, Any]] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def store_status(settings: Settings, state: State) -> StoreStatus:
+    c = state.counts()
+    d = settings.dataset
+    e = state.eligible_counts(d.modes, d.min_score, d.include_unrated)
+    return StoreStatus(
+        store_root=str(settings.store.root),
+        state_dir=str(state.dir),
+        files_tracked=c["files"],
+        conversations={
+            "total": c["conversations"],
+            "eligible": e["eligible"],
+            "positive": e["positive"],
+            "deleted": c["deleted"],
+            "unusable": c["unusable"],
+            "rejected_lines": c["rejected_lines"],
+        },
+        feedback_events=c["feedback_events"],
+        feedback_waiting=c["feedback_waiting"],
+        new_eligible_since_dataset=e["new_since_dataset"],
+        latest_dataset=state.latest_dataset_version(),
+        last_ingest_at=state.get_kv("last_ingest_at"),
+        latest_model=f"v{state.get_kv('latest_model')}" if state.get_kv("latest_model") else None,
+        pending_registrations=[{"version": m["version"], "tag": m["tag"], "attempts": m["attempts"],
+                                "next_attempt_at": m["next_attempt_at"], "last_error": m["last_error"]}
+                               for m in state.models(status="pending")],
+    )
