@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from daemon import proc
 from daemon.demo.storegen import generate_store
 from daemon.ingest import ingestor as ingest
+from daemon.ingest import worker as parse_worker
 from daemon.ingest.ingestor import Ingestor
 from daemon.state import State
 
@@ -77,10 +78,10 @@ class Spawns:
 
     def __call__(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         self.count += 1
-        proc = proc.spawn_piped(argv)
+        child = proc.spawn_piped(argv)
         if self.then is not None:
-            self.then(proc)
-        return proc
+            self.then(child)
+        return child
 
 
 def scan(state_dir: Path, root: Path, spawn: Callable[[Sequence[str]], Any] | None = None) -> ingest.IngestReport:

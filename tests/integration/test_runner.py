@@ -308,13 +308,13 @@ def test_sigterm_to_the_group_reaches_grandchildren(state: State, tmp_path: Path
     script.write_text("import subprocess, sys, time\n"
                       f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
                       f"open({str(pidfile)!r}, 'w').write(str(c.pid))\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    spawner = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
     deadline = time.monotonic() + 10
     while not pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pidfile.read_text())
-    assert proc.signal_group(proc.pid, signal.SIGTERM)
-    proc.wait(10)
+    assert proc.signal_group(spawner.pid, signal.SIGTERM)
+    spawner.wait(10)
     deadline = time.monotonic() + 10
     while proc.alive(child, None) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from daemon.cycle.pipeline import CycleRequest, CycleResult, Worker
+from daemon.cycle.pipeline import CycleRequest, CycleResult
+from daemon.cycle.worker import Worker
 
 
 class Gate:
