@@ -54,7 +54,9 @@ class ParseWorker:
         self.hashes: tuple[str, str] | None = None  # the cursor hashes of the last file supplied
         code = f"import sys; sys.path[:] = {sys.path!r}; from daemon.ingest.worker import main; main()"
         self._proc = spawn([sys.executable, "-I", "-c", code])
-        assert self._proc.stdin is not None and self._proc.stdout is not None
+        if self._proc.stdin is None or self._proc.stdout is None:  # a spawn seam that gave no pipes
+            self.close()
+            raise OSError("the parse worker was started without pipes")
         self._fd = self._proc.stdout.fileno()
         with contextlib.suppress(OSError, AttributeError):  # a larger pipe lets the child run further ahead
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -137,93 +139,109 @@ class ParseWorker:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
-        assert self._proc.stdout is not None
-        self._proc.stdout.close()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
 
 
-# -- the child side -----------------------------------------------------------------------------
+# -- the child side ------------------------------------------------------------------------------------------
 #
-# A bulk ingest (a cold start) spends about as long parsing lines as writing them to SQLite. The parent
-# (store.ingest) starts this loop in a child process and hands it the new files to read from byte 0, in the order
-# it will store them; the child streams each file's parsed blocks back while the parent writes the previous ones.
-# Given an examples.Spec, it also makes the dataset build's cache entries for the logs/ conversations it expects
-# the build to want (the build's own CPU, moved to the core the parent leaves idle).
-# The child reads, parses and answers; it never writes anything. Frames on stdout: a 4-byte length, then a pickle
-# of (task, tag, ...): "lines" (first line number, offset, line lengths, parse_block results, cache entries
-# ``(cid, *examples.Entry)``), "oversize" (number,
-# offset, length), "end" (the cursor's head and boundary hashes for what was read), "error" (errno, message:
-# reading failed), "skip" (not the file the parent saw), "crash" (traceback text). It exits at the end of its
-# list, or when the parent goes away (broken pipe).
+# Frames on stdout: a 4-byte length, then a pickle of (task, tag, ...): "lines" (first line number, offset, line
+# lengths, parse_block results, cache entries ``(cid, *examples.Entry)``), "oversize" (number, offset, length),
+# "end" (the cursor's head and boundary hashes for what was read), "error" (errno, message: reading failed),
+# "skip" (not the file the parent saw), "crash" (traceback text). Given an examples.Spec, the child also makes the
+# dataset build's cache entries for the logs/ conversations it expects the build to want (the build's own CPU,
+# moved to the core the parent leaves idle). It reads, parses and answers; it never writes anything, and exits at
+# the end of its list or when the parent goes away (broken pipe).
 
 
-def main() -> None:  # pragma: no cover - runs in the child; exercised through ingest.ingestor
+class _Child:
+    def __init__(self, max_line: int, spec: examples.Spec | None) -> None:
+        self.max_line = max_line
+        self.spec = spec
+        self.out = sys.stdout.buffer
+        self.known: set[str] = set()
+        self.labels: dict[str, tuple[str, int]] = {}  # cid -> (timestamp, score) of its latest feedback event seen
 
-    tasks, max_line, spec = pickle.load(sys.stdin.buffer)
-    out = sys.stdout.buffer
-
-    def send(*frame: Any) -> None:
+    def send(self, *frame: Any) -> None:
         data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-        out.write(struct.pack("<I", len(data)) + data)
-        out.flush()
+        self.out.write(struct.pack("<I", len(data)) + data)
+        self.out.flush()
 
-    known: set[str] = set()
-    labels: dict[str, tuple[str, int]] = {}  # cid -> (timestamp, score) of its latest feedback event seen
-
-    def entries(results: list[Any], pairs: list[Any]) -> list[tuple[Any, ...]]:
+    def entries(self, results: list[Any], pairs: list[Any]) -> list[tuple[Any, ...]]:
         """Cache entries (examples.cache_entry) for the conversations a build will likely want."""
-        out = []
+        spec, labels = self.spec, self.labels
+        out: list[tuple[Any, ...]] = []
+        if spec is None:
+            return out
         for r, msgs in zip(results, pairs, strict=True):
             if msgs is not None and examples.expected(spec, r, labels[r[0]][1] if r[0] in labels else None):
                 out.append((r[0], *examples.cache_entry(r[0], r[1].encode(), spec, msgs)))
         return out
 
+    def frame(self, task: int, kind: Kind, lines: list[bytes], first: int, offset: int) -> int:
+        """One "lines" frame: the lines parsed, what they teach about later lines, and their cache entries.
+        Returns the lines' length in bytes (without their newlines)."""
+        pairs: list[Any] | None = [] if kind == "logs" and self.spec is not None else None
+        results = parse_block(lines, kind, self.known, pairs)
+        made: list[tuple[Any, ...]] = []
+        if kind == "logs":
+            self.known.update(r[0] for r in results if type(r) is tuple)
+            if pairs is not None:
+                made = self.entries(results, pairs)
+        elif kind == "feedback":
+            for ev in results:  # latest by timestamp, then arrival (as state.refresh_labels)
+                e: Any = ev
+                if type(e) is tuple and (e[0] not in self.labels or e[4] >= self.labels[e[0]][0]):
+                    self.labels[e[0]] = (e[4], e[5])
+        lengths = [len(x) for x in lines]
+        self.send(task, "lines", first, offset, lengths, results, made)
+        return sum(lengths)
+
+    def read(self, task: int, path: str, kind: Kind, fd: int) -> None:
+        """Every complete line of the open file, as frames, then the cursor hashes of what was read."""
+        end = lines_read = 0
+        for block in tail.read_blocks(fd, 0, 0, self.max_line):
+            if isinstance(block, tail.Oversize):
+                self.send(task, "oversize", *block)
+                end, lines_read = block.offset + block.length + 1, block.number
+                continue
+            first, offset = block.first, block.offset
+            for i in range(0, len(block.lines), 256):  # small frames: several fit in the pipe
+                lines = block.lines[i:i + 256]
+                size = self.frame(task, kind, lines, first, offset)
+                first, offset = first + len(lines), offset + size + len(lines)
+            end, lines_read = offset, first - 1
+        # What the parent's cursor will say about these bytes: if the file changes before the parent stores it,
+        # the hashes differ and the parent reads the file itself.
+        cur = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines_read)
+        self.send(task, "end", cur.head_hash, cur.tail_hash)
+
+    def file(self, task: int, path: str, kind: Kind, dev: int, ino: int) -> None:
+        faults.point("parse_worker.file")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            self.send(task, "skip")
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISREG(st.st_mode):
+                self.send(task, "skip")
+                return
+            self.read(task, path, kind, fd)
+        except OSError as exc:
+            self.send(task, "error", exc.errno, exc.strerror or str(exc))
+        finally:
+            os.close(fd)
+
+
+def main() -> None:  # pragma: no cover - runs in the child; exercised through ingest.ingestor
+    tasks, max_line, spec = pickle.load(sys.stdin.buffer)
+    child = _Child(max_line, spec)
     try:
         for task, (path, kind, dev, ino) in enumerate(tasks):
-            faults.point("parse_worker.file")
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                send(task, "skip")
-                continue
-            try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISREG(st.st_mode):
-                    send(task, "skip")
-                    continue
-                end = lines_read = 0
-                for block in tail.read_blocks(fd, 0, 0, max_line):
-                    if isinstance(block, tail.Oversize):
-                        send(task, "oversize", *block)
-                        end, lines_read = block.offset + block.length + 1, block.number
-                        continue
-                    first, offset = block.first, block.offset
-                    for i in range(0, len(block.lines), 256):  # small frames: several fit in the pipe
-                        lines = block.lines[i:i + 256]
-                        pairs: list[Any] | None = [] if kind == "logs" and spec is not None else None
-                        results = parse_block(lines, kind, known, pairs)
-                        made: list[tuple[Any, ...]] = []
-                        if kind == "logs":
-                            known.update(r[0] for r in results if type(r) is tuple)
-                            if pairs is not None:
-                                made = entries(results, pairs)
-                        elif kind == "feedback":
-                            for ev in results:  # latest by timestamp, then arrival (as state.refresh_labels)
-                                e: Any = ev
-                                if type(e) is tuple and (e[0] not in labels or e[4] >= labels[e[0]][0]):
-                                    labels[e[0]] = (e[4], e[5])
-                        lengths = [len(x) for x in lines]
-                        send(task, "lines", first, offset, lengths, results, made)
-                        first, offset = first + len(lines), offset + sum(lengths) + len(lines)
-                    end, lines_read = offset, first - 1
-                # What the parent's cursor will say about these bytes: if the file changes before the parent
-                # stores it, the hashes differ and the parent reads the file itself.
-                cur = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines_read)
-                send(task, "end", cur.head_hash, cur.tail_hash)
-            except OSError as exc:
-                send(task, "error", exc.errno, exc.strerror or str(exc))
-            finally:
-                os.close(fd)
+            child.file(task, path, kind, dev, ino)
     except BrokenPipeError:
         return  # the parent is gone
     except Exception:  # a bug: say what, so the parent can log it and parse by itself
-        send(len(tasks), "crash", traceback.format_exc())
+        child.send(len(tasks), "crash", traceback.format_exc())

@@ -19,7 +19,8 @@ from types import FrameType
 from typing import Any
 
 from daemon import log, settings
-from daemon.cycle.pipeline import CycleRequest, CycleResult, Progress, Worker, run_cycle
+from daemon.cycle.pipeline import CycleRequest, CycleResult, Progress, run_cycle
+from daemon.cycle.worker import Worker
 from daemon.ingest import ingestor, watch
 from daemon.ingest.debounce import Debouncer
 from daemon.service import control, status
@@ -299,7 +300,7 @@ class Service:
         self._start_watcher()  # armed first: a write during the start-up scan still becomes an event
         self._startup_scan()
         self._schedule()
-        self.worker = Worker(self._run_one)
+        self.worker = worker = Worker(self._run_one)
         sock = s.runtime_dir() / SOCKET_NAME
         try:
             self.server = control.ControlServer(sock, self.handle)
@@ -312,12 +313,12 @@ class Service:
         self.notifier.ready(status=self.status_line())
         _log.info("service.ready", watcher=self.watcher.mode if self.watcher else None, socket=str(sock))
         try:
-            self._loop()
+            self._loop(worker)
         finally:
             self._shutdown()
         return 0
 
-    def _loop(self) -> None:
+    def _loop(self, worker: Worker) -> None:
         interval = self.notifier.watchdog_interval()
         next_ping = time.monotonic()
         while not self.stop_event.is_set():
@@ -333,13 +334,11 @@ class Service:
             if self._rescan is not None:
                 reason, self._rescan = self._rescan, None
                 _log.info("service.rescan", reason=reason)
-                assert self.worker is not None
-                self.worker.submit(CycleRequest(None, origins=[reason]))
+                worker.submit(CycleRequest(None, origins=[reason]))
             batch = self._debouncer.due(now)
             if batch:
-                assert self.worker is not None
                 _log.info("watch.batch", files=len(batch))
-                self.worker.submit(CycleRequest(set(batch), origins=["watch"]))
+                worker.submit(CycleRequest(set(batch), origins=["watch"]))
             if interval and now >= next_ping:
                 if self.worker is not None and self.worker.alive:  # healthy: the loop runs and the worker lives
                     self.notifier.watchdog()

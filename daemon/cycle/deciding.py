@@ -1,0 +1,81 @@
+"""Stage: decide whether to train now: the policy over what state counts, the backoff after a failed job, and an
+operator's trigger (which overrides the thresholds)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from daemon import log
+from daemon.cycle.context import Cycle
+from daemon.settings import Settings
+from daemon.state import State
+from daemon.train import policy
+
+_log = log.get("daemon.cycle")
+
+
+def policy_input(settings: Settings, state: State, now: datetime) -> policy.PolicyInput:
+    """Count what the policy needs from state."""
+    d = settings.dataset
+    trained = state.get_kv("last_trained_dataset")
+    trained_v = int(trained) if trained else None
+    counts = state.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
+    last_run = state.get_kv("last_run_at")
+    runs = state.runs_since(policy.day_start(now).isoformat())
+    return policy.PolicyInput(
+        new_examples=counts["new_since_dataset"],
+        total_examples=counts["eligible"],
+        positive_examples=counts["positive"],
+        last_trained_version=trained_v,
+        last_run_at=datetime.fromisoformat(last_run) if last_run else None,
+        runs_today=runs,
+        job_running=False,
+    )
+
+
+def backoff_until(state: State) -> datetime | None:
+    raw = state.get_kv("train_backoff_until")
+    return datetime.fromisoformat(raw) if raw else None
+
+
+def set_backoff(settings: Settings, state: State, now: datetime) -> None:
+    """One more failed job: wait ``training.retry_backoff`` doubled per failure in a row (at most a day)."""
+    failures = int(state.get_kv("train_failures", "0") or 0) + 1
+    delay = min(settings.training.retry_backoff * 2 ** (failures - 1), 86400.0)
+    until = now + timedelta(seconds=delay)
+    with state.transaction():
+        state.set_kv("train_failures", str(failures))
+        state.set_kv("train_backoff_until", until.isoformat())
+    _log.warning("training.backoff", failures=failures, retry_at=until.isoformat())
+
+
+def clear_backoff(state: State) -> None:
+    """A job succeeded: the failures in a row start again from zero."""
+    with state.transaction():
+        state.set_kv("train_failures", "0")
+        state.set_kv("train_backoff_until", "")
+
+
+def run(cycle: Cycle) -> bool:
+    """Fill the result's decision and reason; True when the cycle goes on to build and train."""
+    settings, state, result = cycle.settings, cycle.state, cycle.result
+    cycle.step("deciding", "applying the training policy")
+    with cycle.timed("decide"):
+        pin = policy_input(settings, state, cycle.now())
+        decision = policy.decide(pin, settings.policy, cycle.now())
+    result.numbers = decision.numbers
+    result.counts["eligible"] = pin.total_examples
+    result.counts["new"] = pin.new_examples
+    backoff = backoff_until(state)
+    if not cycle.request.forced and decision.train and backoff is not None and backoff > cycle.now():
+        decision = policy.Decision(False, f"backing off after a failed job; next try after {backoff:%H:%M} UTC",
+                                   decision.numbers, ["backoff"], decision.next_window)
+    if cycle.request.forced:
+        result.decision = True
+        result.reason = "triggered by an operator (thresholds ignored)" + (
+            "" if decision.train else f"; policy alone would wait: {decision.reason}")
+    else:
+        result.decision, result.reason = decision.train, decision.reason
+    _log.info("cycle.decided", train=result.decision, reason=result.reason,
+              new_examples=pin.new_examples, total_examples=pin.total_examples)
+    return result.decision

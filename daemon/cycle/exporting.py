@@ -1,0 +1,149 @@
+"""Stage: a promoted adapter -> one merged GGUF (a child in the trainer's interpreter) -> a model version, then
+registration. An export that a crash or a stop interrupted is resumed by the next cycle (:func:`resume`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from daemon import faults, log
+from daemon.cycle import registering
+from daemon.cycle.context import Cycle, CycleResult, Outcome
+from daemon.publish import export, registry
+from daemon.state import State, private_dir
+from daemon.train import runner, templates
+
+_log = log.get("daemon.cycle")
+# kv key: the promoted job whose export has not finished yet ({"job_id", "gate", "pid", "pid_start"}). Set with the
+# promotion, cleared with the model version (or when the export failed on its own), so an export that a crash or a
+# stop interrupted is resumed by the next cycle instead of leaving the champion without a model.
+EXPORT_PENDING = "export_pending"
+
+
+def mark_pending(state: State, record: dict[str, Any]) -> None:
+    """Inside the caller's transaction: this job's export has not finished."""
+    state.set_kv(EXPORT_PENDING, json.dumps(record))
+
+
+def settled(state: State) -> None:
+    with state.transaction():
+        state.set_kv(EXPORT_PENDING, "")
+
+
+def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any], Path, templates.ChatTemplate]:
+    """The merge + convert job's config, its folder and the chat template (pure but for the converter set-up)."""
+    settings, q = cycle.settings, cycle.settings.export.quantization
+    # fetched once (sha256-pinned), ~1 ms when already there; a checkout in export.llama_cpp_dir wins
+    conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
+    template = templates.get(res.get("chat_template") or settings.training.chat_template)
+    out_dir = private_dir(cycle.state.dir / "exports" / job_id)
+    version = cycle.state.next_model_version()
+    cfg = export.merge_config(
+        job_id=job_id, backend=res.get("backend") or "transformers",
+        base_model=res.get("base_model") or settings.training.base_model, adapter_dir=Path(res["adapter_dir"]),
+        out_dir=out_dir, template=template, converter=conv, python=settings.training.python,
+        quantization=q, quantize_bin=settings.export.quantize_bin,
+        gguf_name=export.gguf_filename(settings.ollama.model_name, version, q),
+        model_name=settings.ollama.model_name,
+    )
+    return cfg, out_dir, template
+
+
+def _convert(cycle: Cycle, cfg: dict[str, Any], out_dir: Path, job_id: str, gate_numbers: dict[str, Any]
+             ) -> tuple[int | None, str]:
+    """Run merge + convert as a supervised child; remember its pid (it outlives a SIGKILLed service)."""
+    state, settings = cycle.state, cycle.settings
+    cfg_path = export.write_config(out_dir / "export.yaml", cfg)
+
+    def spawned(pid: int, start: int | None) -> None:
+        with state.transaction():
+            mark_pending(state, {"job_id": job_id, "gate": gate_numbers, "pid": pid, "pid_start": start})
+
+    return runner.run_supervised(export.merge_export_argv(settings.training.python, cfg_path), cwd=out_dir,
+                                 log_path=out_dir / "export.log", timeout_s=settings.export.timeout,
+                                 stop=cycle.stop, env=settings.training.env, on_start=spawned)
+
+
+def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: dict[str, Any]) -> None:
+    """Export the promoted job ``job`` (its row) with result ``res``; then register the new model version."""
+    settings, state, result = cycle.settings, cycle.state, cycle.result
+    if not settings.export.enabled:
+        result.reason += "; export disabled (export.enabled: false)"
+        return
+    job_id = job["job_id"]
+    with cycle.timed("export"):
+        try:
+            cfg, out_dir, template = _plan(cycle, job_id, res)
+        except (export.ExportError, ValueError, KeyError, OSError) as exc:
+            result.end(Outcome.EXPORT_FAILED, f"{result.reason}; export not possible: {exc}")
+            settled(state)
+            return
+        cycle.step("exporting", f"job {job_id}: merge + convert to GGUF ({settings.export.quantization})")
+        code, why = _convert(cycle, cfg, out_dir, job_id, gate_numbers)
+        out = export.outcome(code, export.read_result(Path(cfg["result_path"])), template)
+    if not out.ok or out.gguf_path is None or out.sha256 is None:
+        result.end(Outcome.EXPORT_FAILED,
+                   f"{result.reason}; export failed: {out.reason if why == 'finished' else why}")
+        _log.error("export.failed", job_id=job_id, reason=out.reason, exit_code=code)
+        if not cycle.stop.is_set():  # failed on its own: not retried; stopped by us: resumed by the next cycle
+            settled(state)
+        return
+    faults.point("export.before_record")  # a verified GGUF on disk, no model version yet
+    ds = state.dataset(job["dataset_version"])
+    with state.transaction():  # the model version and the end of the pending export, together
+        version = registry.add_version(
+            state, job_id=job_id, dataset_version=job["dataset_version"],
+            manifest_hash=ds.content_hash if ds else None, gguf_path=str(out.gguf_path),
+            gguf_sha256=out.sha256 if out.sha256.startswith("sha256:") else f"sha256:{out.sha256}",
+            gguf_size=out.size or out.gguf_path.stat().st_size, architecture=out.architecture,
+            chat_template=template.name, eval_numbers=gate_numbers, settings=settings,
+        )
+        state.set_kv(EXPORT_PENDING, "")
+    _log.info("export.done", job_id=job_id, model_version=version, gguf=str(out.gguf_path), size=out.size)
+    registering.run(cycle, version)
+
+
+def _pending_job(cycle: Cycle) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The pending export's record and its job row, when it still needs finishing; else the marker is dropped."""
+    settings, state = cycle.settings, cycle.state
+    raw = state.get_kv(EXPORT_PENDING)
+    if not raw:
+        return None
+    try:
+        pending = json.loads(raw)
+    except ValueError:
+        pending = None
+    job = state.job(str(pending.get("job_id"))) if isinstance(pending, dict) else None
+    if (not isinstance(pending, dict) or job is None or job["status"] != "promoted" or not job.get("result")
+            or not settings.export.enabled or state.get_kv("champion_job") != job["job_id"]
+            or any(m["job_id"] == job["job_id"] for m in state.models())):
+        settled(state)
+        return None
+    return pending, job
+
+
+def resume(cycle: Cycle) -> bool:
+    """Finish the export of the champion when a crash or a stop interrupted it (see :data:`EXPORT_PENDING`).
+
+    A child the dead service left running is stopped first (two writers must not share the export folder). The
+    resumed export's own result goes into ``counts["export_resumed"]``."""
+    found = _pending_job(cycle)
+    if found is None:
+        return True
+    pending, job = found
+    if pending.get("pid"):
+        runner.stop_stray(int(pending["pid"]), pending.get("pid_start"), "left running by a service that stopped")
+    _log.info("export.resumed", job_id=job["job_id"], reason="the service stopped before the export finished")
+    sub = Cycle(cycle.settings, cycle.state, cycle.request,
+                CycleResult(cycle.result.cycle_id, Outcome.PROMOTED, True, f"job {job['job_id']} promoted earlier",
+                            dataset_version=job.get("dataset_version"), job_id=job["job_id"], job_status="promoted"),
+                stop=cycle.stop, cancel=cycle.cancel, report=cycle.report, now=cycle.now)
+    run(sub, job, job["result"], pending.get("gate") or {})
+    cycle.result.counts["export_resumed"] = {"job_id": sub.result.job_id, "outcome": str(sub.result.outcome),
+                                             "model_tag": sub.result.model_tag}
+    if sub.result.outcome == Outcome.REGISTERED:
+        cycle.result.model_tag = sub.result.model_tag
+    return True
+
+

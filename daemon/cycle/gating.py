@@ -1,0 +1,72 @@
+"""Stage: judge a finished job: backoff on failure, else the gate (candidate vs champion on the same eval split);
+a promoted candidate goes on to export and registration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon import faults, log
+from daemon.cycle import deciding, exporting
+from daemon.cycle.context import Cycle, Outcome
+from daemon.train import gate, runner
+
+_log = log.get("daemon.cycle")
+
+
+def _champion_used(config_path: str | None) -> bool:
+    """Whether the job's config named a champion adapter (the trainer then evaluated it on the same split)."""
+    try:
+        cfg = yaml.safe_load(Path(str(config_path)).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return bool(cfg.get("gate", {}).get("champion_adapter"))
+
+
+def _decide(cycle: Cycle, job_id: str, config_path: str | None, res: dict[str, Any]) -> gate.GateDecision:
+    """The gate against the champion the trainer evaluated, else against the base model."""
+    used = _champion_used(config_path)
+    champ_id = cycle.state.get_kv("champion_job") if used else None
+    champ_loss = res.get("champion_eval_loss") if used else res.get("eval_loss_before")
+    name = f"champion {champ_id}" if used else "the base model"
+    if used and not isinstance(champ_loss, int | float):
+        # the champion adapter could not be evaluated: compare with the base model rather than promote blindly
+        _log.warning("gate.champion_unavailable", job_id=job_id, reason=res.get("champion_error"))
+        champ_loss, name = res.get("eval_loss_before"), "the base model (champion could not be evaluated)"
+    return gate.decide(res.get("eval_loss_after"), champ_loss, cycle.settings.gate.tolerance, champion_name=name)
+
+
+def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
+    """After a job ended (supervised now, or re-attached after a restart)."""
+    settings, state, result = cycle.settings, cycle.state, cycle.result
+    job_id = result.job_id = outcome.job_id
+    result.job_status = outcome.status
+    if outcome.status != "succeeded" or outcome.result is None:
+        failed = outcome.status != "cancelled"
+        result.end(Outcome.TRAIN_FAILED if failed else Outcome.CANCELLED,
+                   f"job {job_id} {outcome.status}: {outcome.reason}")
+        if failed:
+            deciding.set_backoff(settings, state, cycle.now())
+        return
+    deciding.clear_backoff(state)
+    cycle.step("gating", f"job {job_id}")
+    row = state.job(job_id) or {}
+    res = outcome.result
+    g = _decide(cycle, job_id, row.get("config_path"), res)
+    result.counts["gate"] = g.numbers
+    with state.transaction():
+        state.update_job(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
+        if g.promote:
+            state.set_kv("champion_job", job_id)
+            state.set_kv("last_trained_dataset", str(row.get("dataset_version", "")))
+            if settings.export.enabled:
+                exporting.mark_pending(state, {"job_id": job_id, "gate": g.numbers})
+    _log.info("gate.decided", job_id=job_id, promote=g.promote, reason=g.reason, **g.numbers)
+    result.job_status = "promoted" if g.promote else "rejected"
+    result.dataset_version = result.dataset_version or row.get("dataset_version")
+    result.end(Outcome.PROMOTED if g.promote else Outcome.REJECTED, f"job {job_id} {g.reason}")
+    faults.point("gate.decided")  # promoted in state, not exported yet
+    if g.promote:
+        exporting.run(cycle, row, res, g.numbers)
