@@ -23,8 +23,8 @@ from daemon.publish.export import default_cache_dir
 from daemon.train import templates
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAINER = ROOT / "daemon" / "training" / "train_qlora.py"
-TINYMODEL = ROOT / "daemon" / "training" / "tinymodel.py"
+TRAINER = ROOT / "daemon" / "trainer" / "train_qlora.py"
+TINYMODEL = ROOT / "daemon" / "trainer" / "tinymodel.py"
 CONFIG_TEMPLATE = ROOT / "configs" / "chatos_qlora.yaml"
 # Read at import: the suite's autouse fixture clears CHATOS_RETRAIN_* variables inside each test.
 _CACHE = default_cache_dir()
