@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemon import log, settings
+from daemon import cron, log, settings
 from daemon.cycle.pipeline import CycleRequest, CycleResult, Progress, run_cycle
 from daemon.cycle.worker import Worker
 from daemon.ingest import ingestor, watch
@@ -214,7 +214,6 @@ class Service:
 
     def _schedule(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
-        from apscheduler.triggers.cron import CronTrigger
 
         if self.scheduler is None:
             self.scheduler = BackgroundScheduler(timezone=UTC)
@@ -226,7 +225,7 @@ class Service:
         self.scheduler.add_job(self._pending_due, "interval", seconds=60, id="registry-retry", coalesce=True,
                                max_instances=1)
         for i, w in enumerate(s.policy.windows):
-            self.scheduler.add_job(self._window_opened, CronTrigger.from_crontab(w.cron, timezone=UTC),
+            self.scheduler.add_job(self._window_opened, cron.trigger(w.cron),
                                    id=f"window-{i}", coalesce=True, max_instances=1)
 
     def _pending_due(self) -> None:

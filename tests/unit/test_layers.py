@@ -14,7 +14,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "daemon"
 
-LEAVES = {"codec", "faults", "log", "settings", "proc", "state"}
+LEAVES = {"codec", "cron", "faults", "log", "settings", "proc", "state"}
 STAGES = {"ingest", "dataset", "train", "publish"}
 # part -> the other parts it may import. Leaves import only lower leaves.
 ALLOWED: dict[str, set[str]] = {
@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "dataset": set(LEAVES),
     "state": {"codec", "faults", "log"},
     "proc": {"faults", "log"},
-    "settings": set(),
+    "settings": {"cron"},
+    "cron": set(),
     "log": set(),
     "faults": set(),
     "codec": set(),
