@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from daemon import log
+from daemon import log, proc
 from daemon.cycle.context import Cycle
 from daemon.settings import Settings
 from daemon.state import State
@@ -29,8 +29,14 @@ def policy_input(settings: Settings, state: State, now: datetime) -> policy.Poli
         last_trained_version=trained_v,
         last_run_at=datetime.fromisoformat(last_run) if last_run else None,
         runs_today=runs,
-        job_running=False,
+        job_running=job_running(state),
     )
+
+
+def job_running(state: State) -> bool:
+    """A trainer still runs (one that no cycle supervises: left by a service that was killed, or started by a
+    ``trigger`` run elsewhere): never start a second one beside it."""
+    return any(proc.alive(j["pid"], j.get("pid_start")) for j in state.jobs(status="running") if j.get("pid"))
 
 
 def backoff_until(state: State) -> datetime | None:
@@ -70,7 +76,9 @@ def run(cycle: Cycle) -> bool:
     if not cycle.request.forced and decision.train and backoff is not None and backoff > cycle.now():
         decision = policy.Decision(False, f"backing off after a failed job; next try after {backoff:%H:%M} UTC",
                                    decision.numbers, ["backoff"], decision.next_window)
-    if cycle.request.forced:
+    if cycle.request.forced and pin.job_running:  # thresholds give way to an operator; a running trainer does not
+        result.decision, result.reason = False, f"triggered by an operator, but {decision.reason}"
+    elif cycle.request.forced:
         result.decision = True
         result.reason = "triggered by an operator (thresholds ignored)" + (
             "" if decision.train else f"; policy alone would wait: {decision.reason}")

@@ -58,9 +58,11 @@ def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
     result.counts["gate"] = g.numbers
     with state.transaction():
         state.update_job(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
+        # Trained on, promoted or not: "new examples" count from here, so a rejected candidate's data is not
+        # trained again after every cooldown (only new feedback starts the next run).
+        state.set_kv("last_trained_dataset", str(row.get("dataset_version", "")))
         if g.promote:
             state.set_kv("champion_job", job_id)
-            state.set_kv("last_trained_dataset", str(row.get("dataset_version", "")))
             if settings.export.enabled:
                 exporting.mark_pending(state, {"job_id": job_id, "gate": g.numbers})
     _log.info("gate.decided", job_id=job_id, promote=g.promote, reason=g.reason, **g.numbers)

@@ -1,0 +1,102 @@
+"""Defects that only show over weeks of unattended running (issue 11), each pinned through the real cycle with the
+fake trainer (tests/fakes/fake_trainer.py: the real trainer is too slow for the number of runs these need)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import logs_file, rec, write_lines
+
+from daemon import settings
+from daemon.cycle.pipeline import CycleRequest, run_cycle
+from daemon.state import State
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday
+
+
+class Clock:
+    def __init__(self, start: datetime = T0) -> None:
+        self.t = start
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def records(store: Path) -> Path:
+    write_lines(logs_file(store), [rec(f"e0000000000{i}", quality="good", answer=f"answer {i}") for i in range(6)])
+    return store
+
+
+def make(make_settings: Any, fake_python: Path, base_model: Path, env: dict[str, str] | None = None,
+         **policy: Any) -> settings.Settings:
+    s: settings.Settings = make_settings(
+        training={"python": str(fake_python), "base_model": str(base_model), "backend": "transformers",
+                  "max_steps": 3, "timeout": 60, "env": {"FAKE_TRAINER_MODE": "ok", **(env or {})}},
+        policy={"min_new_examples": 1, "min_total_examples": 1, "cooldown": 3600, "max_runs_per_day": 100,
+                **policy},
+        dataset={"min_train_examples": 1, "min_eval_examples": 1},
+        export={"enabled": False},
+    )
+    return s
+
+
+def test_a_rejected_candidate_is_not_retrained_on_the_same_data(make_settings: Any, records: Path,
+                                                                 fake_python: Path, base_model: Path) -> None:
+    """Candidates whose eval loss (2.5) is worse than the base model's (2.0) are rejected; after the cooldown the
+    same eligible set must not count as new again: only new feedback starts the next run."""
+    s = make(make_settings, fake_python, base_model, env={"FAKE_EVAL_AFTER": "2.5"})
+    clock = Clock()
+    with State(s.state_dir()) as st:
+        first = run_cycle(s, st, CycleRequest(None), now=clock)
+        assert first.outcome == "rejected", first.reason
+        for _ in range(3):  # three cooldowns later, nothing new: it waits and says why
+            clock.advance(3601)
+            again = run_cycle(s, st, CycleRequest(None), now=clock)
+            assert again.outcome == "skipped" and again.job_id is None, again.reason
+            assert "0/1 new rated examples since v1" in again.reason, again.reason
+        assert len(st.jobs()) == 1
+        write_lines(logs_file(records, "2025-12-06"), [rec("e00000000099", quality="good", answer="new")])
+        clock.advance(3601)
+        fresh = run_cycle(s, st, CycleRequest(None), now=clock)
+        assert fresh.job_id is not None and fresh.dataset_version == 2, fresh.reason
+
+
+def test_a_live_trainer_no_cycle_supervises_blocks_training(make_settings: Any, records: Path, fake_python: Path,
+                                                            base_model: Path, tmp_path: Path) -> None:
+    """The policy's job_running rule is real: a trainer left running (its row says running, its pid lives) blocks
+    a scheduled run and an operator's trigger alike; once it is gone, training proceeds."""
+    s = make(make_settings, fake_python, base_model, cooldown=0)
+    job_dir = tmp_path / "state" / "jobs" / "j-orphan"
+    job_dir.mkdir(parents=True)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        with State(s.state_dir()) as st:
+            with st.transaction():
+                st.add_job({"job_id": "j-orphan", "cycle_id": None, "dataset_version": 1, "status": "running",
+                            "pid": orphan.pid, "pid_start": None, "job_dir": str(job_dir),
+                            "config_path": str(job_dir / "config.yaml"), "log_path": str(job_dir / "job.log"),
+                            "metrics_path": str(job_dir / "metrics.jsonl"),
+                            "result_path": str(job_dir / "result.json"), "params": {},
+                            "created_at": "2026-11-30T11:00:00+00:00"})
+            waits = run_cycle(s, st, CycleRequest(None), now=Clock())
+            assert not waits.decision and waits.job_id is None and "a training job is running" in waits.reason
+            forced = run_cycle(s, st, CycleRequest(None, forced=True), now=Clock())
+            assert not forced.decision and forced.job_id is None
+            assert "triggered by an operator, but a training job is running" in forced.reason
+            orphan.kill()
+            orphan.wait()
+            trains = run_cycle(s, st, CycleRequest(None), now=Clock())
+            assert trains.job_id is not None, trains.reason
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
