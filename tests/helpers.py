@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+import pytest
+
+
+def in_ci() -> bool:
+    """True under ``CI=true`` (how .ci/run is started): there a missing dependency is a failure, never a skip."""
+    return os.environ.get("CI") == "true"
+
+
+def need(condition: object, reason: str) -> None:
+    """Go on when ``condition`` holds; otherwise skip the test locally but fail it under ``CI=true``.
+
+    For tests of a real dependency (the training stack, the Unsloth venv, the converter, the container rootfs and
+    nspawn, Go, systemd-analyze): a developer without it gets a skip that names the setup step, while CI, whose
+    setup installs all of them, must not go green by skipping what it claims to test. Only GPU-only tests may call
+    ``pytest.skip`` directly.
+    """
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"CI=true and a dependency is missing (a skip would hide it): {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)  # also from a module's top level (need_module)
+
+
+def need_module(name: str, reason: str) -> ModuleType:
+    """``pytest.importorskip`` for a module the CI setup installs: under ``CI=true`` a failed import fails."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        need(False, f"{reason} ({exc})")
+        raise  # unreachable: need() raised; keeps the type checker sure a module comes back
 
 
 def write_lines(path: Path, objs: list[dict[str, Any]], mode: str = "a") -> None:

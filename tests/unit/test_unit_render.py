@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import need
 
 from daemon.service import unit
 from daemon.service.unit import InstallResult, UnitExistsError, install_unit, render_unit
@@ -171,7 +172,11 @@ def test_unit_paths() -> None:
 # -- systemd-analyze -------------------------------------------------------------------------------------------------
 
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+@pytest.fixture
+def needs_analyze() -> None:
+    need(ANALYZE, "systemd-analyze is not installed (apt: systemd)")
 
 
 def analyze(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -194,7 +199,7 @@ def rendered_for_verify(tmp_path: Path, user_mode: bool, **kwargs: object) -> Pa
     return path
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 @pytest.mark.parametrize("user_mode", [False, True])
 def test_systemd_analyze_verify_is_clean(tmp_path: Path, user_mode: bool) -> None:
     path = rendered_for_verify(tmp_path, user_mode, store_root=None if user_mode else Path("/home/a b/ChatOS-Memory"))
@@ -202,7 +207,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path, user_mode: bool) -> Non
     assert (res.returncode, res.stdout + res.stderr) == (0, "")
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     path = rendered_for_verify(tmp_path, False)
     text = path.read_text()
@@ -213,14 +218,14 @@ def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
 
 def exposure(path: Path, tmp_path: Path) -> float:
     res = analyze("security", "--offline=true", "--no-pager", str(path), tmp_path=tmp_path)
-    if res.returncode != 0 and "--offline" in res.stderr:
-        pytest.skip(f"this systemd-analyze has no --offline: {res.stderr.strip()}")
+    need(res.returncode == 0 or "--offline" not in res.stderr,
+         f"this systemd-analyze has no --offline: {res.stderr.strip()}")
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", res.stdout)
     assert m, res.stdout[-2000:] + res.stderr
     return float(m.group(1))
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 @pytest.mark.parametrize("store_root", [None, Path("/home/alice/ChatOS-Memory")], ids=["shipped", "store-bound"])
 def test_system_unit_exposure_is_at_most_2_5(tmp_path: Path, store_root: Path | None) -> None:
     path = tmp_path / "chatos-retrain.service"
