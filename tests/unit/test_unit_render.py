@@ -135,6 +135,64 @@ def test_bad_inputs_are_one_clear_error(kwargs: dict[str, object], message: str)
         render_unit(**args)  # type: ignore[arg-type]
 
 
+
+# -- the templates (package data) ------------------------------------------------------------------------------------
+
+UNITS_DIR = ROOT / "daemon" / "service" / "units"
+
+
+@pytest.mark.parametrize("user_mode", [False, True])
+def test_a_misspelt_placeholder_fails_the_render(monkeypatch: pytest.MonkeyPatch, user_mode: bool) -> None:
+    real = unit._fragment
+    name = "user.service.in" if user_mode else "system.service.in"
+    assert "TimeoutStopSec=${stop}" in real(name)
+
+    def misspelt(n: str) -> str:
+        return real(n).replace("${stop}", "${stpo}") if n == name else real(n)
+
+    monkeypatch.setattr(unit, "_fragment", misspelt)
+    with pytest.raises(KeyError, match=r"\$\{stpo\} has no value"):
+        render_unit(user_mode=user_mode, python=None, config=None)
+
+
+def test_a_value_no_placeholder_takes_fails_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = unit._fragment
+    monkeypatch.setattr(unit, "_fragment", lambda n: real(n).replace("${margin}", "15") if n == "user.service.in"
+                        else real(n))
+    with pytest.raises(KeyError, match=r"user.service.in has no placeholder for \['margin'\]"):
+        render_unit(user_mode=True, python=None, config=None)
+
+
+def test_a_literal_dollar_in_the_unit_text_is_doubled_in_the_template() -> None:
+    assert "ExecReload=/bin/kill -HUP $$MAINPID" in unit._fragment("system.service.in")
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in SYSTEM_FILE.read_text()
+
+
+def test_the_hardening_block_is_written_once_and_both_units_carry_it() -> None:
+    block = unit._fragment("hardening.in")
+    assert block.count("SystemCallFilter=") == 2 and "NoNewPrivileges=yes" in block
+    for text in (SYSTEM_FILE.read_text(), USER_FILE.read_text()):
+        assert text.count(block) == 1
+    for name in ("system.service.in", "user.service.in"):  # by reference, never copied
+        assert "${hardening}" in unit._fragment(name) and "SystemCallFilter" not in unit._fragment(name)
+    # the user unit's hardening is exactly the shared block: nothing privileged slipped into it
+    user_hardening = {k for k in directives(USER_FILE.read_text()) if k in HARDENING}
+    assert user_hardening == set(directives(block))
+
+
+def test_every_template_file_is_used_and_shipped_as_package_data() -> None:
+    import tomllib
+
+    files = sorted(p.name for p in UNITS_DIR.iterdir())
+    assert files == ["hardening.in", "header.in", "store-bound.in", "store-shared.in", "system.service.in",
+                     "user.service.in"]
+    source = (ROOT / "daemon" / "service" / "unit.py").read_text()
+    assert all(f'"{name}"' in source for name in files)
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["daemon"]
+    shipped = {p.relative_to(ROOT / "daemon") for pat in patterns for p in (ROOT / "daemon").glob(pat)}
+    assert {Path("service") / "units" / name for name in files} <= shipped
+
+
 # -- installing ----------------------------------------------------------------------------------------------------
 
 
