@@ -32,6 +32,7 @@ def need(condition: object, reason: str) -> None:
     setup installs all of them, must not go green by skipping what it claims to test. Only GPU-only tests may call
     ``pytest.skip`` directly.
     """
+    __tracebackhide__ = True  # report the skip or failure at the test's line, not here
     if condition:
         return
     if in_ci():
@@ -41,6 +42,7 @@ def need(condition: object, reason: str) -> None:
 
 def need_module(name: str, reason: str) -> ModuleType:
     """``pytest.importorskip`` for a module the CI setup installs: under ``CI=true`` a failed import fails."""
+    __tracebackhide__ = True
     try:
         return importlib.import_module(name)
     except ImportError as exc:
