@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-# Optional stages, each idempotent: CPU training stack + Unsloth venv, the real-systemd container.
-for stage in .ci/train-setup.sh .ci/system-setup.sh; do
+# Stages, each idempotent: host tools (Go, systemd-analyze), CPU training stack + Unsloth venv + converter, the
+# real-systemd container. Under CI=true whatever they leave missing fails its tests (tests/helpers.py: need).
+for stage in .ci/host-setup.sh .ci/train-setup.sh .ci/system-setup.sh; do
     if [ -f "$stage" ]; then bash "$stage"; fi
 done
 exec .venv/bin/python -m pytest "$@"

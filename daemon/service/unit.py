@@ -1,7 +1,9 @@
 """systemd units for this install: a pure renderer and a small installer.
 
-``render_unit`` builds the unit text from one template per mode; the files in ``systemd/`` are exactly its output
-for the default install (a test checks this), so the commented sample and the generated unit never drift apart.
+``render_unit`` builds the unit text from one template per mode (``units/system.service.in``, ``units/user.service.in``,
+package data) with the parts they share in their own files: the header and the hardening block both units apply.
+The files in ``systemd/`` are exactly its output for the default install (a test checks this), so the commented
+sample and the generated unit never drift apart.
 ``install_unit`` writes a rendered unit where systemd looks for it and says what to run next.
 """
 
@@ -11,8 +13,11 @@ import grp
 import os
 import pwd
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from string import Template
 
 UNIT_NAME = "chatos-retrain.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -25,222 +30,29 @@ DEFAULT_STOP_TIMEOUT_S = 30.0
 STOP_MARGIN_S = 15.0  # TimeoutStopSec = service.stop_timeout_s + this: the service must win the race
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:+,=@-]+$")
+UNITS = "units"  # package data beside this module: the unit text, one file per part, rendered by _fill
 
-_HEADER = """\
-# chatos-retrain: retrain the local ChatOS model from rated conversations ({mode} service).
-#
-# `chatos-retrain install-unit{flag}` writes this unit with the paths of the install it runs from;
-# this copy is its rendering for the default install. Every hardening line says when to relax it;
-# check the result with: systemd-analyze{analyze_flag} security chatos-retrain
-"""
 
-_SYSTEM_TEMPLATE = (
-    _HEADER
-    + """#
-# Set-up, once (as root):
-#   useradd --system --home-dir /var/lib/chatos-retrain --shell /usr/sbin/nologin chatos-retrain
-#   usermod -aG <chatos-user> chatos-retrain && chmod g+rx /home/<chatos-user>
-#     (read the store through its owner's group: the CLI as this user, and the service if homes stay read-only)
-#   /etc/chatos-retrain/retrain.yaml: store.root: /home/<chatos-user>/ChatOS-Memory
-#     and service.runtime_dir: /run/chatos-retrain (where the CLI looks for the control socket)
-#   systemctl daemon-reload && systemctl enable --now chatos-retrain
-# Feedback: this service only reads the store. Ratings reach its feedback/ sidecar through
-# `chatos-retrain feedback ID --up|--down` run as the ChatOS user, who owns the store.
+def _fragment(name: str) -> str:
+    """One part of the unit text (daemon/service/units/<name>, shipped as package data), final newline dropped."""
+    return (resources.files(__name__.rpartition(".")[0]) / UNITS / name).read_text(encoding="utf-8").removesuffix("\n")
 
-[Unit]
-Description=chatos-retrain: retrain the local ChatOS model from rated conversations
-# Ollama (if installed as a service) should be up before models are registered; ordering only.
-After=network.target ollama.service
 
-[Service]
-Type=notify
-# Only the main process may report READY=/STATUS=/WATCHDOG=; training children cannot.
-NotifyAccess=main
-User=@USER@
-Group=@USER@
-ExecStart=@EXEC@
-ExecReload=/bin/kill -HUP $MAINPID
-# The main loop pings every WatchdogSec/2 while healthy; a hung loop is killed and restarted.
-WatchdogSec=60s
-Restart=on-failure
-RestartSec=5s
-# Exit status 2 is a configuration or usage error: restarting cannot fix it, so don't loop on it.
-RestartPreventExitStatus=2
-# SIGTERM reaches the main process only: it stops its training child itself (grace, then SIGKILL on the
-# child's process group). Whatever is still alive at TimeoutStopSec is SIGKILLed by systemd.
-KillMode=mixed
-# service.stop_timeout_s + @MARGIN@ s, so the service's own shutdown always finishes first.
-TimeoutStopSec=@STOP@
-# /var/lib/chatos-retrain ($STATE_DIRECTORY): state database, datasets, training jobs, adapters, GGUFs.
-StateDirectory=chatos-retrain
-StateDirectoryMode=0750
-# /run/chatos-retrain ($RUNTIME_DIRECTORY): the control socket used by `chatos-retrain status/trigger`.
-RuntimeDirectory=chatos-retrain
-# /etc/chatos-retrain ($CONFIGURATION_DIRECTORY): retrain.yaml.
-ConfigurationDirectory=chatos-retrain
-# /var/cache/chatos-retrain: Hugging Face and other caches of the training children (home is read-only).
-CacheDirectory=chatos-retrain
-Environment=PYTHONUNBUFFERED=1 XDG_CACHE_HOME=%C/chatos-retrain HF_HOME=%C/chatos-retrain/huggingface
+def _fill(name: str, values: Mapping[str, str]) -> str:
+    """The fragment ``name`` with its ``${placeholders}`` filled by ``string.Template.substitute``.
 
-# -- Hardening. Each line: what it does; relax it when ... --
-# New files are private to the service user. Relax (0027) if another group must read datasets or models.
-UMask=0077
-# No privilege gain through setuid binaries or file capabilities. Never needs relaxing.
-NoNewPrivileges=yes
-# No capabilities at all: the service runs unprivileged. Never needs relaxing.
-CapabilityBoundingSet=
-# No ambient capabilities either. Never needs relaxing.
-AmbientCapabilities=
-# The whole file system is read-only except the directories above. Relax with ReadWritePaths=DIR if
-# state.dir, a job dir or export.llama_cpp_dir points elsewhere and must be written.
-ProtectSystem=strict
-@STORE@
-# Private /tmp and /var/tmp. Relax only if a trainer must share temp files with another service.
-PrivateTmp=yes
-# Our own mount namespace; mounts made inside never leak out. Never needs relaxing.
-PrivateMounts=yes
-# Stays OFF on purpose: PrivateDevices=yes would hide /dev/nvidia* and /dev/dri, so GPU training would
-# silently fall back to CPU. Devices are limited by the allow-list below instead.
-PrivateDevices=no
-# Only pseudo devices (null, zero, random, tty...) plus the allow-list below. Relax: add DeviceAllow= lines.
-DevicePolicy=closed
-# NVIDIA GPUs: nvidiactl, nvidia0..N, nvidia-uvm, nvidia-caps (every /proc/devices group named nvidia*).
-# Delete on CPU-only hosts to tighten further.
-DeviceAllow=char-nvidia* rw
-# AMD/Intel render nodes (/dev/dri/*). Delete on CPU-only or NVIDIA-only hosts.
-DeviceAllow=char-drm rw
-# AMD ROCm compute (/dev/kfd). Delete on CPU-only or NVIDIA-only hosts.
-DeviceAllow=char-kfd rw
-# No writes to /proc/sys, /sys. Never needs relaxing.
-ProtectKernelTunables=yes
-# No module loading. Never needs relaxing (load nvidia/nvidia-uvm at boot, not from here).
-ProtectKernelModules=yes
-# No kernel log access. Never needs relaxing.
-ProtectKernelLogs=yes
-# cgroup tree read-only. Never needs relaxing.
-ProtectControlGroups=yes
-# No clock changes. Never needs relaxing.
-ProtectClock=yes
-# No hostname changes. Never needs relaxing.
-ProtectHostname=yes
-# Other users' processes are invisible in /proc. Relax (ProtectProc=default) only to debug from inside.
-ProtectProc=invisible
-# Stays OFF: the NVIDIA driver and CUDA read /proc/driver/nvidia, PyTorch reads /proc/cpuinfo and /proc/meminfo;
-# ProcSubset=pid would hide them. Set ProcSubset=pid on CPU-only hosts if training still runs.
-ProcSubset=all
-# Stays OFF: Ollama is reached over loopback HTTP and a trainer may download a base model.
-PrivateNetwork=no
-# Local and IP sockets only. Relax: add AF_NETLINK if a trainer enumerates interfaces (multi-GPU NCCL).
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-# No new namespaces (containers, sandboxes inside). Relax only for a trainer that uses them itself.
-RestrictNamespaces=yes
-# No realtime scheduling. Never needs relaxing.
-RestrictRealtime=yes
-# No setuid/setgid files can be created. Never needs relaxing.
-RestrictSUIDSGID=yes
-# Stays OFF: CUDA kernels, Triton/torch.compile JIT and ctypes callbacks need writable+executable memory.
-MemoryDenyWriteExecute=no
-# No personality() tricks. Never needs relaxing.
-LockPersonality=yes
-# Native system calls only (no 32-bit compat entry). Never needs relaxing on 64-bit hosts.
-SystemCallArchitectures=native
-# The usual service system calls. Relax (add a group) only if the journal shows a trainer killed by seccomp.
-SystemCallFilter=@system-service
-# ... minus the privileged ones (mount, chown, setuid, ...). Relax only if a trainer must chown files.
-SystemCallFilter=~@privileged
-# A filtered call fails with EPERM instead of killing the process, so Python reports it as an error.
-SystemCallErrorNumber=EPERM
-# SysV/POSIX IPC objects of this user are removed when it stops. Relax if another service shares them.
-RemoveIPC=yes
-# A private kernel keyring. Never needs relaxing.
-KeyringMode=private
-
-[Install]
-WantedBy=multi-user.target
-"""
-)
-
-_STORE_SHARED = """\
-# Homes are read-only, so the store (store.root in retrain.yaml) is readable and nothing there can be written.
-# `install-unit` narrows this to the store alone (ProtectHome=tmpfs + BindReadOnlyPaths=<store>). Relax:
-# never; feedback is written by the ChatOS user through the CLI, not by this service.
-ProtectHome=read-only"""
-
-_STORE_BOUND = """\
-# Homes are an empty tmpfs; only the ChatOS store is bound back in, below. Relax: add BindReadOnlyPaths= for
-# anything else the service must read under /home (a local base model), or use ProtectHome=read-only.
-ProtectHome=tmpfs
-# The ChatOS store, read-only: the service never writes it (feedback is written by the ChatOS user through the
-# CLI). A missing store makes the start fail with status 226/NAMESPACE instead of training on nothing.
-BindReadOnlyPaths=@STORE_ROOT@"""
-
-_USER_TEMPLATE = (
-    _HEADER
-    + """#
-# Runs as the ChatOS user, who owns the store (reads it; feedback goes through `chatos-retrain feedback`).
-# Set-up, once:
-#   systemctl --user daemon-reload && systemctl --user enable --now chatos-retrain
-#   loginctl enable-linger "$USER"   # keep it running when you are logged out
-# Namespace options (ProtectSystem=, PrivateTmp=, ...) are left out: a user manager can only apply them
-# through unprivileged user namespaces, which many hosts disable; the system unit has the full sandbox.
-
-[Unit]
-Description=chatos-retrain: retrain the local ChatOS model from rated conversations
-
-[Service]
-Type=notify
-# Only the main process may report READY=/STATUS=/WATCHDOG=; training children cannot.
-NotifyAccess=main
-ExecStart=@EXEC@
-ExecReload=/bin/kill -HUP $MAINPID
-# The main loop pings every WatchdogSec/2 while healthy; a hung loop is killed and restarted.
-WatchdogSec=60s
-Restart=on-failure
-RestartSec=5s
-# Exit status 2 is a configuration or usage error: restarting cannot fix it, so don't loop on it.
-RestartPreventExitStatus=2
-# SIGTERM reaches the main process only: it stops its training child itself; leftovers are SIGKILLed
-# at TimeoutStopSec.
-KillMode=mixed
-# service.stop_timeout_s + @MARGIN@ s, so the service's own shutdown always finishes first.
-TimeoutStopSec=@STOP@
-# No StateDirectory=/RuntimeDirectory= here: systemd < 254 maps a user StateDirectory= to ~/.config, and the CLI,
-# started outside this unit, would look elsewhere. Service and CLI both use state.dir (default
-# ~/.local/state/chatos-retrain) for the state database, datasets, jobs, models and the control socket.
-# ~/.config/chatos-retrain: retrain.yaml.
-ConfigurationDirectory=chatos-retrain
-Environment=PYTHONUNBUFFERED=1
-
-# -- Hardening that needs no privileges (seccomp and friends). Each line: when to relax it. --
-# New files are private to you. Relax (0027) if your group must read datasets or models.
-UMask=0077
-# No privilege gain through setuid binaries. Never needs relaxing.
-NoNewPrivileges=yes
-# Local and IP sockets only. Relax: add AF_NETLINK if a trainer enumerates interfaces (multi-GPU NCCL).
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-# No new namespaces. Relax only for a trainer that uses them itself.
-RestrictNamespaces=yes
-# No realtime scheduling. Never needs relaxing.
-RestrictRealtime=yes
-# No setuid/setgid files can be created. Never needs relaxing.
-RestrictSUIDSGID=yes
-# Stays OFF: CUDA kernels, Triton/torch.compile JIT and ctypes callbacks need writable+executable memory.
-MemoryDenyWriteExecute=no
-# No personality() tricks. Never needs relaxing.
-LockPersonality=yes
-# Native system calls only. Never needs relaxing on 64-bit hosts.
-SystemCallArchitectures=native
-# The usual service system calls. Relax (add a group) only if the journal shows a trainer killed by seccomp.
-SystemCallFilter=@system-service
-# ... minus the privileged ones. Relax only if a trainer must chown files.
-SystemCallFilter=~@privileged
-# A filtered call fails with EPERM instead of killing the process.
-SystemCallErrorNumber=EPERM
-
-[Install]
-WantedBy=default.target
-"""
-)
+    Strict both ways, so a misspelt placeholder cannot ship: one without a value raises KeyError (substitute), and
+    so does a value that no placeholder takes. A literal ``$`` in the unit text is written ``$$`` in the file.
+    """
+    template = Template(_fragment(name))
+    try:
+        text = template.substitute(values)
+    except KeyError as exc:
+        raise KeyError(f"unit template {name}: ${{{exc.args[0]}}} has no value (a misspelt placeholder?)") from exc
+    unused = sorted(set(values) - set(template.get_identifiers()))
+    if unused:
+        raise KeyError(f"unit template {name} has no placeholder for {unused}")
+    return text
 
 
 def quote(value: str, *, exec_line: bool = False) -> str:
@@ -305,27 +117,24 @@ def render_unit(
         raise ValueError(f"{user!r} is not a valid user name")
     if stop_timeout_s <= 0:
         raise ValueError("stop_timeout_s must be positive")
-    text = _USER_TEMPLATE if user_mode else _SYSTEM_TEMPLATE
-    store = _STORE_SHARED
+    store = _fill("store-shared.in", {})
     if store_root is not None and not user_mode:
         if not store_root.is_absolute():
             raise ValueError(f"the store root must be absolute, got {store_root}")
         if ":" in str(store_root):
             raise ValueError(f"the store root {store_root} contains ':', which BindReadOnlyPaths= cannot take")
-        store = _STORE_BOUND.replace("@STORE_ROOT@", quote(str(store_root)))
-    replacements = {
-        "{mode}": "user" if user_mode else "system",
-        "{flag}": " --user" if user_mode else "",
-        "{analyze_flag}": " --user" if user_mode else "",
-        "@EXEC@": exec_command(user_mode=user_mode, python=python, config=config, module=module),
-        "@USER@": user,
-        "@STOP@": _seconds(stop_timeout_s + STOP_MARGIN_S),
-        "@MARGIN@": f"{STOP_MARGIN_S:g}",
-        "@STORE@": store,
+        store = _fill("store-bound.in", {"store_root": quote(str(store_root))})
+    flag = " --user" if user_mode else ""
+    values = {
+        "header": _fill("header.in", {"mode": "user" if user_mode else "system", "flag": flag}),
+        "hardening": _fill("hardening.in", {}),  # the one block both units share
+        "exec": exec_command(user_mode=user_mode, python=python, config=config, module=module),
+        "stop": _seconds(stop_timeout_s + STOP_MARGIN_S),
+        "margin": f"{STOP_MARGIN_S:g}",
     }
-    for key, value in replacements.items():
-        text = text.replace(key, value)
-    return text
+    if user_mode:
+        return _fill("user.service.in", values) + "\n"
+    return _fill("system.service.in", {**values, "user": user, "store": store}) + "\n"
 
 
 # -- installing ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Fixtures for real training end to end: tiny models with real vocabularies, the real trainer as a subprocess.
 
 Needs the training stack in this interpreter and llama.cpp's vocab/template files in the cache, both set up by
-``.ci/train-setup.sh``; the Unsloth tests also need ``.venv-unsloth``. Anything missing skips with the reason.
+``.ci/train-setup.sh``; the Unsloth tests also need ``.venv-unsloth``. Anything missing skips with the reason
+(a failure under ``CI=true``: ``helpers.need``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import need
 from trainjobs import LLAMA_CPP_DIR, TIMEOUT_S, TINYMODEL, Job, make_job, trainer_env, training_stack_missing
 
 
@@ -21,10 +23,9 @@ from trainjobs import LLAMA_CPP_DIR, TIMEOUT_S, TINYMODEL, Job, make_job, traine
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny Qwen2 and Llama checkpoints (real vocab + real chat template), built once per session."""
     reason = training_stack_missing()
-    if reason:
-        pytest.skip(reason)
-    if not (LLAMA_CPP_DIR / "models" / "ggml-vocab-qwen2.gguf").is_file():
-        pytest.skip(f"llama.cpp vocab files missing in {LLAMA_CPP_DIR}: run .ci/train-setup.sh")
+    need(reason is None, str(reason))
+    need((LLAMA_CPP_DIR / "models" / "ggml-vocab-qwen2.gguf").is_file(),
+         f"llama.cpp vocab files missing in {LLAMA_CPP_DIR}: run .ci/train-setup.sh")
     out = tmp_path_factory.mktemp("tiny-models")
     argv = [sys.executable, str(TINYMODEL), str(out), "--family", "qwen2", "--family", "llama",
             "--llama-cpp-dir", str(LLAMA_CPP_DIR)]  # fmt: skip

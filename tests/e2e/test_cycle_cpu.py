@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import need
 from trainjobs import UNSLOTH_PYTHON
 
 from daemon.cycle.pipeline import CycleRequest, run_cycle
@@ -71,8 +72,7 @@ def test_cycle_trains_gates_and_then_compares_with_the_champion(
     backend: str, tiny_models: dict[str, Path], make_settings: Any, store: Path
 ) -> None:
     python = Path(sys.executable) if backend == "transformers" else UNSLOTH_PYTHON
-    if not python.exists():
-        pytest.skip(f"{python} missing: run .ci/train-setup.sh (builds the Unsloth venv)")
+    need(python.exists(), f"{python} missing: run .ci/train-setup.sh (builds the Unsloth venv)")
     generate_store(store, 160, days=2, seed=21, assistant_words=(6, 20), feedback_fraction=0.6)
     s = settings_for(make_settings, tiny_models["qwen2"], python, backend)
     with State(s.state_dir()) as st:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import need
 from ollama_standin import StandinServer
 
 from daemon.cycle.pipeline import CycleRequest, run_cycle
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True)
 def _converter() -> None:
-    if installed(default_cache_dir()) is None:
-        pytest.skip(f"the converter is not set up in {default_cache_dir()}: run .ci/train-setup.sh")
+    need(installed(default_cache_dir()) is not None,
+         f"the converter is not set up in {default_cache_dir()}: run .ci/train-setup.sh")
 
 
 def make(make_settings: Any, model: Path, url: str, template: str = "qwen-2.5") -> Any:

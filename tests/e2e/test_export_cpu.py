@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import need
 from trainjobs import LLAMA_CPP_DIR, TIMEOUT_S, UNSLOTH_PYTHON, trainer_env
 
 from daemon.publish import export
@@ -43,12 +44,12 @@ PROMPT_IDS = [151644, 872, 198, 9707, 11, 1879, 0, 151645, 198, 151644, 77091, 1
 @pytest.fixture(scope="module")
 def converter() -> export.ConverterPaths:
     missing = [m for m in ("torch", "transformers", "peft", "gguf", "sentencepiece") if not importlib.util.find_spec(m)]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed in {sys.executable}: run .ci/train-setup.sh")
+    need(not missing, f"{', '.join(missing)} not installed in {sys.executable}: run .ci/train-setup.sh")
     try:
         return export.validate_llama_cpp_dir(LLAMA_CPP_DIR)
     except export.SetupError as e:
-        pytest.skip(f"{e}: run `chatos-retrain setup export`")
+        need(False, f"{e}: run `chatos-retrain setup export`")
+        raise  # unreachable: need() raised
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +302,8 @@ def test_unknown_pre_tokenizer_is_one_line_exit_3(runs: dict[str, Run]) -> None:
     assert not list(run.out.glob("*.gguf"))
 
 
-@pytest.mark.skipif(not UNSLOTH_PYTHON.exists(), reason=f"{UNSLOTH_PYTHON} missing: run .ci/train-setup.sh")
 def test_unsloth_backend_merges_with_save_pretrained_merged(runs: dict[str, Run]) -> None:
+    need(UNSLOTH_PYTHON.exists(), f"{UNSLOTH_PYTHON} missing: run .ci/train-setup.sh")
     run, tmpl = runs["qwen2-unsloth"], TEMPLATE["qwen2"]
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.outcome(tmpl).ok, run.outcome(tmpl).reason

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import need
 from trainjobs import TIMEOUT_S, TRAINER, UNSLOTH_PYTHON, Job, make_job, trainer_env
 
 from daemon.train import templates
@@ -163,8 +164,7 @@ def test_llama_3_template_trains(tiny_models: dict[str, Path], job_factory: Call
 
 
 def test_unsloth_backend_trains_for_real(tiny_models: dict[str, Path], job_factory: Callable[..., Job]) -> None:
-    if not UNSLOTH_PYTHON.exists():
-        pytest.skip(f"no Unsloth trainer venv at {UNSLOTH_PYTHON}: run .ci/train-setup.sh")
+    need(UNSLOTH_PYTHON.exists(), f"no Unsloth trainer venv at {UNSLOTH_PYTHON}: run .ci/train-setup.sh")
     job = job_factory("job-unsloth", tiny_models["qwen2"], backend="unsloth")
     assert job.config["model"]["load_in_4bit"] is True  # QLoRA on a GPU; ignored by Unsloth's CPU fallback
     _, result = check_job(run_job(job, UNSLOTH_PYTHON), "unsloth")

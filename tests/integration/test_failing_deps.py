@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from helpers import fb, feedback_file, logs_file, rec, write_lines
+from helpers import fb, feedback_file, logs_file, need, rec, write_lines
 from ollama_standin import StandinServer
 from structlog.testing import capture_logs
 
@@ -290,16 +290,16 @@ def test_a_failing_export_registers_nothing(make_settings: Any, records: Path, f
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (root only); skipped where mounting is not allowed."""
+    """A 4 MiB tmpfs (root only); skipped where mounting is not allowed (a failure under ``CI=true``, run as root)."""
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
     try:
         out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs: {exc}")
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root / CAP_SYS_ADMIN): {out.stderr.strip()}")
+        need(False, f"cannot mount a tmpfs: {exc}")
+        raise  # unreachable: need() raised
+    need(out.returncode == 0, f"cannot mount a tmpfs (needs root / CAP_SYS_ADMIN): {out.stderr.strip()}")
     try:
         yield mnt
     finally:

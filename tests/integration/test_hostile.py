@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fb, logs_file, rec, write_lines
+from helpers import fb, logs_file, need, rec, write_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -128,8 +128,8 @@ def test_file_truncated_while_being_read(store: Path, tmp_path: Path, monkeypatc
     state.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to drop to nobody")
 def test_permission_denied_as_an_unprivileged_user(tmp_path: Path) -> None:
+    need(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv (util-linux) to drop to nobody")
     base = Path(tempfile.mkdtemp(prefix="perm-"))
     try:
         os.chmod(base, 0o777)

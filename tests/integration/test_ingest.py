@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fb, feedback_file, logs_file, rec, write_lines
+from helpers import (
+    fb,
+    feedback_file,
+    give_away,
+    logs_file,
+    rec,
+    run_python_unprivileged,
+    unprivileged_dir,
+    write_lines,
+)
 from structlog.testing import capture_logs
 
 from daemon import api
@@ -277,17 +286,32 @@ def test_file_replaced_by_a_directory_counts_as_gone(store: Path, state: State) 
     assert r.deleted == 1 and cids(state) == set()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
-def test_permission_denied_is_a_warning_and_retried(store: Path, state: State) -> None:  # pragma: no cover
-    p = logs_file(store)
-    write_lines(p, [rec("n00000000001")])
-    p.chmod(0)
-    with capture_logs() as logs:
-        ingest(state, store)
-    assert any(e["event"] == "ingest.unreadable" for e in logs)
-    p.chmod(0o644)
-    ingest(state, store)
-    assert cids(state) == {"n00000000001"}
+_INGEST_AS_CHILD = """
+import json, sys
+from pathlib import Path
+from structlog.testing import capture_logs
+from daemon.ingest.ingestor import Ingestor
+from daemon.state import State
+with State(Path(sys.argv[2])) as state, capture_logs() as logs:
+    Ingestor(state, Path(sys.argv[1])).scan()
+    cids = [r[0] for r in state.conn.execute("SELECT cid FROM conversations WHERE deleted = 0")]
+print(json.dumps({"events": [e["event"] for e in logs], "cids": cids}))
+"""
+
+
+def test_permission_denied_is_a_warning_and_retried() -> None:
+    # root reads files regardless of permissions: the ingest runs in a child as an unprivileged user (helpers)
+    with unprivileged_dir("perm-ingest-") as base:
+        store = base / "ChatOS-Memory"
+        p = logs_file(store)
+        write_lines(p, [rec("n00000000001")])
+        give_away(store)
+        p.chmod(0)
+        first = run_python_unprivileged(_INGEST_AS_CHILD, str(store), str(base / "state"))
+        assert any(e == "ingest.unreadable" for e in first["events"])
+        p.chmod(0o644)
+        second = run_python_unprivileged(_INGEST_AS_CHILD, str(store), str(base / "state"))
+        assert set(second["cids"]) == {"n00000000001"}
 
 
 def test_crash_mid_file_loses_nothing_and_counts_nothing_twice(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import need_module
 from ollama_standin import CANNED_REPLY, StandinProcess, StandinServer, make_tiny_gguf
 from structlog.testing import capture_logs
 
@@ -362,7 +363,7 @@ def test_every_request_is_logged(client: OllamaClient) -> None:
 def test_chat_with_llama_cpp_really_loads_the_gguf(client: OllamaClient, gguf: Path) -> None:
     """Where llama-cpp-python is built, the stand-in loads the GGUF: our tiny one has no vocabulary, so the load fails
     the way an Ollama runner does (a 500), instead of answering a canned reply."""
-    pytest.importorskip("llama_cpp")
+    need_module("llama_cpp", "llama-cpp-python is not installed (.ci/train-setup.sh builds it)")
     register(client, gguf)
     with pytest.raises(OllamaError, match=r"HTTP 500: llama runner process has terminated"):
         client.chat("chatos:v1", [{"role": "user", "content": "hi"}], num_predict=8)

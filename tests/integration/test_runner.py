@@ -177,10 +177,26 @@ def test_timeout_sends_sigterm_to_the_group(state: State, tmp_path: Path, fake_p
     assert not proc.alive(job.pid, job.pid_start)
 
 
+def ignores_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has set SIGTERM to ignored (the SigIgn mask in /proc/<pid>/status, bit signum - 1)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    raise AssertionError(f"no SigIgn line for pid {pid}")
+
+
+def wait_until_ignoring_sigterm(pid: int, deadline_s: float = 10.0) -> None:
+    """Block until the child has installed its SIGTERM disposition, failing after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while not ignores_sigterm(pid):
+        assert time.monotonic() < deadline, f"pid {pid} did not ignore SIGTERM within {deadline_s} s"
+        time.sleep(0.01)
+
+
 def test_sigkill_after_grace_when_sigterm_is_ignored(state: State, tmp_path: Path, fake_python: Path,
                                                      base_model: Path) -> None:
     job = make_job(state, tmp_path, fake_python, base_model, mode="hang_hard")
-    time.sleep(0.5)  # let it install its SIGTERM handler
+    wait_until_ignoring_sigterm(job.pid)  # the ready signal: its SIGTERM disposition, read from the kernel
     with capture_logs() as logs:
         out = supervise(state, job, timeout=0.5, grace_s=1.0)
     assert out.status == "timeout"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import give_away, run_python_unprivileged, unprivileged_dir
 from structlog.testing import capture_logs
 from watchdog.observers.api import BaseObserver, EventEmitter
 
@@ -279,15 +280,30 @@ def test_root_deleted_then_recreated(store: Path, tmp_path: Path, started: Start
     assert rec.wait_event(data)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
-def test_read_only_store_is_probed_in_the_state_dir(store: Path, tmp_path: Path) -> None:
-    store.chmod(0o555)
-    try:
-        w = make(store, tmp_path)
-    finally:
-        store.chmod(0o755)
-    assert w.mode == "inotify"
-    assert "state dir" in w.reason
+_MAKE_AS_CHILD = """
+import json, sys
+from pathlib import Path
+from daemon.ingest import watch
+w = watch.make_watcher(Path(sys.argv[1]), polling=False, poll_interval_s=float(sys.argv[3]), selftest_timeout_s=2.0,
+                       probe_dir=Path(sys.argv[2]))
+print(json.dumps({"mode": w.mode, "reason": w.reason}))
+"""
+
+
+def test_read_only_store_is_probed_in_the_state_dir() -> None:
+    # root writes into a read-only directory anyway: make() runs in a child as an unprivileged user (helpers)
+    with unprivileged_dir("perm-watch-") as base:
+        store, state = base / "ChatOS-Memory", base / "state"
+        for sub in ("logs", "training_data", "feedback"):
+            (store / sub).mkdir(parents=True)
+        give_away(base)
+        store.chmod(0o555)
+        try:
+            w = run_python_unprivileged(_MAKE_AS_CHILD, str(store), str(state), str(POLL))
+        finally:
+            store.chmod(0o755)
+    assert w["mode"] == "inotify"
+    assert "state dir" in w["reason"]
 
 
 def test_a_symlinked_root_is_watched_through_its_target(tmp_path: Path, store: Path, started: Start) -> None:

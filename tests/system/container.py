@@ -515,7 +515,7 @@ def as_chatos_python(c: Container, code: str, timeout: float = 120.0) -> Any:
 def generate_store(c: Container, n_records: int, seed: int) -> dict[str, int]:
     """A realistic store (``daemon.demo.storegen``) written by the ChatOS user; returns what a reader must count."""
     code = (
-        "import json; from pathlib import Path; from daemon import storegen\n"
+        "import json; from pathlib import Path; from daemon.demo import storegen\n"
         f"t = storegen.generate_store(Path({STORE!r}), {n_records}, days=3, seed={seed}, feedback_fraction=0.5)\n"
         "print(json.dumps({'conversations': len(t.conversations), 'feedback_events': t.feedback_events}))\n"
     )
@@ -525,7 +525,7 @@ def generate_store(c: Container, n_records: int, seed: int) -> dict[str, int]:
 def append_rated(c: Container, n: int, seed: int) -> list[str]:
     """Append ``n`` new conversations plus a thumbs-up sidecar event for each, as ChatOS + the CLI would."""
     code = (
-        "import json; from datetime import datetime; from pathlib import Path; from daemon import storegen\n"
+        "import json; from datetime import datetime; from pathlib import Path; from daemon.demo import storegen\n"
         f"root = Path({STORE!r}); when = datetime(2026, 11, 25, 12, 0, 0)\n"
         f"ids = storegen.append_records(root, {n}, seed={seed}, when=when, quality='unrated')\n"
         "fb = root / 'feedback' / f'feedback_{when:%Y-%m-%d}.jsonl'\n"

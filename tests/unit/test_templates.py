@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import need, need_module
 
 from daemon.train import templates
 from daemon.train.templates import ChatTemplate, UnknownTemplate
 
-jinja2 = pytest.importorskip("jinja2", reason="jinja2 renders the templates (installed with the train extra)")
+jinja2 = need_module("jinja2", "jinja2 renders the templates (installed with the train extra)")
 from jinja2 import nodes  # noqa: E402
 from jinja2.ext import Extension  # noqa: E402
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402
@@ -173,15 +174,14 @@ LLAMA_CPP_TEMPLATES = _llama_cpp_templates()  # read at import: the autouse fixt
 )
 def test_real_templates_are_byte_exact(name: str, filename: str) -> None:
     path = LLAMA_CPP_TEMPLATES / filename
-    if not path.is_file():
-        pytest.skip(f"{path} missing: run .ci/train-setup.sh to extract llama.cpp's templates")
+    need(path.is_file(), f"{path} missing: run .ci/train-setup.sh to extract llama.cpp's templates")
     assert templates.get(name).jinja == path.read_text(encoding="utf-8")
 
 
 def test_qwen_template_is_the_one_trl_recognises() -> None:
     spec = importlib.util.find_spec("trl")  # locates the package without importing it (and torch)
-    if spec is None or spec.origin is None:
-        pytest.skip("trl not installed in this interpreter (the train extra)")
+    need(spec is not None and spec.origin is not None, "trl not installed in this interpreter (the train extra)")
+    assert spec is not None and spec.origin is not None
     trl_dir = Path(spec.origin).parent / "chat_templates"
     assert templates.get("qwen-2.5").jinja == (trl_dir / "qwen2_5.jinja").read_text(encoding="utf-8")
     # llama-3.1 is not patched by TRL, hence our own generation-marker variant
@@ -255,8 +255,8 @@ func main() {
 
 def test_go_templates_render_what_the_jinja_renders(tmp_path: Path) -> None:
     go = shutil.which("go")
-    if go is None:
-        pytest.skip("no Go toolchain: the Go templates are checked only for structure (apt-get install golang-go)")
+    need(go, "no Go toolchain: the Go templates are checked only for structure (.ci/go-setup.sh installs golang-go)")
+    assert go is not None
     cases, expected = [], []
     for t in ALL:
         for messages in CONVERSATIONS:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import need
 
 from daemon.service import unit
 from daemon.service.unit import InstallResult, UnitExistsError, install_unit, render_unit
@@ -134,6 +135,64 @@ def test_bad_inputs_are_one_clear_error(kwargs: dict[str, object], message: str)
         render_unit(**args)  # type: ignore[arg-type]
 
 
+
+# -- the templates (package data) ------------------------------------------------------------------------------------
+
+UNITS_DIR = ROOT / "daemon" / "service" / "units"
+
+
+@pytest.mark.parametrize("user_mode", [False, True])
+def test_a_misspelt_placeholder_fails_the_render(monkeypatch: pytest.MonkeyPatch, user_mode: bool) -> None:
+    real = unit._fragment
+    name = "user.service.in" if user_mode else "system.service.in"
+    assert "TimeoutStopSec=${stop}" in real(name)
+
+    def misspelt(n: str) -> str:
+        return real(n).replace("${stop}", "${stpo}") if n == name else real(n)
+
+    monkeypatch.setattr(unit, "_fragment", misspelt)
+    with pytest.raises(KeyError, match=r"\$\{stpo\} has no value"):
+        render_unit(user_mode=user_mode, python=None, config=None)
+
+
+def test_a_value_no_placeholder_takes_fails_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = unit._fragment
+    monkeypatch.setattr(unit, "_fragment", lambda n: real(n).replace("${margin}", "15") if n == "user.service.in"
+                        else real(n))
+    with pytest.raises(KeyError, match=r"user.service.in has no placeholder for \['margin'\]"):
+        render_unit(user_mode=True, python=None, config=None)
+
+
+def test_a_literal_dollar_in_the_unit_text_is_doubled_in_the_template() -> None:
+    assert "ExecReload=/bin/kill -HUP $$MAINPID" in unit._fragment("system.service.in")
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in SYSTEM_FILE.read_text()
+
+
+def test_the_hardening_block_is_written_once_and_both_units_carry_it() -> None:
+    block = unit._fragment("hardening.in")
+    assert block.count("SystemCallFilter=") == 2 and "NoNewPrivileges=yes" in block
+    for text in (SYSTEM_FILE.read_text(), USER_FILE.read_text()):
+        assert text.count(block) == 1
+    for name in ("system.service.in", "user.service.in"):  # by reference, never copied
+        assert "${hardening}" in unit._fragment(name) and "SystemCallFilter" not in unit._fragment(name)
+    # the user unit's hardening is exactly the shared block: nothing privileged slipped into it
+    user_hardening = {k for k in directives(USER_FILE.read_text()) if k in HARDENING}
+    assert user_hardening == set(directives(block))
+
+
+def test_every_template_file_is_used_and_shipped_as_package_data() -> None:
+    import tomllib
+
+    files = sorted(p.name for p in UNITS_DIR.iterdir())
+    assert files == ["hardening.in", "header.in", "store-bound.in", "store-shared.in", "system.service.in",
+                     "user.service.in"]
+    source = (ROOT / "daemon" / "service" / "unit.py").read_text()
+    assert all(f'"{name}"' in source for name in files)
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["daemon"]
+    shipped = {p.relative_to(ROOT / "daemon") for pat in patterns for p in (ROOT / "daemon").glob(pat)}
+    assert {Path("service") / "units" / name for name in files} <= shipped
+
+
 # -- installing ----------------------------------------------------------------------------------------------------
 
 
@@ -171,7 +230,11 @@ def test_unit_paths() -> None:
 # -- systemd-analyze -------------------------------------------------------------------------------------------------
 
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+@pytest.fixture
+def needs_analyze() -> None:
+    need(ANALYZE, "systemd-analyze is not installed (apt: systemd)")
 
 
 def analyze(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -194,7 +257,7 @@ def rendered_for_verify(tmp_path: Path, user_mode: bool, **kwargs: object) -> Pa
     return path
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 @pytest.mark.parametrize("user_mode", [False, True])
 def test_systemd_analyze_verify_is_clean(tmp_path: Path, user_mode: bool) -> None:
     path = rendered_for_verify(tmp_path, user_mode, store_root=None if user_mode else Path("/home/a b/ChatOS-Memory"))
@@ -202,7 +265,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path, user_mode: bool) -> Non
     assert (res.returncode, res.stdout + res.stderr) == (0, "")
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     path = rendered_for_verify(tmp_path, False)
     text = path.read_text()
@@ -213,14 +276,14 @@ def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
 
 def exposure(path: Path, tmp_path: Path) -> float:
     res = analyze("security", "--offline=true", "--no-pager", str(path), tmp_path=tmp_path)
-    if res.returncode != 0 and "--offline" in res.stderr:
-        pytest.skip(f"this systemd-analyze has no --offline: {res.stderr.strip()}")
+    need(res.returncode == 0 or "--offline" not in res.stderr,
+         f"this systemd-analyze has no --offline: {res.stderr.strip()}")
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", res.stdout)
     assert m, res.stdout[-2000:] + res.stderr
     return float(m.group(1))
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 @pytest.mark.parametrize("store_root", [None, Path("/home/alice/ChatOS-Memory")], ids=["shipped", "store-bound"])
 def test_system_unit_exposure_is_at_most_2_5(tmp_path: Path, store_root: Path | None) -> None:
     path = tmp_path / "chatos-retrain.service"
