@@ -44,7 +44,7 @@ policy:
   cooldown: 0s
 log:
   level: info
-  format: json
+  format: auto
 """
 
 
@@ -132,6 +132,34 @@ def test_new_records_and_feedback_produce_a_cycle(box: ct.Container, service: di
     st = cli_status(box)
     assert st["conversations"]["total"] == truth["conversations"] + 6
     assert st["feedback_events"] == truth["feedback_events"] + 6
+
+
+def test_the_journal_filters_by_priority_and_by_cycle_id(box: ct.Container, service: dict[str, Any]) -> None:
+    """Under systemd (log.format auto) every line reaches journald with its level as the priority and the ids as
+    fields: ``journalctl -p warning`` shows the warnings (a malformed store line here) and no info line, and
+    ``CHATOS_CYCLE_ID=...`` selects one cycle's lines."""
+    require_running(box)
+    cursor = box.cursor(UNIT)
+    box.run(f"printf 'not json at all\\n' >> {ct.STORE}/logs/conversations_2026-11-26.jsonl", user=ct.CHATOS_USER)
+    box.wait_for("a rejected-line warning", lambda: box.events(UNIT, "ingest.line_rejected", since_cursor=cursor),
+                 timeout=60)
+    [summary, *_] = box.wait_for("the cycle's summary",
+                                 lambda: box.events(UNIT, "cycle.summary", since_cursor=cursor), timeout=60)
+    warnings = parse_json_lines(box.run(["journalctl", "--no-pager", "-o", "json", "-u", UNIT, "-p", "warning"]).stdout)
+    assert warnings, journal_text(box)[-2000:]
+    assert all(int(e["PRIORITY"]) <= 4 for e in warnings), warnings
+    assert any(e.get("CHATOS_EVENT") == "ingest.line_rejected" for e in warnings), warnings[-5:]
+    assert not any(e.get("CHATOS_EVENT") == "cycle.summary" for e in warnings)  # info lines stay out
+    cycle_id = summary["cycle_id"]
+    one = parse_json_lines(box.run(["journalctl", "--no-pager", "-o", "json", "-u", UNIT,
+                                    f"CHATOS_CYCLE_ID={cycle_id}"]).stdout)
+    assert len(one) >= 2 and all(json.loads(e["MESSAGE"])["cycle_id"] == cycle_id for e in one), one
+    assert any(e.get("CHATOS_EVENT") == "cycle.summary" for e in one)
+    assert all(e["_SYSTEMD_UNIT"] == UNIT and e["SYSLOG_IDENTIFIER"] == "chatos-retrain" for e in one)
+
+
+def parse_json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_reload_applies_a_new_config(box: ct.Container, service: dict[str, Any]) -> None:
