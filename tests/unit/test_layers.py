@@ -14,7 +14,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "daemon"
 
-LEAVES = {"codec", "cron", "faults", "log", "settings", "proc", "state"}
+LEAVES = {"codec", "cron", "disk", "faults", "log", "settings", "proc", "state"}
 STAGES = {"ingest", "dataset", "train", "publish"}
 # part -> the other parts it may import. Leaves import only lower leaves.
 ALLOWED: dict[str, set[str]] = {
@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "proc": {"faults", "log"},
     "settings": {"cron"},
     "cron": set(),
+    "disk": set(),
     "log": set(),
     "faults": set(),
     "codec": set(),
