@@ -313,8 +313,9 @@ def _read_gguf(path: Path) -> dict[str, Any]:
             value = value.tolist()
         kv[key] = value
     count = int(sum(int(t.n_elements) for t in reader.tensors))
+    runnable = any(str(t.name).startswith("blk.") for t in reader.tensors)  # has transformer blocks to run
     del reader
-    return {"kv": kv, "parameter_count": count}
+    return {"kv": kv, "parameter_count": count, "runnable": runnable}
 
 
 def human_number(n: int) -> str:
@@ -1021,7 +1022,9 @@ class StandinServer:
     ) -> None:
         """Like a default Ollama, blobs no manifest references are pruned when a model is deleted or overwritten and at
         start (an uploaded blob not yet used by a create does not survive a restart); ``noprune=True`` is Ollama's
-        OLLAMA_NOPRUNE. ``use_llama``: None = real generation when llama_cpp is importable, False = canned always.
+        OLLAMA_NOPRUNE. ``use_llama``: None = real generation when llama_cpp is importable and the GGUF is a runnable
+        model (see :meth:`generate`), True = always the engine (a GGUF it cannot load fails as Ollama's runner
+        does), False = canned always.
         Other keywords are initial :class:`Faults`."""
         self.data_dir = Path(data_dir)
         self.host = host
@@ -1126,12 +1129,21 @@ class StandinServer:
 
     def generate(self, path: Path, digest: str, messages: list[dict[str, Any]], options: dict[str, Any],
                  num_predict: int) -> tuple[str, str, int, str | None]:
-        """(content, done_reason, eval_count, standin note). Real generation with llama_cpp, else the canned reply."""
+        """(content, done_reason, eval_count, standin note). Real generation with llama_cpp, else the canned reply.
+
+        A GGUF without transformer blocks (what the tests' fake exporter writes: valid metadata and a couple of
+        tensors, no model) cannot run in any engine; a real Ollama would refuse to load it. It gets the canned reply
+        too, so the many tests that exercise registration with such files keep their scope; every real GGUF runs."""
+        why = None
         if not self.llama_available:
+            why = "no llama_cpp: canned reply"
+        elif self._use_llama is None and read_gguf(path).get("runnable") is False:
+            why = "not a runnable model (no transformer blocks): canned reply"
+        if why is not None:
             words = CANNED_REPLY.split(" ")
             if 0 < num_predict < len(words):
-                return " ".join(words[:num_predict]), "length", num_predict, "no llama_cpp: canned reply"
-            return CANNED_REPLY, "stop", len(words), "no llama_cpp: canned reply"
+                return " ".join(words[:num_predict]), "length", num_predict, why
+            return CANNED_REPLY, "stop", len(words), why
         with self._llama_lock:
             try:
                 llm = self._llamas.get(digest)

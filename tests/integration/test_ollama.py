@@ -360,13 +360,18 @@ def test_every_request_is_logged(client: OllamaClient) -> None:
     assert reqs == [("GET", "/api/version"), ("POST", "/api/show"), ("POST", "/api/create")]
 
 
-def test_chat_with_llama_cpp_really_loads_the_gguf(client: OllamaClient, gguf: Path) -> None:
-    """Where llama-cpp-python is built, the stand-in loads the GGUF: our tiny one has no vocabulary, so the load fails
-    the way an Ollama runner does (a 500), instead of answering a canned reply."""
+def test_chat_with_llama_cpp_really_loads_the_gguf(tmp_path: Path, gguf: Path) -> None:
+    """With the engine on (use_llama=True), the stand-in loads the GGUF: our tiny one has no vocabulary, so the load
+    fails the way an Ollama runner does (a 500), instead of answering a canned reply."""
     need_module("llama_cpp", "llama-cpp-python is not installed (.ci/train-setup.sh builds it)")
-    register(client, gguf)
-    with pytest.raises(OllamaError, match=r"HTTP 500: llama runner process has terminated"):
-        client.chat("chatos:v1", [{"role": "user", "content": "hi"}], num_predict=8)
+    srv = StandinServer(tmp_path / "ollama-engine", use_llama=True).start()
+    try:
+        with OllamaClient(srv.url, timeout_s=5, long_timeout_s=5) as client:
+            register(client, gguf)
+            with pytest.raises(OllamaError, match=r"HTTP 500: llama runner process has terminated"):
+                client.chat("chatos:v1", [{"role": "user", "content": "hi"}], num_predict=8)
+    finally:
+        srv.stop()
 
 
 # --------------------------------------------------------------------------------------------------- memory

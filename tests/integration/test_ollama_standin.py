@@ -5,6 +5,7 @@ LoRA adapters and create-time quantize rejected, each fault switch, and the stan
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -263,7 +264,10 @@ def test_chat_canned_reply_and_num_predict(http: httpx.Client, gguf_bytes: bytes
     out = r.json()
     assert out["message"] == {"role": "assistant", "content": CANNED_REPLY}
     assert out["done"] is True and out["done_reason"] == "stop"
-    assert out["standin"] == "no llama_cpp: canned reply"
+    # canned either way: without llama_cpp, or because this GGUF has no transformer blocks to run
+    engine = importlib.util.find_spec("llama_cpp") is not None
+    assert out["standin"] == ("not a runnable model (no transformer blocks): canned reply" if engine
+                              else "no llama_cpp: canned reply")
     r = http.post("/api/chat", json={"model": "chatos:v1", "messages": msgs, "stream": False,
                                      "options": {"num_predict": 3}})
     assert r.json()["done_reason"] == "length" and r.json()["message"]["content"] == "Hello! This is"
