@@ -7,7 +7,6 @@ folds every request that arrives during a run into exactly one follow-up cycle.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import secrets
 import threading
@@ -27,14 +26,13 @@ from daemon.dataset import builder as dataset
 from daemon.ingest import ingestor
 from daemon.publish import export, registry
 from daemon.settings import Settings
-from daemon.state import State, StateError, private_dir, storage_problem
+from daemon.state import CycleRow, PendingExport, State, StateError, private_dir, storage_problem
 from daemon.train import gate, policy, runner, templates
 
 _log = log.get("daemon.cycle.pipeline")
-# kv key: the promoted job whose export has not finished yet ({"job_id", "gate", "pid", "pid_start"}). Set with the
-# promotion, cleared with the model version (or when the export failed on its own), so an export that a crash or a
-# stop interrupted is resumed by the next cycle instead of leaving the champion without a model.
-EXPORT_PENDING = "export_pending"
+# state.service's pending export: the promoted job whose export has not finished yet. Set with the promotion,
+# cleared with the model version (or when the export failed on its own), so an export that a crash or a stop
+# interrupted is resumed by the next cycle instead of leaving the champion without a model.
 
 Progress = Callable[[str, str], None]  # (phase, detail)
 
@@ -115,11 +113,10 @@ def new_cycle_id() -> str:
 def policy_input(settings: Settings, state: State, now: datetime) -> policy.PolicyInput:
     """Count what the policy needs from state."""
     d = settings.dataset
-    trained = state.get_kv("last_trained_dataset")
-    trained_v = int(trained) if trained else None
-    counts = state.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
-    last_run = state.get_kv("last_run_at")
-    runs = state.runs_since(policy.day_start(now).isoformat())
+    trained_v = state.service.get().last_trained_dataset or None
+    counts = state.examples.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
+    last_run = state.service.get().last_run_at
+    runs = state.cycles.runs_since(policy.day_start(now).isoformat())
     return policy.PolicyInput(
         new_examples=counts["new_since_dataset"],
         total_examples=counts["eligible"],
@@ -133,16 +130,16 @@ def policy_input(settings: Settings, state: State, now: datetime) -> policy.Poli
 
 def champion(state: State) -> tuple[str | None, Path | None, float | None]:
     """The promoted job now serving as champion: (job id, adapter dir, its eval loss), or Nones."""
-    job_id = state.get_kv("champion_job")
-    row = state.job(job_id) if job_id else None
-    if not row or not row.get("result"):
+    job_id = state.service.get().champion_job
+    row = state.jobs.get(job_id) if job_id else None
+    if not row or not row.result:
         return None, None, None
-    res = row["result"]
+    res = row.result
     return job_id, Path(res["adapter_dir"]), res.get("eval_loss_after")
 
 
 def backoff_until(state: State) -> datetime | None:
-    raw = state.get_kv("train_backoff_until")
+    raw = state.service.get().train_backoff_until
     return datetime.fromisoformat(raw) if raw else None
 
 
@@ -180,7 +177,7 @@ def _train_and_gate(
     step("training", f"job {job_id} on dataset v{version}")
     t0 = time.perf_counter()
     with state.transaction():
-        state.set_kv("last_run_at", now().isoformat())
+        state.service.set_last_run_at(now().isoformat())
     result.job_id = job_id
     try:
         job = runner.start_job(state, python=t.python, config=cfg, dataset_version=version,
@@ -221,16 +218,16 @@ def conclude_job(
             _set_backoff(settings, state, now())
         return
     with state.transaction():
-        state.set_kv("train_failures", "0")
-        state.set_kv("train_backoff_until", "")
+        state.service.set_train_backoff(failures=0, until=None)
     step("gating", f"job {job_id}")
-    row = state.job(job_id) or {}
+    found = state.jobs.get(job_id)
+    row = found.as_dict() if found else {}
     try:
         used = (yaml.safe_load(Path(row["config_path"]).read_text()) or {}).get("gate", {}).get("champion_adapter")
     except (OSError, KeyError, yaml.YAMLError):
         used = None
     res = outcome.result
-    champ_id = state.get_kv("champion_job") if used else None
+    champ_id = state.service.get().champion_job if used else None
     champ_loss = res.get("champion_eval_loss") if used else res.get("eval_loss_before")
     name = f"champion {champ_id}" if used else "the base model"
     if used and not isinstance(champ_loss, int | float):
@@ -240,12 +237,11 @@ def conclude_job(
     g = gate.decide(res.get("eval_loss_after"), champ_loss, settings.gate.tolerance, champion_name=name)
     result.counts["gate"] = g.numbers
     with state.transaction():
-        state.update_job(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
+        state.jobs.judged(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
         if g.promote:
-            state.set_kv("champion_job", job_id)
-            state.set_kv("last_trained_dataset", str(row.get("dataset_version", "")))
+            state.service.set_champion(job_id, dataset_version=row.get("dataset_version"))
             if settings.export.enabled:
-                state.set_kv(EXPORT_PENDING, json.dumps({"job_id": job_id, "gate": g.numbers}))
+                state.service.set_pending_export(PendingExport(job_id, g.numbers))
     _log.info("gate.decided", job_id=job_id, promote=g.promote, reason=g.reason, **g.numbers)
     result.job_status = "promoted" if g.promote else "rejected"
     result.outcome = "promoted" if g.promote else "rejected"
@@ -278,7 +274,7 @@ def export_and_register(
         conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
         template = templates.get(res.get("chat_template") or settings.training.chat_template)
         out_dir = private_dir(state.dir / "exports" / job_id)
-        version = state.next_model_version()
+        version = state.models.next_version()
         cfg = export.merge_config(
             job_id=job_id, backend=res.get("backend") or "transformers",
             base_model=res.get("base_model") or settings.training.base_model, adapter_dir=Path(res["adapter_dir"]),
@@ -296,8 +292,7 @@ def export_and_register(
 
     def spawned(pid: int, start: int | None) -> None:  # the child outlives a SIGKILLed service: remember it
         with state.transaction():
-            state.set_kv(EXPORT_PENDING, json.dumps({"job_id": job_id, "gate": gate_numbers, "pid": pid,
-                                                     "pid_start": start}))
+            state.service.set_pending_export(PendingExport(job_id, gate_numbers, pid, start))
 
     code, why = runner.run_supervised(export.merge_export_argv(settings.training.python, cfg_path), cwd=out_dir,
                                       log_path=out_dir / "export.log", timeout_s=settings.export.timeout,
@@ -312,7 +307,7 @@ def export_and_register(
             _export_settled(state)
         return
     faults.point("export.before_record")  # a verified GGUF on disk, no model version yet
-    ds = state.dataset(job["dataset_version"])
+    ds = state.datasets.get(job["dataset_version"])
     with state.transaction():  # the model version and the end of the pending export, together
         version = registry.add_version(
             state, job_id=job_id, dataset_version=job["dataset_version"],
@@ -343,46 +338,41 @@ def export_and_register(
 
 def _export_settled(state: State) -> None:
     with state.transaction():
-        state.set_kv(EXPORT_PENDING, "")
+        state.service.clear_pending_export()
 
 
 def resume_export(settings: Settings, state: State, cycle_id: str, stop: threading.Event,
                   step: Callable[[str, str], None], now: Callable[[], datetime] | None = None) -> CycleResult | None:
-    """Finish the export of the champion when a crash or a stop interrupted it (see :data:`EXPORT_PENDING`).
+    """Finish the export of the champion when a crash or a stop interrupted it (see ``state.service.pending_export``).
 
     A child the dead service left running is stopped first (two writers must not share the export folder). Returns
     the export's own result, or None when nothing was pending (a stale marker is dropped).
     """
-    raw = state.get_kv(EXPORT_PENDING)
-    if not raw:
+    pending = state.service.pending_export()
+    if pending is None:
         return None
-    try:
-        pending = json.loads(raw)
-    except ValueError:
-        pending = None
-    job = state.job(str(pending.get("job_id"))) if isinstance(pending, dict) else None
+    found = state.jobs.get(pending.job_id)
+    job = found.as_dict() if found else None
     if (job is None or job["status"] != "promoted" or not job.get("result") or not settings.export.enabled
-            or state.get_kv("champion_job") != job["job_id"]
-            or any(m["job_id"] == job["job_id"] for m in state.models())):
+            or state.service.get().champion_job != job["job_id"]
+            or any(m.job_id == job["job_id"] for m in state.models.all())):
         _export_settled(state)
         return None
-    assert isinstance(pending, dict)
-    if pending.get("pid"):
-        runner.stop_stray(int(pending["pid"]), pending.get("pid_start"), "left running by a service that stopped")
+    if pending.pid:
+        runner.stop_stray(pending.pid, pending.pid_start, "left running by a service that stopped")
     _log.info("export.resumed", job_id=job["job_id"], reason="the service stopped before the export finished")
     sub = CycleResult(cycle_id, "promoted", True, f"job {job['job_id']} promoted earlier",
                       dataset_version=job.get("dataset_version"), job_id=job["job_id"], job_status="promoted")
-    export_and_register(settings, state, sub, job, job["result"], pending.get("gate") or {}, stop, step, now)
+    export_and_register(settings, state, sub, job, job["result"], pending.gate, stop, step, now)
     return sub
 
 
 def _set_backoff(settings: Settings, state: State, now: datetime) -> None:
-    failures = int(state.get_kv("train_failures", "0") or 0) + 1
+    failures = state.service.get().train_failures + 1
     delay = min(settings.training.retry_backoff * 2 ** (failures - 1), 86400.0)
     until = now + timedelta(seconds=delay)
     with state.transaction():
-        state.set_kv("train_failures", str(failures))
-        state.set_kv("train_backoff_until", until.isoformat())
+        state.service.set_train_backoff(failures=failures, until=until.isoformat())
     _log.warning("training.backoff", failures=failures, retry_at=until.isoformat())
 
 
@@ -433,7 +423,7 @@ def run_cycle(
                                            stop=stop)
                 conclude_job(settings, state, result, outcome, step, now, stop)
                 return result
-            if state.models(status="pending") or state.models(status="exported"):
+            if state.models.all(status="pending") or state.models.all(status="exported"):
                 step("registering", "retrying pending registrations")
                 for m in registry.retry_pending(settings, state, force=request.forced, now=now()):
                     result.counts.setdefault("registrations_retried", []).append(f"v{m['version']}:{m['status']}")
@@ -509,8 +499,8 @@ def run_cycle(
             result.timings["total"] = round(time.perf_counter() - t_cycle, 4)
             try:
                 with state.transaction():
-                    state.record_cycle(result.cycle_id, result.started_at, result.outcome, result.reason,
-                                       result.as_json(), trained=result.job_id is not None)
+                    state.cycles.record(CycleRow(result.cycle_id, result.started_at, result.outcome, result.reason,
+                                                 result.as_json(), trained=result.job_id is not None))
             except Exception as exc:  # the summary line below still tells what happened
                 _log.error("cycle.not_recorded", reason=storage_problem(exc, state.dir) or str(exc))
             _log.info(

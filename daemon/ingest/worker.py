@@ -207,7 +207,7 @@ def main() -> None:  # pragma: no cover - runs in the child; exercised through i
                             if pairs is not None:
                                 made = entries(results, pairs)
                         elif kind == "feedback":
-                            for ev in results:  # latest by timestamp, then arrival (as state.refresh_labels)
+                            for ev in results:  # latest by timestamp, then arrival (as state.feedback.refresh_labels)
                                 e: Any = ev
                                 if type(e) is tuple and (e[0] not in labels or e[4] >= labels[e[0]][0]):
                                     labels[e[0]] = (e[4], e[5])
