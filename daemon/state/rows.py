@@ -74,7 +74,7 @@ class JobRow:
     order (``as_dict`` prints them so)."""
 
     job_id: str
-    cycle_id: str | None
+    cycle_id: str | None = None
     dataset_version: int
     status: str
     pid: int | None = None
