@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from daemon import api
 from daemon.ingest.ingestor import Ingestor
 from daemon.state import State, StateError
+from daemon.state.cursors import Cursors
 
 
 def ingest(state: State, root: Path, **kw: Any) -> Any:
@@ -299,7 +300,7 @@ def test_crash_mid_file_loses_nothing_and_counts_nothing_twice(
     def boom(*a: Any, **k: Any) -> None:
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(State, "save_cursor", boom)
+    monkeypatch.setattr(Cursors, "save", boom)
     with pytest.raises(RuntimeError):
         ingest(state, store)
     monkeypatch.undo()
