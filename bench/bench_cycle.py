@@ -63,8 +63,8 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
         t0 = time.perf_counter()
         r = run_cycle(s, st, CycleRequest(None))
         wall = time.perf_counter() - t0
-        job = st.job(r.job_id) if r.job_id else None
-    res = (job or {}).get("result") or {}
+        job = st.jobs.get(r.job_id) if r.job_id else None
+    res = (job.result if job else None) or {}
     return {"backend": backend, "outcome": r.outcome, "reason": r.reason, "wall_s": wall, "timings": r.timings,
             "train_s": r.timings.get("train"), "peak_rss_mb": (res.get("peak_rss_bytes") or 0) / 2**20,
             "tokens_per_s": res.get("tokens_per_s"), "steps": res.get("steps"),

@@ -40,13 +40,13 @@ def give_feedback(
 def forget(settings: Settings, state: State, cid: str) -> dict[str, Any]:
     """Mark a conversation deleted for good, rebuild the dataset without it, and say which jobs and model versions
     were trained on a dataset that contained it (they are not retrained or removed automatically)."""
-    known = state.conversation(cid) is not None
+    known = state.conversations.get(cid) is not None
     with state.transaction():
-        newly = state.mark_deleted(cid) if known else False
-    versions = state.datasets_containing(cid)
-    jobs = [j for j in state.jobs(limit=100000) if j["dataset_version"] in versions]
-    job_ids = {j["job_id"] for j in jobs}
-    models = [m for m in state.models() if m["job_id"] in job_ids]
+        newly = state.conversations.mark_deleted(cid) if known else False
+    versions = state.datasets.containing(cid)
+    jobs = [j for j in state.jobs.recent(limit=100000) if j.dataset_version in versions]
+    job_ids = {j.job_id for j in jobs}
+    models = [m for m in state.models.all() if m.job_id in job_ids]
     try:
         rebuilt: dict[str, Any] = build_dataset(settings, state).as_json()
     except dataset.DatasetError as exc:
@@ -57,6 +57,6 @@ def forget(settings: Settings, state: State, cid: str) -> dict[str, Any]:
         "newly_deleted": newly,
         "datasets_with_it": versions,
         "jobs_trained_on_it": sorted(job_ids),
-        "models_trained_on_it": [{"version": m["version"], "tag": m["tag"], "status": m["status"]} for m in models],
+        "models_trained_on_it": [{"version": m.version, "tag": m.tag, "status": m.status} for m in models],
         "rebuilt": rebuilt,
     }

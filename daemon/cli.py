@@ -129,7 +129,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 def cmd_dataset_list(args: argparse.Namespace) -> int:
     s = _load(args)
     with api.open_state(s) as st:
-        rows = st.datasets()
+        rows = st.datasets.all()
     if args.json:
         _print_json([{"version": r.version, "created_at": r.created_at, "path": r.path, "train_count": r.train_count,
                       "eval_count": r.eval_count, "content_hash": r.content_hash} for r in rows])
@@ -147,7 +147,7 @@ def cmd_dataset_show(args: argparse.Namespace) -> int:
     if version is None:
         raise CliError(f"not a dataset version: {args.version!r} (expected N or vN)", EXIT_CONFIG)
     with api.open_state(s) as st:
-        row = st.dataset(version)
+        row = st.datasets.get(version)
     if row is None:
         raise CliError(f"no dataset v{version} (see: chatos-retrain dataset list)", EXIT_DATA)
     problems = verify(Path(row.path))
@@ -201,7 +201,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         with api.open_state(s) as st:
             status = api.store_status(s, st)
-            last = st.last_cycle()
+            last = cycle.summary if (cycle := st.cycles.last()) else None
         if args.json:
             _print_json({"service": None, "last_cycle": last, "store": status.as_json()})
             return EXIT_OK
@@ -287,7 +287,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     s = _load(args)
     with api.open_state(s) as st:
-        rows = st.jobs(limit=args.limit)
+        rows = [j.as_dict() for j in st.jobs.recent(limit=args.limit)]
     if args.json:
         _print_json(rows)
         return EXIT_OK
@@ -305,7 +305,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_job_show(args: argparse.Namespace) -> int:
     s = _load(args)
     with api.open_state(s) as st:
-        row = st.job(args.job_id)
+        row = job.as_dict() if (job := st.jobs.get(args.job_id)) else None
     if row is None:
         raise CliError(f"no job {args.job_id} (see: chatos-retrain jobs)", EXIT_DATA)
     tail = runner.log_tail(Path(row["log_path"]), args.lines)
@@ -336,7 +336,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     except control.ControlError as exc:
         raise CliError(str(exc), EXIT_DATA) from None
     with api.open_state(s) as st:
-        running = [r["job_id"] for r in st.jobs(status="running")]
+        running = [r.job_id for r in st.jobs.recent(status="running")]
         target = args.job_id or (running[0] if running else None)
         if target is None or not runner.cancel_detached(st, target):
             raise CliError(f"no running job{' ' + args.job_id if args.job_id else ''} to cancel", EXIT_DATA)

@@ -17,11 +17,11 @@ _log = log.get("daemon.cycle")
 def policy_input(settings: Settings, state: State, now: datetime) -> policy.PolicyInput:
     """Count what the policy needs from state."""
     d = settings.dataset
-    trained = state.get_kv("last_trained_dataset")
-    trained_v = int(trained) if trained else None
-    counts = state.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
-    last_run = state.get_kv("last_run_at")
-    runs = state.runs_since(policy.day_start(now).isoformat())
+    progress = state.service.get()
+    trained_v = progress.last_trained_dataset or None
+    counts = state.examples.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
+    last_run = progress.last_run_at
+    runs = state.cycles.runs_since(policy.day_start(now).isoformat())
     return policy.PolicyInput(
         new_examples=counts["new_since_dataset"],
         total_examples=counts["eligible"],
@@ -36,30 +36,28 @@ def policy_input(settings: Settings, state: State, now: datetime) -> policy.Poli
 def job_running(state: State) -> bool:
     """A trainer still runs (one that no cycle supervises: left by a service that was killed, or started by a
     ``trigger`` run elsewhere): never start a second one beside it."""
-    return any(proc.alive(j["pid"], j.get("pid_start")) for j in state.jobs(status="running") if j.get("pid"))
+    return any(proc.alive(j.pid, j.pid_start) for j in state.jobs.recent(status="running") if j.pid)
 
 
 def backoff_until(state: State) -> datetime | None:
-    raw = state.get_kv("train_backoff_until")
+    raw = state.service.get().train_backoff_until
     return datetime.fromisoformat(raw) if raw else None
 
 
 def set_backoff(settings: Settings, state: State, now: datetime) -> None:
     """One more failed job: wait ``training.retry_backoff`` doubled per failure in a row (at most a day)."""
-    failures = int(state.get_kv("train_failures", "0") or 0) + 1
+    failures = state.service.get().train_failures + 1
     delay = min(settings.training.retry_backoff * 2 ** (failures - 1), 86400.0)
     until = now + timedelta(seconds=delay)
     with state.transaction():
-        state.set_kv("train_failures", str(failures))
-        state.set_kv("train_backoff_until", until.isoformat())
+        state.service.set_train_backoff(failures=failures, until=until.isoformat())
     _log.warning("training.backoff", failures=failures, retry_at=until.isoformat())
 
 
 def clear_backoff(state: State) -> None:
     """A job succeeded: the failures in a row start again from zero."""
     with state.transaction():
-        state.set_kv("train_failures", "0")
-        state.set_kv("train_backoff_until", "")
+        state.service.set_train_backoff(failures=0, until=None)
 
 
 def run(cycle: Cycle) -> bool:

@@ -3,7 +3,6 @@ registration. An export that a crash or a stop interrupted is resumed by the nex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +10,18 @@ from daemon import faults, log
 from daemon.cycle import registering
 from daemon.cycle.context import Cycle, CycleResult, Outcome
 from daemon.publish import export, registry
-from daemon.state import State, private_dir
+from daemon.state import PendingExport, State, private_dir
 from daemon.train import runner, templates
 
 _log = log.get("daemon.cycle")
-# kv key: the promoted job whose export has not finished yet ({"job_id", "gate", "pid", "pid_start"}). Set with the
-# promotion, cleared with the model version (or when the export failed on its own), so an export that a crash or a
+# state.service's pending export: the promoted job whose export has not finished yet. Set with the promotion (in
+# gating), cleared with the model version (or when the export failed on its own), so an export that a crash or a
 # stop interrupted is resumed by the next cycle instead of leaving the champion without a model.
-EXPORT_PENDING = "export_pending"
-
-
-def mark_pending(state: State, record: dict[str, Any]) -> None:
-    """Inside the caller's transaction: this job's export has not finished."""
-    state.set_kv(EXPORT_PENDING, json.dumps(record))
 
 
 def settled(state: State) -> None:
     with state.transaction():
-        state.set_kv(EXPORT_PENDING, "")
+        state.service.clear_pending_export()
 
 
 def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any], Path, templates.ChatTemplate]:
@@ -38,7 +31,7 @@ def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any
     conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
     template = templates.get(res.get("chat_template") or settings.training.chat_template)
     out_dir = private_dir(cycle.state.dir / "exports" / job_id)
-    version = cycle.state.next_model_version()
+    version = cycle.state.models.next_version()
     cfg = export.merge_config(
         job_id=job_id, backend=res.get("backend") or "transformers",
         base_model=res.get("base_model") or settings.training.base_model, adapter_dir=Path(res["adapter_dir"]),
@@ -58,7 +51,7 @@ def _convert(cycle: Cycle, cfg: dict[str, Any], out_dir: Path, job_id: str, gate
 
     def spawned(pid: int, start: int | None) -> None:
         with state.transaction():
-            mark_pending(state, {"job_id": job_id, "gate": gate_numbers, "pid": pid, "pid_start": start})
+            state.service.set_pending_export(PendingExport(job_id, gate_numbers, pid, start))
 
     return runner.run_supervised(export.merge_export_argv(settings.training.python, cfg_path), cwd=out_dir,
                                  log_path=out_dir / "export.log", timeout_s=settings.export.timeout,
@@ -90,7 +83,7 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
             settled(state)
         return
     faults.point("export.before_record")  # a verified GGUF on disk, no model version yet
-    ds = state.dataset(job["dataset_version"])
+    ds = state.datasets.get(job["dataset_version"])
     with state.transaction():  # the model version and the end of the pending export, together
         version = registry.add_version(
             state, job_id=job_id, dataset_version=job["dataset_version"],
@@ -99,32 +92,29 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
             gguf_size=out.size or out.gguf_path.stat().st_size, architecture=out.architecture,
             chat_template=template.name, eval_numbers=gate_numbers, settings=settings,
         )
-        state.set_kv(EXPORT_PENDING, "")
+        state.service.clear_pending_export()
     _log.info("export.done", job_id=job_id, model_version=version, gguf=str(out.gguf_path), size=out.size)
     registering.run(cycle, version)
 
 
-def _pending_job(cycle: Cycle) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The pending export's record and its job row, when it still needs finishing; else the marker is dropped."""
+def _pending_job(cycle: Cycle) -> tuple[PendingExport, dict[str, Any]] | None:
+    """The pending export and its job row, when it still needs finishing; else the marker is dropped."""
     settings, state = cycle.settings, cycle.state
-    raw = state.get_kv(EXPORT_PENDING)
-    if not raw:
+    pending = state.service.pending_export()
+    if pending is None:
         return None
-    try:
-        pending = json.loads(raw)
-    except ValueError:
-        pending = None
-    job = state.job(str(pending.get("job_id"))) if isinstance(pending, dict) else None
-    if (not isinstance(pending, dict) or job is None or job["status"] != "promoted" or not job.get("result")
-            or not settings.export.enabled or state.get_kv("champion_job") != job["job_id"]
-            or any(m["job_id"] == job["job_id"] for m in state.models())):
+    found = state.jobs.get(pending.job_id)
+    job = found.as_dict() if found else None
+    if (job is None or job["status"] != "promoted" or not job.get("result") or not settings.export.enabled
+            or state.service.get().champion_job != job["job_id"]
+            or any(m.job_id == job["job_id"] for m in state.models.all())):
         settled(state)
         return None
     return pending, job
 
 
 def resume(cycle: Cycle) -> bool:
-    """Finish the export of the champion when a crash or a stop interrupted it (see :data:`EXPORT_PENDING`).
+    """Finish the export of the champion when a crash or a stop interrupted it (``state.service.pending_export``).
 
     A child the dead service left running is stopped first (two writers must not share the export folder). The
     resumed export's own result goes into ``counts["export_resumed"]``."""
@@ -132,14 +122,14 @@ def resume(cycle: Cycle) -> bool:
     if found is None:
         return True
     pending, job = found
-    if pending.get("pid"):
-        runner.stop_stray(int(pending["pid"]), pending.get("pid_start"), "left running by a service that stopped")
+    if pending.pid:
+        runner.stop_stray(pending.pid, pending.pid_start, "left running by a service that stopped")
     _log.info("export.resumed", job_id=job["job_id"], reason="the service stopped before the export finished")
     sub = Cycle(cycle.settings, cycle.state, cycle.request,
                 CycleResult(cycle.result.cycle_id, Outcome.PROMOTED, True, f"job {job['job_id']} promoted earlier",
                             dataset_version=job.get("dataset_version"), job_id=job["job_id"], job_status="promoted"),
                 stop=cycle.stop, cancel=cycle.cancel, report=cycle.report, now=cycle.now)
-    run(sub, job, job["result"], pending.get("gate") or {})
+    run(sub, job, job["result"], pending.gate)
     cycle.result.counts["export_resumed"] = {"job_id": sub.result.job_id, "outcome": str(sub.result.outcome),
                                              "model_tag": sub.result.model_tag}
     if sub.result.outcome == Outcome.REGISTERED:

@@ -11,6 +11,7 @@ import yaml
 from daemon import faults, log
 from daemon.cycle import deciding, exporting
 from daemon.cycle.context import Cycle, Outcome
+from daemon.state import PendingExport
 from daemon.train import gate, runner
 
 _log = log.get("daemon.cycle")
@@ -28,7 +29,7 @@ def _champion_used(config_path: str | None) -> bool:
 def _decide(cycle: Cycle, job_id: str, config_path: str | None, res: dict[str, Any]) -> gate.GateDecision:
     """The gate against the champion the trainer evaluated, else against the base model."""
     used = _champion_used(config_path)
-    champ_id = cycle.state.get_kv("champion_job") if used else None
+    champ_id = cycle.state.service.get().champion_job if used else None
     champ_loss = res.get("champion_eval_loss") if used else res.get("eval_loss_before")
     name = f"champion {champ_id}" if used else "the base model"
     if used and not isinstance(champ_loss, int | float):
@@ -52,19 +53,20 @@ def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
         return
     deciding.clear_backoff(state)
     cycle.step("gating", f"job {job_id}")
-    row = state.job(job_id) or {}
+    found = state.jobs.get(job_id)
+    row = found.as_dict() if found else {}
     res = outcome.result
     g = _decide(cycle, job_id, row.get("config_path"), res)
     result.counts["gate"] = g.numbers
     with state.transaction():
-        state.update_job(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
+        state.jobs.judged(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
         # Trained on, promoted or not: "new examples" count from here, so a rejected candidate's data is not
         # trained again after every cooldown (only new feedback starts the next run).
-        state.set_kv("last_trained_dataset", str(row.get("dataset_version", "")))
+        state.service.set_last_trained(row.get("dataset_version"))
         if g.promote:
-            state.set_kv("champion_job", job_id)
+            state.service.set_champion(job_id, dataset_version=row.get("dataset_version"))
             if settings.export.enabled:
-                exporting.mark_pending(state, {"job_id": job_id, "gate": g.numbers})
+                state.service.set_pending_export(PendingExport(job_id, g.numbers))
     _log.info("gate.decided", job_id=job_id, promote=g.promote, reason=g.reason, **g.numbers)
     result.job_status = "promoted" if g.promote else "rejected"
     result.dataset_version = result.dataset_version or row.get("dataset_version")

@@ -25,7 +25,7 @@ from daemon import log
 from daemon.cycle import building, deciding, exporting, ingesting, registering, training
 from daemon.cycle.context import Aborted, Cycle, CycleRequest, CycleResult, Outcome, Progress, new_cycle_id
 from daemon.settings import Settings
-from daemon.state import State, storage_problem
+from daemon.state import CycleRow, State, storage_problem
 from daemon.train import runner
 
 _log = log.get("daemon.cycle")
@@ -79,8 +79,8 @@ def _record(cycle: Cycle) -> None:
     result, state = cycle.result, cycle.state
     try:
         with state.transaction():
-            state.record_cycle(result.cycle_id, result.started_at, result.outcome, result.reason,
-                               result.as_json(), trained=result.job_id is not None)
+            state.cycles.record(CycleRow(result.cycle_id, result.started_at, result.outcome, result.reason,
+                                         result.as_json(), trained=result.job_id is not None))
     except Exception as exc:  # the summary line below still tells what happened
         _log.error("cycle.not_recorded", reason=storage_problem(exc, state.dir) or str(exc))
     _log.info(
@@ -122,5 +122,4 @@ def run_cycle(
     return result
 
 
-__all__ = ["EXPORT_PENDING", "STAGES", "CycleRequest", "CycleResult", "Outcome", "Progress", "run_cycle"]
-EXPORT_PENDING = exporting.EXPORT_PENDING
+__all__ = ["STAGES", "CycleRequest", "CycleResult", "Outcome", "Progress", "run_cycle"]

@@ -10,7 +10,7 @@ from daemon.publish import registry
 def retry_pending(cycle: Cycle) -> bool:
     """Retry pending registrations first: an operator's trigger retries them now, whatever their backoff."""
     state, result = cycle.state, cycle.result
-    if not (state.models(status="pending") or state.models(status="exported")):
+    if not (state.models.all(status="pending") or state.models.all(status="exported")):
         return True
     cycle.step("registering", "retrying pending registrations")
     for m in registry.retry_pending(cycle.settings, state, force=cycle.request.forced, now=cycle.now()):

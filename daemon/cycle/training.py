@@ -19,11 +19,11 @@ _log = log.get("daemon.cycle")
 
 def champion(state: State) -> tuple[str | None, Path | None, float | None]:
     """The promoted job now serving as champion: (job id, adapter dir, its eval loss), or Nones."""
-    job_id = state.get_kv("champion_job")
-    row = state.job(job_id) if job_id else None
-    if not row or not row.get("result"):
+    job_id = state.service.get().champion_job
+    row = state.jobs.get(job_id) if job_id else None
+    if not row or not row.result:
         return None, None, None
-    res = row["result"]
+    res = row.result
     return job_id, Path(res["adapter_dir"]), res.get("eval_loss_after")
 
 
@@ -58,7 +58,7 @@ def run(cycle: Cycle) -> bool:
         return False
     cycle.step("training", f"job {job_id} on dataset v{version}")
     with state.transaction():
-        state.set_kv("last_run_at", cycle.now().isoformat())
+        state.service.set_last_run_at(cycle.now().isoformat())
     result.job_id = job_id
     with cycle.timed("train"):
         try:

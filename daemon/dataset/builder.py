@@ -175,7 +175,7 @@ def example_spec(cfg: DatasetSettings) -> examples.Spec:
                          cfg.min_score, cfg.include_unrated)
 
 
-# state.put_examples: cid, rev, cfg, dedup, pii, line, bucket
+# state.examples.put: cid, rev, cfg, dedup, pii, line, bucket
 CacheRow = tuple[str, int, str, bytes, str | None, bytes | None, float]
 
 
@@ -183,7 +183,7 @@ def select_cached(
     rows: Iterable[Sequence[Any]], cached: dict[str, tuple[str, int, bytes, str | None, bytes | None, float]],
     cfg: DatasetSettings, keep_first: set[str] | Callable[[], set[str]], cfg_key: str,
 ) -> tuple[Selection, list[CacheRow]]:
-    """:func:`select` over ``state.eligible_examples`` rows and ``state.cached_examples``: a valid cache entry is
+    """:func:`select` over ``state.examples.eligible_rows`` rows and ``state.examples.cached``: a valid cache entry is
     used as it is, the other rows are made and returned as new cache entries. Same examples, lines, PII counts and
     duplicates as :func:`select`."""
     sel = Selection([])
@@ -454,7 +454,7 @@ def _fsync_dir(path: Path) -> None:
 
 def cleanup(state: State, folder: Path) -> list[str]:
     """Remove temp folders and version folders that state does not know (a build that died mid-way)."""
-    known = state.dataset_versions()
+    known = state.datasets.versions()
     removed = []
     for entry in folder.iterdir():
         m = _VERSION_DIR.match(entry.name)
@@ -484,15 +484,16 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
     folder = datasets_dir(state)
     with _build_lock(folder), _no_cycle_collection():
         cleanup(state, folder)
-        latest = state.dataset(state.latest_dataset_version() or 0, manifest=False)
-        previous = partial(state.member_ids, latest.version) if latest else set  # needed only for duplicates
+        latest = state.datasets.get(state.datasets.latest_version() or 0, manifest=False)
+        previous = partial(state.datasets.member_ids, latest.version) if latest else set  # needed only for duplicates
         key = example_cfg(cfg)
-        rows = state.eligible_examples(cfg.modes, cfg.min_score, cfg.include_unrated)
-        sel, fresh = select_cached(rows, state.cached_examples(key), cfg, previous, key)
+        rows = state.examples.eligible_rows(cfg.modes, cfg.min_score, cfg.include_unrated)
+        sel, fresh = select_cached(rows, state.examples.cached(key), cfg, previous, key)
         if fresh:
             with state.transaction():
-                state.put_examples(fresh)
-        train, evals, new_pins = split(sel.examples, cfg.eval_fraction, cfg.min_eval_examples, state.eval_pins())
+                state.examples.put(fresh)
+        pins = state.datasets.eval_pins()
+        train, evals, new_pins = split(sel.examples, cfg.eval_fraction, cfg.min_eval_examples, pins)
         need_train, need_eval = cfg.min_train_examples, cfg.min_eval_examples
         if len(train) < need_train or len(evals) < need_eval:
             raise DatasetError(
@@ -505,7 +506,7 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
             return BuildResult(
                 False, latest.version, Path(latest.path), latest.train_count, latest.eval_count,
                 f"no new version: the eligible set is the same as v{latest.version}",
-                state.dataset(latest.version).manifest,  # type: ignore[union-attr]
+                state.datasets.get(latest.version).manifest,  # type: ignore[union-attr]
             )
         version = (latest.version if latest else 0) + 1
         tmp = folder / f".tmp-v{version}-{os.getpid()}"
@@ -522,9 +523,9 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
             # State learns of the version in a transaction that commits only once the folder is in place: a crash
             # before the commit leaves a folder that state does not know, which the next build removes.
             with state.transaction():
-                state.add_eval_pins(new_pins)
+                state.datasets.add_eval_pins(new_pins)
                 text = manifest_bytes(man)
-                state.add_dataset(row, {"train": list(map(_by_cid, train)), "eval": list(map(_by_cid, evals))},
+                state.datasets.add(row, {"train": list(map(_by_cid, train)), "eval": list(map(_by_cid, evals))},
                                   text.decode())
                 _write_private(tmp / "manifest.json", [text])
                 writer.finish()

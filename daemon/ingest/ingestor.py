@@ -180,7 +180,7 @@ class Ingestor:
         """Full scan (``paths`` None: every data file plus every tracked one) or just the given paths."""
         t0 = time.perf_counter()
         report = IngestReport()
-        cursors = self.state.cursors()
+        cursors = self.state.cursors.all()
         if paths is None:
             todo: dict[str, Kind] = dict(self.list_data_files())
             for p, c in cursors.items():
@@ -251,7 +251,7 @@ class Ingestor:
         if p.mode == "unchanged":
             if cursor and p.st and (p.st.st_size, p.st.st_mtime_ns) != (cursor.size, cursor.mtime_ns):
                 with self._atomic():
-                    self.state.save_cursor(tail.touched(cursor, p.st))
+                    self.state.cursors.save(tail.touched(cursor, p.st))
             return
         if p.mode == "unreadable":
             report.skipped.append(path)
@@ -259,11 +259,11 @@ class Ingestor:
             return
         if p.mode == "gone":
             with self._atomic():
-                old = self.state.sighted_in(path)
-                self.state.forget_path(path)
-                report.deleted += self.state.reconcile_vanished(old)
-                self.state.drop_rejects(path)
-                self.state.drop_cursor(path)
+                old = self.state.conversations.sighted_in(path)
+                self.state.conversations.forget_path(path)
+                report.deleted += self.state.conversations.reconcile_vanished(old)
+                self.state.rejects.drop(path)
+                self.state.cursors.drop(path)
             _log.info("ingest.file_gone", file=path, reason=p.reason, conversations_dropped=len(old))
             return
         if kind == "training_json" and p.mode == "append":
@@ -309,9 +309,9 @@ class Ingestor:
             old_ids: set[str] = set()
             prev_rejects: set[str] = set()
             if reread:
-                old_ids = st.sighted_in(path)
-                prev_rejects = set(st.rejects_for(path).values())
-                st.forget_path(path)
+                old_ids = st.conversations.sighted_in(path)
+                prev_rejects = set(st.rejects.for_path(path).values())
+                st.conversations.forget_path(path)
             new_ids: set[str] = set()
             rejects: list[tuple[int, str, str]] = []
             conv_batch: list[tuple[ConvTuple, int, int]] = []  # record, offset, length
@@ -334,10 +334,10 @@ class Ingestor:
                         top.update(r[0] for r, _, _ in conv_batch)
                     conv_batch.clear()
                 if entries:
-                    st.put_entries(self.examples.key, entries)  # type: ignore[union-attr]
+                    st.examples.put_entries(self.examples.key, entries)  # type: ignore[union-attr]
                     entries.clear()
                 if fb_batch:
-                    st.add_feedback(fb_batch)
+                    st.feedback.add(fb_batch)
                     report.feedback_events += len(fb_batch)
                     fb_batch.clear()
 
@@ -384,15 +384,15 @@ class Ingestor:
                         flush()
             flush()
             if reread:
-                report.deleted += st.reconcile_vanished(old_ids - new_ids)
-            st.replace_rejects(path, rejects, from_line=0 if reread else start_line + 1)
+                report.deleted += st.conversations.reconcile_vanished(old_ids - new_ids)
+            st.rejects.replace(path, rejects, from_line=0 if reread else start_line + 1)
             report.rejected += len([r for r in rejects if r[2] not in prev_rejects])
             faults.point("ingest.before_cursor")
             cursor = tail.cursor_after(path, kind, fd, os.fstat(fd), end, lines)
             if worker is not None and worker.hashes != (cursor.head_hash, cursor.tail_hash):
                 # the file changed after the worker read it: what it parsed is not what is there
                 raise parse_worker.Fallback
-            st.save_cursor(cursor)
+            st.cursors.save(cursor)
         self._top |= top
         for number, reason in warnings:
             _log.warning("ingest.line_rejected", file=path, line=number, reason=reason)
@@ -420,14 +420,14 @@ def _upsert(st: State, batch: list[tuple[ConvTuple, int, int]], path: str, rank:
     if rank < _TOP_RANK:
         ids = {r[0] for r, _, _ in batch}
         outranked = ids & top
-        outranked |= st.outranked(ids - outranked, rank)
+        outranked |= st.conversations.outranked(ids - outranked, rank)
     rows = [(r[0], rank, *r[1:], path, off, n) for r, off, n in batch if r[0] not in outranked]
     if any(row[2] is None for row in rows):
         raise parse_worker.Fallback  # the parse worker left out content that is needed after all
     if rows:
-        st.upsert_conversations(rows)
+        st.conversations.upsert(rows)
     if outranked:
-        st.add_sightings([(path, r[0], rank) for r, _, _ in batch if r[0] in outranked])
+        st.conversations.add_sightings([(path, r[0], rank) for r, _, _ in batch if r[0] in outranked])
 
 
 def ingest(settings: Settings, state: State, paths: Iterable[str] | None = None) -> IngestReport:
@@ -436,5 +436,5 @@ def ingest(settings: Settings, state: State, paths: Iterable[str] | None = None)
                    examples=dataset.example_spec(settings.dataset))
     report = ingestor.scan(paths)
     with state.transaction():
-        state.set_kv("last_ingest_at", utcnow())
+        state.service.set_last_ingest_at(utcnow())
     return report

@@ -189,7 +189,7 @@ class _Child:
             if pairs is not None:
                 made = self.entries(results, pairs)
         elif kind == "feedback":
-            for ev in results:  # latest by timestamp, then arrival (as state.refresh_labels)
+            for ev in results:  # latest by timestamp, then arrival (as state.feedback.refresh_labels)
                 e: Any = ev
                 if type(e) is tuple and (e[0] not in self.labels or e[4] >= self.labels[e[0]][0]):
                     self.labels[e[0]] = (e[4], e[5])

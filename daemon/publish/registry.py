@@ -15,7 +15,7 @@ from daemon import faults, log
 from daemon.publish import ollama
 from daemon.publish.ollama import OllamaClient, OllamaError
 from daemon.settings import Settings
-from daemon.state import State, utcnow
+from daemon.state import ModelRow, State, utcnow
 from daemon.train import templates
 
 _log = log.get("daemon.publish.registry")
@@ -44,13 +44,13 @@ def add_version(state: State, *, job_id: str, dataset_version: int, manifest_has
                 eval_numbers: dict[str, Any], settings: Settings) -> int:
     """Record an exported GGUF as the next model version (status ``exported``); returns N."""
     with state.transaction():
-        version = state.next_model_version()
-        state.add_model({
-            "version": version, "job_id": job_id, "dataset_version": dataset_version, "manifest_hash": manifest_hash,
-            "gguf_path": gguf_path, "gguf_sha256": gguf_sha256, "gguf_size": gguf_size, "architecture": architecture,
-            "chat_template": chat_template, "eval": eval_numbers, "status": "exported", "tag": tag(settings, version),
-            "attempts": 0, "created_at": utcnow(),
-        })
+        version = state.models.next_version()
+        state.models.add(ModelRow(
+            version=version, job_id=job_id, dataset_version=dataset_version, manifest_hash=manifest_hash,
+            gguf_path=gguf_path, gguf_sha256=gguf_sha256, gguf_size=gguf_size, architecture=architecture,
+            chat_template=chat_template, eval=eval_numbers, status="exported", tag=tag(settings, version),
+            attempts=0, created_at=utcnow(),
+        ))
     return version
 
 
@@ -61,22 +61,22 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
     Returns the updated model row. Never raises for Ollama problems: a retryable one leaves the version
     ``pending`` with a backoff, a hard one marks it ``failed``; either way ``latest`` is untouched.
     """
-    row = state.model(version)
+    row = state.models.get(version)
     if row is None:
         raise KeyError(f"no model version v{version}")
     own = client is None
     client = client or OllamaClient.from_settings(settings.ollama)
-    name = row["tag"]
+    name = row.tag
     created = False
     try:
-        t = templates.get(row["chat_template"])
-        digest = client.ensure_blob(row["gguf_path"], row["gguf_sha256"])
+        t = templates.get(row.chat_template)
+        digest = client.ensure_blob(row.gguf_path, row.gguf_sha256)
         created = True  # from here on a failure may leave a (half-made) tag behind: clean it up
         client.create(name, {"model.gguf": digest}, template=t.ollama_template, system=settings.ollama.system,
                       parameters=create_parameters(settings, t.name))
         faults.point("register.created")  # the tag exists, nothing verified yet
         show = client.show(name)
-        problems = ollama.verify_show(show, architecture=row["architecture"], template=t.ollama_template,
+        problems = ollama.verify_show(show, architecture=row.architecture, template=t.ollama_template,
                                       stops=list(t.stop))
         if problems:
             raise Rejected(f"{name} does not verify: {'; '.join(problems)}")
@@ -86,16 +86,16 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
             problems = ollama.smoke_problems(chat, smoke.require_stop)
             if problems:
                 raise Rejected(f"{name} smoke test failed: {'; '.join(problems)}")
-        previous = state.get_kv("latest_model")
+        previous = state.service.get().latest_model
         client.copy(name, latest_tag(settings))
         faults.point("register.copied")  # latest moved in Ollama, not yet in state
         ollama_digest = next((m.get("digest") for m in client.tags() if m.get("name") == name), None)
         with state.transaction():
-            state.update_model(version, status="registered", registered_at=utcnow(), last_error=None,
-                               next_attempt_at=None, ollama_digest=ollama_digest, attempts=row["attempts"] + 1)
-            state.set_kv("latest_model", str(version))
-            if previous and previous != str(version):
-                state.set_kv("previous_latest_model", previous)
+            state.models.registered(version, registered_at=utcnow(), ollama_digest=ollama_digest,
+                                    attempts=row.attempts + 1)
+            state.service.set_latest_model(version)
+            if previous and previous != version:
+                state.service.set_previous_latest_model(previous)
         _log.info("registry.registered", model_version=version, tag=name, latest=latest_tag(settings))
         faults.point("register.committed")
         retention(settings, state, client)
@@ -104,12 +104,13 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
     finally:
         if own:
             client.close()
-    return state.model(version) or {}
+    done = state.models.get(version)
+    return done.as_dict() if done else {}
 
 
-def _failed(settings: Settings, state: State, row: dict[str, Any], exc: Exception, created_on: OllamaClient | None,
+def _failed(settings: Settings, state: State, row: ModelRow, exc: Exception, created_on: OllamaClient | None,
             now: datetime) -> None:
-    version, name = row["version"], row["tag"]
+    version, name = row.version, row.tag
     if created_on is not None:  # created but not verified: take the half-made tag away again
         try:
             created_on.delete(name)
@@ -118,17 +119,19 @@ def _failed(settings: Settings, state: State, row: dict[str, Any], exc: Exceptio
         except OllamaError as cleanup:
             _log.warning("registry.cleanup_failed", tag=name, reason=str(cleanup))
     retryable = isinstance(exc, OllamaError) and exc.retryable
-    attempts = row["attempts"] + 1
+    attempts = row.attempts + 1
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if retryable:
         delay = min(settings.ollama.retry_backoff * 2 ** (attempts - 1), 6 * 3600.0)
         at = (now + timedelta(seconds=delay)).isoformat()
         with state.transaction():
-            state.update_model(version, status="pending", attempts=attempts, last_error=message, next_attempt_at=at)
+            state.models.attempt_failed(version, status="pending", attempts=attempts, last_error=message,
+                                        next_attempt_at=at)
         _log.warning("registry.pending", model_version=version, reason=message, retry_at=at, attempts=attempts)
     else:
         with state.transaction():
-            state.update_model(version, status="failed", attempts=attempts, last_error=message, next_attempt_at=None)
+            state.models.attempt_failed(version, status="failed", attempts=attempts, last_error=message,
+                                        next_attempt_at=None)
         _log.error("registry.failed", model_version=version, reason=message)
 
 
@@ -137,32 +140,34 @@ def retry_pending(settings: Settings, state: State, *, force: bool = False, now:
     """Register every pending (or freshly exported) version whose retry time has come (all of them if ``force``)."""
     now = now or datetime.now(UTC)
     done = []
-    for row in state.models(status="pending") + state.models(status="exported"):
-        at = row.get("next_attempt_at")
+    for row in state.models.all(status="pending") + state.models.all(status="exported"):
+        at = row.next_attempt_at
         if force or not at or datetime.fromisoformat(at) <= now:
-            done.append(register(settings, state, row["version"], client=client, now=now))
+            done.append(register(settings, state, row.version, client=client, now=now))
     return done
 
 
 def retention(settings: Settings, state: State, client: OllamaClient) -> list[int]:
     """Delete registered versions beyond ``ollama.keep_versions``; never the current or previous ``latest``."""
     keep = settings.ollama.keep_versions
-    registered = [m["version"] for m in state.models(status="registered")]
-    protected = {int(v) for v in (state.get_kv("latest_model"), state.get_kv("previous_latest_model")) if v}
+    registered = [m.version for m in state.models.all(status="registered")]
+    marks = state.service.get()
+    protected = {v for v in (marks.latest_model, marks.previous_latest_model) if v}
     doomed = [v for v in registered[:-keep] if v not in protected] if len(registered) > keep else []
     deleted = []
     for v in doomed:
-        row = state.model(v)
-        assert row is not None
+        row = state.models.get(v)
+        if row is None:  # gone since the list was read: nothing to delete
+            continue
         try:
-            client.delete(row["tag"])
+            client.delete(row.tag)
         except ollama.NotFound:
             pass
         except OllamaError as exc:
             _log.warning("registry.retention_failed", model_version=v, reason=str(exc))
             continue
         with state.transaction():
-            state.update_model(v, status="deleted")
+            state.models.deleted(v)
         deleted.append(v)
     if deleted:
         _log.info("registry.retention", deleted=deleted, kept=keep)
@@ -173,8 +178,8 @@ def rollback(settings: Settings, state: State, to: int | None = None,
              client: OllamaClient | None = None) -> dict[str, Any]:
     """Move ``latest`` to ``to`` (default: the registered version before the current one). Raises ValueError with a
     one-line reason when there is nowhere to go, OllamaError when Ollama refuses."""
-    registered = [m["version"] for m in state.models(status="registered")]
-    current = int(state.get_kv("latest_model") or 0) or None
+    registered = [m.version for m in state.models.all(status="registered")]
+    current = state.service.get().latest_model or None
     if to is None:
         older = [v for v in registered if current is None or v < current]
         if not older:
@@ -185,22 +190,23 @@ def rollback(settings: Settings, state: State, to: int | None = None,
     own = client is None
     client = client or OllamaClient.from_settings(settings.ollama)
     try:
-        row = state.model(to)
-        assert row is not None
-        client.show(row["tag"])  # it must still exist in Ollama
-        client.copy(row["tag"], latest_tag(settings))
+        row = state.models.get(to)
+        if row is None:  # listed as registered a moment ago: only a concurrent forget removes it
+            raise ValueError(f"v{to} is no longer a model version")
+        client.show(row.tag)  # it must still exist in Ollama
+        client.copy(row.tag, latest_tag(settings))
     finally:
         if own:
             client.close()
     with state.transaction():
-        state.set_kv("latest_model", str(to))
+        state.service.set_latest_model(to)
         if current and current != to:
-            state.set_kv("previous_latest_model", str(current))
+            state.service.set_previous_latest_model(current)
     _log.info("registry.rollback", latest=f"v{to}", previous=f"v{current}" if current else None)
     return {"latest": to, "previous": current, "tag": latest_tag(settings)}
 
 
 def lineage(state: State) -> list[dict[str, Any]]:
     """Every model version with its job, dataset and manifest hash, GGUF digest and eval numbers."""
-    latest = state.get_kv("latest_model")
-    return [{**m, "latest": str(m["version"]) == latest} for m in state.models()]
+    latest = state.service.get().latest_model
+    return [{**m.as_dict(), "latest": m.version == latest} for m in state.models.all()]

@@ -144,12 +144,12 @@ class Service:
             return self.request_reload(timeout=30.0)
         if cmd == "cancel":
             with State(self.settings.state_dir()) as st:
-                running = st.jobs(status="running")
+                running = st.jobs.recent(status="running")
             wanted = request.get("job_id")
-            if not running or (wanted and running[0]["job_id"] != wanted):
+            if not running or (wanted and running[0].job_id != wanted):
                 raise control.RequestError(f"no running job{' ' + wanted if wanted else ''} to cancel")
             self.cancel_event.set()
-            return {"cancelling": running[0]["job_id"]}
+            return {"cancelling": running[0].job_id}
         raise control.RequestError(f"unknown command {cmd!r} (status, trigger, reload, cancel)")
 
     def request_reload(self, timeout: float) -> dict[str, Any]:
@@ -232,8 +232,8 @@ class Service:
         """A pending Ollama registration whose backoff has passed: run a (no-new-data) cycle, which retries it."""
         now = datetime.now(UTC)
         with State(self.settings.state_dir()) as st:
-            due = [m for m in st.models(status="pending")
-                   if not m["next_attempt_at"] or datetime.fromisoformat(m["next_attempt_at"]) <= now]
+            due = [m for m in st.models.all(status="pending")
+                   if not m.next_attempt_at or datetime.fromisoformat(m.next_attempt_at) <= now]
         if due and self.worker is not None and not self.worker.busy:
             self.worker.submit(CycleRequest(set(), origins=["registry retry"]))
 

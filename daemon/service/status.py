@@ -28,9 +28,10 @@ class StoreStatus:
 
 
 def store_status(settings: Settings, state: State) -> StoreStatus:
-    c = state.counts()
+    c = state.conversations.counts()
+    marks = state.service.get()
     d = settings.dataset
-    e = state.eligible_counts(d.modes, d.min_score, d.include_unrated)
+    e = state.examples.eligible_counts(d.modes, d.min_score, d.include_unrated)
     return StoreStatus(
         store_root=str(settings.store.root),
         state_dir=str(state.dir),
@@ -46,10 +47,10 @@ def store_status(settings: Settings, state: State) -> StoreStatus:
         feedback_events=c["feedback_events"],
         feedback_waiting=c["feedback_waiting"],
         new_eligible_since_dataset=e["new_since_dataset"],
-        latest_dataset=state.latest_dataset_version(),
-        last_ingest_at=state.get_kv("last_ingest_at"),
-        latest_model=f"v{state.get_kv('latest_model')}" if state.get_kv("latest_model") else None,
-        pending_registrations=[{"version": m["version"], "tag": m["tag"], "attempts": m["attempts"],
-                                "next_attempt_at": m["next_attempt_at"], "last_error": m["last_error"]}
-                               for m in state.models(status="pending")],
+        latest_dataset=state.datasets.latest_version(),
+        last_ingest_at=marks.last_ingest_at,
+        latest_model=f"v{marks.latest_model}" if marks.latest_model else None,
+        pending_registrations=[{"version": m.version, "tag": m.tag, "attempts": m.attempts,
+                                "next_attempt_at": m.next_attempt_at, "last_error": m.last_error}
+                               for m in state.models.all(status="pending")],
     )

@@ -26,7 +26,7 @@ import yaml
 
 from daemon import faults, log
 from daemon.proc import Popen, alive, process_start_time, spawn_in_session, stop_group
-from daemon.state import State, private_dir, utcnow
+from daemon.state import JobRow, State, private_dir, utcnow
 from daemon.train import templates
 
 _log = log.get("daemon.train.runner")
@@ -283,29 +283,29 @@ def start_job(
     log_path = job_dir / "job.log"
     argv = trainer_argv(python, script, cfg_path)
     child_env = {**os.environ, **(env or {}), "CHATOS_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
-    row: dict[str, Any] = {
-        "job_id": job_id, "cycle_id": cycle_id, "dataset_version": dataset_version, "status": "starting",
-        "job_dir": str(job_dir), "config_path": str(cfg_path), "log_path": str(log_path),
-        "metrics_path": config["metrics"]["output_path"], "result_path": config["result"]["output_path"],
-        "params": {"backend": config["backend"], "model": config["model"], "training": config["training"],
-                   "lora": config["lora"]},
-        "created_at": utcnow(),
-    }
+    new = JobRow(
+        job_id=job_id, cycle_id=cycle_id, dataset_version=dataset_version, status="starting",
+        job_dir=str(job_dir), config_path=str(cfg_path), log_path=str(log_path),
+        metrics_path=config["metrics"]["output_path"], result_path=config["result"]["output_path"],
+        params={"backend": config["backend"], "model": config["model"], "training": config["training"],
+                "lora": config["lora"]},
+        created_at=utcnow(),
+    )
+    row = new.as_dict()
     with state.transaction():
-        state.add_job(row)
+        state.jobs.add(new)
     _log.info("job.spawn", job_id=job_id, argv=argv, cwd=str(job_dir))
     try:
         proc = spawn_in_session(argv, cwd=job_dir, env=child_env, log_path=log_path)
     except OSError as exc:
         with state.transaction():
-            state.update_job(job_id, status="failed", error=f"cannot start the trainer: {exc.strerror or exc}",
-                             finished_at=utcnow())
+            state.jobs.stopped(job_id, status="failed", error=f"cannot start the trainer: {exc.strerror or exc}",
+                               finished_at=utcnow())
         raise
     faults.point("job.spawned")  # the trainer runs, its row still says starting
     row.update(pid=proc.pid, pid_start=process_start_time(proc.pid), status="running", started_at=utcnow())
     with state.transaction():
-        state.update_job(job_id, pid=row["pid"], pid_start=row["pid_start"], status="running",
-                         started_at=row["started_at"])
+        state.jobs.running(job_id, pid=row["pid"], pid_start=row["pid_start"], started_at=row["started_at"])
     return Job(row, proc)
 
 
@@ -331,7 +331,7 @@ def supervise(
                 on_progress(obj)
         if time.monotonic() - last_saved > 2.0 and job.latest:
             with state.transaction():
-                state.update_job(job.id, latest_metrics=job.latest)
+                state.jobs.progress(job.id, job.latest)
             last_saved = time.monotonic()
         if not job.running():
             break
@@ -350,9 +350,9 @@ def supervise(
     code = job.exit_code()
     outcome = _outcome(job, code, forced)
     with state.transaction():
-        state.update_job(job.id, status=outcome.status, exit_code=code, error=None if outcome.status == "succeeded"
-                         else outcome.reason, result=outcome.result, latest_metrics=job.latest or None,
-                         finished_at=utcnow())
+        state.jobs.finished(job.id, status=outcome.status, exit_code=code, error=None if outcome.status == "succeeded"
+                            else outcome.reason, result=outcome.result, latest_metrics=job.latest or None,
+                            finished_at=utcnow())
     _log.info("job.finished", job_id=job.id, status=outcome.status, reason=outcome.reason, exit_code=code,
               final_loss=(outcome.result or {}).get("final_train_loss"))
     return outcome
@@ -402,20 +402,21 @@ def reattach(state: State) -> tuple[list[Job], list[str]]:
     with a ``result.json`` while no service watched: their work is kept), the rest interrupted."""
     live: list[Job] = []
     lost: list[str] = []
-    for row in state.jobs(status="running") + state.jobs(status="starting"):
+    for job_row in state.jobs.recent(status="running") + state.jobs.recent(status="starting"):
+        row = job_row.as_dict()
         pid, start = row.get("pid"), row.get("pid_start")
         if not pid and (found := find_trainer(row["job_id"])) is not None:
             pid, start = found, process_start_time(found)
             row = {**row, "pid": pid, "pid_start": start, "status": "running"}
             with state.transaction():
-                state.update_job(row["job_id"], pid=pid, pid_start=start, status="running")
+                state.jobs.running(row["job_id"], pid=pid, pid_start=start)
         if (pid and alive(pid, start)) or Path(row["result_path"]).is_file():
             _log.info("job.reattached", job_id=row["job_id"], pid=pid, running=bool(pid and alive(pid, start)))
             live.append(Job({**row, "pid": pid or 0}))
         else:
             with state.transaction():
-                state.update_job(row["job_id"], status="interrupted", finished_at=utcnow(),
-                                 error="the service stopped while it ran and the process is gone")
+                state.jobs.stopped(row["job_id"], status="interrupted", finished_at=utcnow(),
+                                   error="the service stopped while it ran and the process is gone")
             _log.warning("job.interrupted", job_id=row["job_id"], pid=pid)
             lost.append(row["job_id"])
     return live, lost
@@ -434,14 +435,14 @@ def stop_stray(pid: int, start: int | None, why: str, grace_s: float = GRACE_S) 
 
 def cancel_detached(state: State, job_id: str, grace_s: float = GRACE_S) -> bool:
     """Cancel a running job when no service supervises it (the CLI's ``cancel`` without a service)."""
-    row = state.job(job_id)
-    if row is None or row["status"] not in ("running", "starting"):
+    row = state.jobs.get(job_id)
+    if row is None or row.status not in ("running", "starting"):
         return False
-    job = Job(row)
+    job = Job(row.as_dict())
     if job.running():
         stop_group(job.pid, job.running, job.id, "cancelled by an operator", grace_s, threading.Event())
     with state.transaction():
-        state.update_job(job_id, status="cancelled", error="cancelled by an operator", finished_at=utcnow())
+        state.jobs.stopped(job_id, status="cancelled", error="cancelled by an operator", finished_at=utcnow())
     return True
 
 

@@ -35,7 +35,8 @@ def settings_for(make_settings: Any, model: Path, python: Path, backend: str, te
 
 
 def check_job(st: State, job_id: str) -> dict[str, Any]:
-    row = st.job(job_id)
+    found = st.jobs.get(job_id)
+    row = found.as_dict() if found else None
     assert row is not None
     lines = [json.loads(x) for x in Path(row["metrics_path"]).read_text().splitlines()]
     assert lines[0]["event"] == "job_started" and lines[-1]["event"] == "job_finished"
@@ -82,7 +83,7 @@ def test_cycle_trains_gates_and_then_compares_with_the_champion(
         assert row["result"]["backend"] == backend
         assert r1.counts["gate"]["champion"] == "the base model"
         # against the base model, a trained candidate wins
-        assert r1.outcome == "promoted" and st.get_kv("champion_job") == r1.job_id
+        assert r1.outcome == "promoted" and st.service.get().champion_job == r1.job_id
         load_adapter(tiny_models["qwen2"], row["result"]["adapter_dir"])
         append_records(store, 20, seed=22, quality="excellent")
         r2 = run_cycle(s, st, CycleRequest(None))

@@ -56,10 +56,10 @@ def test_three_cycles_register_versions_move_latest_retention_and_rollback(
     with State(s.state_dir()) as st:
         r1 = run_cycle(s, st, CycleRequest(None))
         assert r1.outcome == "registered" and r1.model_tag == "chatos-e2e:v1", r1.reason
-        m1 = st.model(1)
-        assert m1 is not None and m1["architecture"] == "qwen2" and m1["gguf_size"] > 0
-        assert Path(m1["gguf_path"]).name == "chatos-e2e-v1.q8_0.gguf"
-        assert not (Path(m1["gguf_path"]).parent / "merged").exists()  # intermediates removed
+        m1 = st.models.get(1)
+        assert m1 is not None and m1.architecture == "qwen2" and m1.gguf_size > 0
+        assert Path(m1.gguf_path).name == "chatos-e2e-v1.q8_0.gguf"
+        assert not (Path(m1.gguf_path).parent / "merged").exists()  # intermediates removed
         show = httpx.post(ollama_standin.url + "/api/show", json={"model": "chatos-e2e:latest"}, timeout=120).json()
         assert show["template"] == templates.get("qwen-2.5").ollama_template
         assert '"<|im_end|>"' in show["parameters"] and show["model_info"]["general.architecture"] == "qwen2"
@@ -71,7 +71,7 @@ def test_three_cycles_register_versions_move_latest_retention_and_rollback(
             assert t["chatos-e2e:latest"] == t[f"chatos-e2e:v{n}"]
         # keep_versions 1: v3 is latest, v2 was the previous latest (kept), v1 is gone
         assert set(tags(ollama_standin)) == {"chatos-e2e:v2", "chatos-e2e:v3", "chatos-e2e:latest"}
-        assert [m["status"] for m in st.models()] == ["deleted", "registered", "registered"]
+        assert [m.status for m in st.models.all()] == ["deleted", "registered", "registered"]
         lineage = {m["version"]: m for m in registry.lineage(st)}
         assert lineage[3]["latest"] and lineage[3]["dataset_version"] == 3 and lineage[3]["manifest_hash"]
         out = registry.rollback(s, st)
@@ -100,8 +100,8 @@ def test_ollama_down_keeps_the_artifact_and_a_later_cycle_registers_it(
     with State(s.state_dir()) as st:
         r = run_cycle(s, st, CycleRequest(None))
         assert r.outcome == "pending_registration" and "artifact kept, will retry" in r.reason, r.reason
-        assert st.model(1)["status"] == "pending" and Path(st.model(1)["gguf_path"]).exists()  # type: ignore[index]
+        assert st.models.get(1).status == "pending" and Path(st.models.get(1).gguf_path).exists()  # type: ignore[union-attr]
         ollama_standin.reset_faults()
         again = run_cycle(s, st, CycleRequest(None, forced=True))  # a trigger retries pending registrations now
         assert "v1:registered" in again.counts["registrations_retried"], again.counts
-        assert st.get_kv("latest_model") in ("1", "2")
+        assert st.service.get().latest_model in (1, 2)

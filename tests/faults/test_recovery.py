@@ -4,7 +4,6 @@ service watched keeps its result instead of being thrown away as interrupted."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from helpers import logs_file, rec, write_lines
 from ollama_standin import StandinServer
 
 from daemon import proc
-from daemon.cycle.pipeline import EXPORT_PENDING, CycleRequest, run_cycle
-from daemon.state import State
+from daemon.cycle.pipeline import CycleRequest, run_cycle
+from daemon.state import JobRow, PendingExport, State
 from daemon.train import runner
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
@@ -64,16 +63,16 @@ def test_an_export_stopped_by_the_service_is_resumed_by_the_next_cycle(
         r = run_cycle(s, st, CycleRequest(None), stop=stop)
         timer.join()
         assert r.outcome == "export_failed" and "the service is stopping" in r.reason, r.reason
-        assert st.models() == [] and st.get_kv("champion_job") == r.job_id
-        pending = json.loads(st.get_kv(EXPORT_PENDING) or "{}")
-        assert pending["job_id"] == r.job_id and pending["pid"]  # the child is remembered
-        assert not proc.alive(pending["pid"], pending["pid_start"])  # and was stopped with the service
+        assert st.models.all() == [] and st.service.get().champion_job == r.job_id
+        pending = st.service.pending_export()
+        assert pending is not None and pending.job_id == r.job_id and pending.pid  # the child is remembered
+        assert not proc.alive(pending.pid, pending.pid_start)  # and was stopped with the service
         ok = settings_for(make_settings, world, ollama_standin.url)
         nxt = run_cycle(ok, st, CycleRequest(set()))  # no new data: only the resumed export
         assert nxt.counts["export_resumed"] == {"job_id": r.job_id, "outcome": "registered",
                                                 "model_tag": "chatos:v1"}, nxt.counts
-        assert [(m["job_id"], m["status"]) for m in st.models()] == [(r.job_id, "registered")]
-        assert st.get_kv(EXPORT_PENDING) == "" and nxt.model_tag == "chatos:v1"
+        assert [(m.job_id, m.status) for m in st.models.all()] == [(r.job_id, "registered")]
+        assert st.service.pending_export() is None and nxt.model_tag == "chatos:v1"
         assert run_cycle(ok, st, CycleRequest(set())).counts.get("export_resumed") is None  # once only
 
 
@@ -88,9 +87,9 @@ def test_a_stray_export_child_is_stopped_before_the_export_runs_again(
         stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
         with st.transaction():
             st.conn.execute("DELETE FROM models")
-            st.set_kv("latest_model", "")
-            st.set_kv(EXPORT_PENDING, json.dumps({"job_id": r.job_id, "gate": {}, "pid": stray.pid,
-                                                   "pid_start": proc.process_start_time(stray.pid)}))
+            st.service.set_latest_model(None)
+            st.service.set_pending_export(PendingExport(r.job_id, {}, stray.pid,
+                                                        proc.process_start_time(stray.pid)))
         nxt = run_cycle(s, st, CycleRequest(set()))
         assert stray.wait(15) is not None  # stopped (SIGTERM to its group) before the export ran again
         assert nxt.counts["export_resumed"]["outcome"] == "registered", nxt.counts
@@ -107,10 +106,10 @@ def test_reattach_finds_a_trainer_whose_pid_never_reached_state(state: State, tm
            "metrics_path": str(job_dir / "metrics.jsonl"), "result_path": str(job_dir / "result.json"),
            "params": {}, "created_at": "2026-11-25T12:00:00Z"}
     with state.transaction():
-        state.add_job(row)
+        state.jobs.add(JobRow(**row))
     live, lost = runner.reattach(state)
     assert [j.id for j in live] == ["j-lost"] and lost == [] and live[0].pid == proc.pid
-    assert state.job("j-lost")["status"] == "running"  # type: ignore[index]
+    assert state.jobs.get("j-lost").status == "running"  # type: ignore[union-attr]
     (job_dir / "result.json").write_text('{"adapter_dir": "/x", "eval_loss_after": 1.0}')
     out = runner.supervise(state, live[0], timeout_s=30, cancel=threading.Event(), stop=threading.Event(),
                            tick_s=0.05)
@@ -125,17 +124,17 @@ def test_a_job_that_finished_while_no_service_watched_keeps_its_result(state: St
     dead.wait()
     (job_dir / "result.json").write_text('{"adapter_dir": "/y", "eval_loss_after": 0.5}')
     with state.transaction():
-        state.add_job({"job_id": "j-done", "dataset_version": 1, "status": "running", "pid": dead.pid,
+        state.jobs.add(JobRow(**{"job_id": "j-done", "dataset_version": 1, "status": "running", "pid": dead.pid,
                        "pid_start": 1, "job_dir": str(job_dir), "config_path": "c", "log_path": "l",
                        "metrics_path": str(job_dir / "metrics.jsonl"), "result_path": str(job_dir / "result.json"),
-                       "params": {}, "created_at": "2026-11-25T12:00:00Z"})
-        state.add_job({"job_id": "j-gone", "dataset_version": 1, "status": "running", "pid": dead.pid,
+                       "params": {}, "created_at": "2026-11-25T12:00:00Z"}))
+        state.jobs.add(JobRow(**{"job_id": "j-gone", "dataset_version": 1, "status": "running", "pid": dead.pid,
                        "pid_start": 1, "job_dir": str(job_dir), "config_path": "c", "log_path": "l",
                        "metrics_path": "m", "result_path": str(tmp_path / "none.json"), "params": {},
-                       "created_at": "2026-11-25T12:00:01Z"})
+                       "created_at": "2026-11-25T12:00:01Z"}))
     live, lost = runner.reattach(state)
     assert [j.id for j in live] == ["j-done"] and lost == ["j-gone"]
     t0 = time.monotonic()
     out = runner.supervise(state, live[0], timeout_s=30, cancel=threading.Event(), stop=threading.Event())
     assert out.status == "succeeded" and out.result == {"adapter_dir": "/y", "eval_loss_after": 0.5}
-    assert time.monotonic() - t0 < 5 and state.job("j-gone")["status"] == "interrupted"  # type: ignore[index]
+    assert time.monotonic() - t0 < 5 and state.jobs.get("j-gone").status == "interrupted"  # type: ignore[union-attr]

@@ -79,7 +79,7 @@ def test_same_eligible_set_gives_no_new_version_then_new_data_does(store: Path, 
         e1 = {json.dumps(x) for x in read_jsonl(first.path / "eval.jsonl")}  # type: ignore[operator]
         e2 = {json.dumps(x) for x in read_jsonl(second.path / "eval.jsonl")}  # type: ignore[operator]
         assert v1 <= v2 and e1 <= e2 and not (v2 & e2)
-        assert st.eligible_counts(["normal", "code"], 1, False)["new_since_dataset"] == 0
+        assert st.examples.eligible_counts(["normal", "code"], 1, False)["new_since_dataset"] == 0
 
 
 def test_feedback_changes_the_eligible_set(store: Path, make_settings: Any) -> None:
@@ -154,7 +154,7 @@ def test_interrupted_build_leaves_no_visible_version(
         with pytest.raises(OSError):
             build(s, st)
         monkeypatch.undo()
-        assert st.datasets() == []
+        assert st.datasets.all() == []
         # dies after the rename but before the state row commits: the folder exists but is not a version
         rename = os.rename
 
@@ -166,7 +166,7 @@ def test_interrupted_build_leaves_no_visible_version(
         with pytest.raises(RuntimeError):
             build(s, st)
         monkeypatch.undo()
-        assert st.datasets() == [] and (s.state_dir() / "datasets" / "v1").exists()
+        assert st.datasets.all() == [] and (s.state_dir() / "datasets" / "v1").exists()
         r = build(s, st)
         assert r.created and r.version == 1 and dataset.verify(r.path) == []  # type: ignore[arg-type]
         names = sorted(p.name for p in (s.state_dir() / "datasets").iterdir())

@@ -25,4 +25,4 @@ def test_chatos_patch_writes_events_the_service_accepts(store: Path, state: Stat
     assert append("b1b2c3d4e5f6", root=store) is None  # nothing to say: nothing written
     report = Ingestor(state, store).scan()
     assert report.feedback_events == 2 and report.rejected == 0
-    assert {e.cid for e in state.eligible(["normal", "code"], 1, False)} == {"a1b2c3d4e5f6", "b1b2c3d4e5f6"}
+    assert {e.cid for e in state.examples.eligible(["normal", "code"], 1, False)} == {"a1b2c3d4e5f6", "b1b2c3d4e5f6"}

@@ -107,22 +107,23 @@ def test_a_failing_trainer_fails_the_job_in_one_line_then_backs_off(
         r = run_cycle(s, st, CycleRequest(None), now=clock)
         assert r.outcome == "train_failed" and r.job_status == status, r.reason
         assert words in r.reason and one_line(r.reason), r.reason
-        job = st.jobs()[0]
-        assert job["status"] == status and one_line(job["error"]) and words.split(": ")[-1] in job["error"]
-        backoff = datetime.fromisoformat(st.get_kv("train_backoff_until") or "")
+        job = st.jobs.recent()[0]
+        assert job.status == status and job.error is not None and one_line(job.error)
+        assert words.split(": ")[-1] in job.error
+        backoff = datetime.fromisoformat(st.service.get().train_backoff_until or "")
         assert backoff == T0 + timedelta(seconds=60)  # training.retry_backoff, first failure
         # the next try waits for the backoff, even with new data; the service (this loop) is alive and answering
         write_lines(logs_file(records, "2025-12-06"), [rec("e00000000099", quality="good", answer="more")])
         clock.advance(30)
         again = run_cycle(s, st, CycleRequest(None), now=clock)
         assert again.outcome == "skipped" and "backing off after a failed job" in again.reason
-        assert len(st.jobs()) == 1 and api.store_status(s, st).conversations["total"] == 7
+        assert len(st.jobs.recent()) == 1 and api.store_status(s, st).conversations["total"] == 7
         # after the backoff, a working trainer trains again and the failure count resets
         clock.advance(31)
         fixed = make(make_settings, fake_python, base_model, mode="ok")
         ok = run_cycle(fixed, st, CycleRequest(None), now=clock)
         assert ok.outcome == "promoted", ok.reason
-        assert st.get_kv("train_failures") == "0" and st.get_kv("train_backoff_until") == ""
+        assert st.service.get().train_failures == 0 and st.service.get().train_backoff_until is None
 
 
 def test_backoff_doubles_with_each_failure(make_settings: Any, records: Path, fake_python: Path,
@@ -134,7 +135,7 @@ def test_backoff_doubles_with_each_failure(make_settings: Any, records: Path, fa
         for _ in range(3):
             r = run_cycle(s, st, CycleRequest(None), now=clock)
             assert r.outcome == "train_failed" and "out of memory" in r.reason
-            until = datetime.fromisoformat(st.get_kv("train_backoff_until") or "")
+            until = datetime.fromisoformat(st.service.get().train_backoff_until or "")
             waits.append((until - clock()).total_seconds())
             clock.t = until + timedelta(seconds=1)
         assert waits == [60, 120, 240]
@@ -190,8 +191,8 @@ def test_the_real_service_stays_alive_when_the_trainer_crashes(tmp_path: Path, r
         if svc.stdout is not None:
             svc.stdout.close()
     with State(tmp_path / "st") as st:
-        assert [j["status"] for j in st.jobs()] == ["failed", "failed"]
-        assert st.get_kv("train_failures") == "2"
+        assert [j.status for j in st.jobs.recent()] == ["failed", "failed"]
+        assert st.service.get().train_failures == 2
 
 
 # -- Ollama ------------------------------------------------------------------------------------------------------
@@ -224,10 +225,10 @@ def test_ollama_failing_leaves_a_pending_registration_that_a_later_cycle_registe
         r = run_cycle(s, st, CycleRequest(None), now=clock)
         assert r.outcome == "pending_registration", r.reason
         assert "artifact kept, will retry" in r.reason and one_line(r.reason), r.reason
-        (m,) = st.models()
-        assert m["status"] == "pending" and one_line(m["last_error"]) and m["attempts"] == 1
-        assert datetime.fromisoformat(m["next_attempt_at"]) == T0 + timedelta(seconds=60)
-        assert Path(m["gguf_path"]).is_file()  # the verified artifact is kept
+        (m,) = st.models.all()
+        assert m.status == "pending" and m.last_error is not None and one_line(m.last_error) and m.attempts == 1
+        assert datetime.fromisoformat(m.next_attempt_at or "") == T0 + timedelta(seconds=60)
+        assert Path(m.gguf_path).is_file()  # the verified artifact is kept
         pending = api.store_status(s, st).pending_registrations
         assert pending and pending[0]["version"] == 1 and pending[0]["tag"] == "chatos:v1"
         cfg = tmp_path / "retrain.yaml"  # what `chatos-retrain status` shows (no service running: state only)
@@ -235,20 +236,20 @@ def test_ollama_failing_leaves_a_pending_registration_that_a_later_cycle_registe
         capsys.readouterr()
         assert cli.main(["--config", str(cfg), "status", "--json"]) == 0
         shown = json.loads(capsys.readouterr().out)["store"]["pending_registrations"]
-        assert [(p["tag"], p["last_error"]) for p in shown] == [("chatos:v1", m["last_error"])]
+        assert [(p["tag"], p["last_error"]) for p in shown] == [("chatos:v1", m.last_error)]
         ollama_standin.reset_faults()
-        assert tags(ollama_standin) == {} and st.get_kv("latest_model") is None  # nothing half-registered
+        assert tags(ollama_standin) == {} and st.service.get().latest_model is None  # nothing half-registered
         # before the backoff: not retried; after it, the next cycle (no new data) registers it and moves latest
         clock.advance(30)
         assert run_cycle(s, st, CycleRequest(set()), now=clock).model_tag is None
-        assert st.model(1)["status"] == "pending"  # type: ignore[index]
+        assert st.models.get(1).status == "pending"  # type: ignore[union-attr]
         clock.advance(31)
         later = run_cycle(s, st, CycleRequest(set()), now=clock)
         assert later.counts["registrations_retried"] == ["v1:registered"] and later.model_tag == "chatos:v1"
-        row = st.model(1)
-        assert row is not None and row["status"] == "registered" and row["attempts"] == 2
+        row = st.models.get(1)
+        assert row is not None and row.status == "registered" and row.attempts == 2
         t = tags(ollama_standin)
-        assert t["chatos:latest"] == t["chatos:v1"] == row["ollama_digest"] and st.get_kv("latest_model") == "1"
+        assert t["chatos:latest"] == t["chatos:v1"] == row.ollama_digest and st.service.get().latest_model == 1
         assert api.store_status(s, st).pending_registrations == []
 
 
@@ -260,13 +261,13 @@ def test_a_digest_mismatch_is_a_hard_failure_and_the_next_model_registers(
         ollama_standin.set_faults(digest_mismatch=True)
         r = run_cycle(s, st, CycleRequest(None))
         assert r.outcome == "register_failed" and "digest mismatch" in r.reason and one_line(r.reason), r.reason
-        assert st.model(1)["status"] == "failed"  # type: ignore[index]
+        assert st.models.get(1).status == "failed"  # type: ignore[union-attr]
         ollama_standin.reset_faults()
-        assert tags(ollama_standin) == {} and st.get_kv("latest_model") is None
+        assert tags(ollama_standin) == {} and st.service.get().latest_model is None
         assert run_cycle(s, st, CycleRequest(set())).counts.get("registrations_retried") is None  # not retried
         r2 = run_cycle(s, st, CycleRequest(None, forced=True))
         assert r2.outcome == "registered" and r2.model_tag == "chatos:v2", r2.reason
-        assert set(tags(ollama_standin)) == {"chatos:v2", "chatos:latest"} and st.get_kv("latest_model") == "2"
+        assert set(tags(ollama_standin)) == {"chatos:v2", "chatos:latest"} and st.service.get().latest_model == 2
 
 
 @pytest.mark.parametrize(("mode", "words"), [("fail", "the GGUF converter failed: convert_hf_to_gguf.py failed"),
@@ -281,8 +282,8 @@ def test_a_failing_export_registers_nothing(make_settings: Any, records: Path, f
     with State(s.state_dir()) as st:
         r = run_cycle(s, st, CycleRequest(None))
         assert r.outcome == "export_failed" and words in r.reason and one_line(r.reason), r.reason
-        assert st.models() == [] and tags(ollama_standin) == {}
-        assert st.get_kv("export_pending") == ""  # failed on its own: not resumed by the next cycle
+        assert st.models.all() == [] and tags(ollama_standin) == {}
+        assert st.service.pending_export() is None  # failed on its own: not resumed by the next cycle
 
 
 # -- our own disk ------------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def fill(disk: Path) -> Path:
 
 
 def snapshot(st: State) -> dict[str, Any]:
-    return {**st.counts(), "datasets": [d.version for d in st.datasets()],
+    return {**st.conversations.counts(), "datasets": [d.version for d in st.datasets.all()],
             "integrity": st.conn.execute("PRAGMA integrity_check").fetchone()[0]}
 
 
@@ -369,7 +370,7 @@ def test_a_full_state_disk_is_one_clear_line_and_state_survives(make_settings: A
         after = snapshot(st)
         assert after["integrity"] == "ok" and after["conversations"] == 200
         assert after["feedback_events"] == truth.feedback_events + 10 and after["datasets"] == [1, 2]
-        for d in st.datasets():
+        for d in st.datasets.all():
             assert dataset.verify(Path(d.path)) == []
         assert not [p.name for p in (st.dir / "datasets").iterdir() if p.name.startswith(".tmp-")]
 

@@ -94,9 +94,9 @@ def test_corpus_store_zero_crashes_each_bad_line_reported_once(store: Path, tmp_
     assert r2.conversations == 0 and r2.rejected == 0
     cids = {r[0] for r in state.conn.execute("SELECT cid FROM conversations")}
     assert {g["conversation_id"] for g in good} <= cids and "o00000000001" not in cids
-    eligible = {e.cid for e in state.eligible(["normal", "code"], 1, False)}
+    eligible = {e.cid for e in state.examples.eligible(["normal", "code"], 1, False)}
     assert eligible == {g["conversation_id"] for g in good} | {"d00000000001"}
-    assert "second" in state.conversation("d00000000001")["messages"]  # type: ignore[index]
+    assert "second" in state.conversations.get("d00000000001")["messages"]  # type: ignore[index]
     warned = {e["event"] for e in logs if e["log_level"] == "warning"}
     assert {"ingest.symlink_outside_root", "ingest.unreadable"} <= warned
     assert r1.rejected == len(expected_bad) + 2

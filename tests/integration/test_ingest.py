@@ -23,7 +23,8 @@ from structlog.testing import capture_logs
 
 from daemon import api
 from daemon.ingest.ingestor import Ingestor
-from daemon.state import State
+from daemon.state import State, StateError
+from daemon.state.cursors import Cursors
 
 
 def ingest(state: State, root: Path, **kw: Any) -> Any:
@@ -36,7 +37,7 @@ def cids(state: State, deleted: bool | None = False) -> set[str]:
 
 
 def eligible(state: State) -> set[str]:
-    return {e.cid for e in state.eligible(["normal", "code"], 1, False)}
+    return {e.cid for e in state.examples.eligible(["normal", "code"], 1, False)}
 
 
 def test_partial_last_line_waits_for_its_newline(store: Path, state: State) -> None:
@@ -130,7 +131,7 @@ def test_deleted_file_deletes_its_conversations(store: Path, state: State) -> No
     r = ingest(state, store)
     assert r.deleted == 1
     assert cids(state) == {"d00000000002"}
-    assert state.cursor(str(logs_file(store, "2026-01-01"))) is None
+    assert state.cursors.get(str(logs_file(store, "2026-01-01"))) is None
 
 
 def test_logs_content_wins_over_training_copy(store: Path, state: State) -> None:
@@ -138,29 +139,29 @@ def test_logs_content_wins_over_training_copy(store: Path, state: State) -> None
         {"messages": [{"role": "user", "content": "old q"}, {"role": "assistant", "content": "old a"}],
          "metadata": {"conversation_id": "e00000000001", "quality": "good"}}])
     ingest(state, store)
-    assert "old a" in state.conversation("e00000000001")["messages"]  # type: ignore[index]
+    assert "old a" in state.conversations.get("e00000000001")["messages"]  # type: ignore[index]
     write_lines(logs_file(store), [rec("e00000000001", answer="new a", quality="good")])
     ingest(state, store)
-    row = state.conversation("e00000000001")
+    row = state.conversations.get("e00000000001")
     assert row is not None and "new a" in row["messages"] and row["rank"] == 2
     # and a later training copy never overrides logs content
     write_lines(store / "training_data" / "training_2025-12-06.jsonl", [
         {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "third"}],
          "metadata": {"conversation_id": "e00000000001", "quality": "good"}}])
     ingest(state, store)
-    assert "new a" in state.conversation("e00000000001")["messages"]  # type: ignore[index]
+    assert "new a" in state.conversations.get("e00000000001")["messages"]  # type: ignore[index]
 
 
 def test_feedback_before_its_conversation_is_kept_and_joined(store: Path, state: State) -> None:
     write_lines(feedback_file(store), [fb("f00000000001", True)])
     r = ingest(state, store)
     assert r.feedback_events == 1
-    assert state.counts()["feedback_waiting"] == 1
+    assert state.conversations.counts()["feedback_waiting"] == 1
     assert eligible(state) == set()
     write_lines(logs_file(store), [rec("f00000000001")])  # unrated in the log
     ingest(state, store)
     assert eligible(state) == {"f00000000001"}
-    assert state.counts()["feedback_waiting"] == 0
+    assert state.conversations.counts()["feedback_waiting"] == 0
 
 
 def test_latest_feedback_event_wins_by_timestamp(store: Path, state: State) -> None:
@@ -192,7 +193,7 @@ def test_bad_lines_warn_once_with_file_and_line_and_are_counted(store: Path, sta
     assert [(w["file"], w["line"]) for w in warnings] == [(str(p), 2), (str(p), 3), (str(p), 4)]
     assert "invalid JSON" in warnings[0]["reason"] and "thumbs_up" in warnings[2]["reason"]
     assert r.rejected == 3 and r.conversations == 2
-    assert state.counts()["rejected_lines"] == 3
+    assert state.conversations.counts()["rejected_lines"] == 3
     # a re-read of the whole file (rewrite) does not warn again for the same bad lines
     write_lines(p, [rec("g00000000004")])
     _chatos_delete(p, "g00000000001")
@@ -200,7 +201,7 @@ def test_bad_lines_warn_once_with_file_and_line_and_are_counted(store: Path, sta
         r = ingest(state, store)
     assert r.rereads == 1
     assert not [e for e in logs if e["event"] == "ingest.line_rejected"]
-    assert state.counts()["rejected_lines"] == 3
+    assert state.conversations.counts()["rejected_lines"] == 3
 
 
 def test_huge_line_over_the_cap_is_rejected_without_holding_it(store: Path, state: State) -> None:
@@ -323,14 +324,14 @@ def test_crash_mid_file_loses_nothing_and_counts_nothing_twice(
     def boom(*a: Any, **k: Any) -> None:
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(State, "save_cursor", boom)
+    monkeypatch.setattr(Cursors, "save", boom)
     with pytest.raises(RuntimeError):
         ingest(state, store)
     monkeypatch.undo()
-    assert cids(state) == set() and state.counts()["feedback_events"] == 0  # rolled back with the cursor
+    assert cids(state) == set() and state.conversations.counts()["feedback_events"] == 0  # rolled back with the cursor
     ingest(state, store)
     ingest(state, store)
-    assert len(cids(state)) == 5 and state.counts()["feedback_events"] == 1
+    assert len(cids(state)) == 5 and state.conversations.counts()["feedback_events"] == 1
 
 
 def test_targeted_scan_reads_only_given_paths(store: Path, state: State) -> None:
@@ -366,7 +367,7 @@ def test_state_refuses_a_newer_schema(tmp_path: Path) -> None:
     st = State(tmp_path / "s")
     st.conn.execute("PRAGMA user_version=99")
     st.close()
-    with pytest.raises(RuntimeError, match="newer than this version"):
+    with pytest.raises(StateError, match="newer than this version"):
         State(tmp_path / "s")
 
 

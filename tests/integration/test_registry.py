@@ -53,7 +53,7 @@ def test_register_moves_latest_after_every_check(s: Any, state: State, tmp_path:
     show = httpx.post(ollama_standin.url + "/api/show", json={"model": "chatos:latest"}).json()
     assert show["template"] == templates.get("qwen-2.5").ollama_template
     assert '"<|im_end|>"' in show["parameters"] and show["details"]["format"] == "gguf"
-    assert state.get_kv("latest_model") == "1"
+    assert state.service.get().latest_model == 1
     lin = registry.lineage(state)
     assert lin[0]["latest"] and lin[0]["job_id"] == "j-1" and lin[0]["manifest_hash"] == "h1"
 
@@ -72,10 +72,10 @@ def test_every_ollama_fault_leaves_no_half_registered_model_and_retries(
     ollama_standin.reset_faults()
     assert "chatos:v2" not in names(ollama_standin)  # nothing half-registered
     d = digests(ollama_standin)
-    assert d["chatos:latest"] == d["chatos:v1"] and state.get_kv("latest_model") == "1"
+    assert d["chatos:latest"] == d["chatos:v1"] and state.service.get().latest_model == 1
     assert registry.retry_pending(s, state) == []  # backoff: not yet
     done = registry.retry_pending(s, state, force=True)
-    assert [d["status"] for d in done] == ["registered"] and state.get_kv("latest_model") == "2"
+    assert [d["status"] for d in done] == ["registered"] and state.service.get().latest_model == 2
 
 
 def test_digest_mismatch_is_a_hard_failure(s: Any, state: State, tmp_path: Path,
@@ -84,7 +84,7 @@ def test_digest_mismatch_is_a_hard_failure(s: Any, state: State, tmp_path: Path,
     ollama_standin.set_faults(digest_mismatch=True)
     row = registry.register(s, state, v)
     assert row["status"] == "failed" and "digest mismatch" in row["last_error"]
-    assert state.get_kv("latest_model") is None and "chatos:latest" not in names(ollama_standin)
+    assert state.service.get().latest_model is None and "chatos:latest" not in names(ollama_standin)
 
 
 def test_verification_failure_removes_the_new_tag(s: Any, state: State, tmp_path: Path,
@@ -102,17 +102,17 @@ def test_retention_keeps_k_and_never_the_current_or_previous_latest(s: Any, stat
                                                                     ollama_standin: StandinServer) -> None:
     for n in range(1, 5):
         registry.register(s, state, add(state, s, tmp_path, n))
-    assert {m["version"]: m["status"] for m in state.models()} == {1: "deleted", 2: "deleted", 3: "registered",
+    assert {m.version: m.status for m in state.models.all()} == {1: "deleted", 2: "deleted", 3: "registered",
                                                                     4: "registered"}
     assert names(ollama_standin) == {"chatos:v3", "chatos:v4", "chatos:latest"}
     # roll back to v3, register v5: v4 stays because it was the latest before the rollback
     assert registry.rollback(s, state)["latest"] == 3
     registry.register(s, state, add(state, s, tmp_path, 5))
-    assert state.get_kv("latest_model") == "5"
+    assert state.service.get().latest_model == 5
     # the newest two (4, 5) are kept, and 3 as the previous latest
-    assert {m["version"] for m in state.models(status="registered")} == {3, 4, 5}
+    assert {m.version for m in state.models.all(status="registered")} == {3, 4, 5}
     registry.register(s, state, add(state, s, tmp_path, 6))
-    assert {m["version"] for m in state.models(status="registered")} == {5, 6}
+    assert {m.version for m in state.models.all(status="registered")} == {5, 6}
     assert "chatos:latest" in names(ollama_standin)
 
 

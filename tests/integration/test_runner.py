@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from daemon import proc, settings
 from daemon.cycle.pipeline import CycleRequest, run_cycle
-from daemon.state import State
+from daemon.state import JobRow, State
 from daemon.train import runner
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
@@ -135,12 +135,13 @@ def test_ok_job_writes_metrics_result_and_records_state(state: State, tmp_path: 
     out = supervise(state, job, on_progress=seen.append)
     assert out.status == "succeeded" and out.exit_code == 0, out.reason
     assert [m["step"] for m in seen] == [1, 2, 3, 4, 5]
-    row = state.job(job.id)
-    assert row is not None and row["status"] == "succeeded" and row["result"]["eval_loss_after"] == 1.5
-    assert row["latest_metrics"]["step"] == 5 and row["pid"] == job.pid and row["pid_start"]
+    row = state.jobs.get(job.id)
+    assert row is not None and row.status == "succeeded"
+    assert row.result is not None and row.result["eval_loss_after"] == 1.5
+    assert row.latest_metrics is not None and row.latest_metrics["step"] == 5 and row.pid == job.pid and row.pid_start
     assert (job.dir.stat().st_mode & 0o777) == 0o700
     assert ((job.dir / "config.yaml").stat().st_mode & 0o777) == 0o600
-    assert Path(row["log_path"]).exists()
+    assert Path(row.log_path).exists()
 
 
 @pytest.mark.parametrize(("mode", "status", "words"), [
@@ -153,7 +154,7 @@ def test_failing_trainers_become_one_line_reasons(state: State, tmp_path: Path, 
     job = make_job(state, tmp_path, fake_python, base_model, mode=mode)
     out = supervise(state, job)
     assert out.status == status and words in out.reason and "\n" not in out.reason
-    assert state.job(job.id)["error"] == out.reason  # type: ignore[index]
+    assert state.jobs.get(job.id).error == out.reason  # type: ignore[union-attr]
 
 
 def test_partial_and_garbage_metric_lines(state: State, tmp_path: Path, fake_python: Path, base_model: Path) -> None:
@@ -208,14 +209,14 @@ def test_cancel(state: State, tmp_path: Path, fake_python: Path, base_model: Pat
     cancel = threading.Event()
     threading.Timer(0.5, cancel.set).start()
     out = supervise(state, job, cancel=cancel)
-    assert out.status == "cancelled" and state.job(job.id)["status"] == "cancelled"  # type: ignore[index]
+    assert out.status == "cancelled" and state.jobs.get(job.id).status == "cancelled"  # type: ignore[union-attr]
 
 
 def test_missing_interpreter_is_a_clear_failure(state: State, tmp_path: Path, base_model: Path) -> None:
     with pytest.raises(OSError):
         make_job(state, tmp_path, tmp_path / "no" / "python", base_model)
-    row = state.jobs()[0]
-    assert row["status"] == "failed" and "cannot start the trainer" in row["error"]
+    row = state.jobs.recent()[0]
+    assert row.status == "failed" and "cannot start the trainer" in (row.error or "")
 
 
 def test_reattach_live_job_after_restart_and_interrupt_dead_one(state: State, tmp_path: Path, fake_python: Path,
@@ -225,12 +226,12 @@ def test_reattach_live_job_after_restart_and_interrupt_dead_one(state: State, tm
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with state.transaction():
-        state.add_job({**job.row, "job_id": "j-dead", "pid": dead.pid, "pid_start": 1, "status": "running"})
+        state.jobs.add(JobRow(**{**job.row, "job_id": "j-dead", "pid": dead.pid, "pid_start": 1, "status": "running"}))
     live, lost = runner.reattach(state)  # what a restarted service does
     assert [j.id for j in live] == [job.id] and lost == ["j-dead"]
     out = supervise(state, live[0])
     assert out.status == "succeeded" and out.result is not None
-    assert state.job("j-dead")["status"] == "interrupted"  # type: ignore[index]
+    assert state.jobs.get("j-dead").status == "interrupted"  # type: ignore[union-attr]
     job.proc.wait()  # type: ignore[union-attr]
 
 
@@ -238,7 +239,7 @@ def test_cancel_detached_kills_the_group(state: State, tmp_path: Path, fake_pyth
     job = make_job(state, tmp_path, fake_python, base_model, mode="hang")
     assert runner.cancel_detached(state, job.id, grace_s=2.0)
     job.proc.wait(10)  # type: ignore[union-attr]
-    assert state.job(job.id)["status"] == "cancelled"  # type: ignore[index]
+    assert state.jobs.get(job.id).status == "cancelled"  # type: ignore[union-attr]
     assert not runner.cancel_detached(state, job.id)
 
 
@@ -263,9 +264,9 @@ def test_cycle_trains_gates_and_promotes_then_compares_with_the_champion(
     with State(s.state_dir()) as st:
         r1 = run_cycle(s, st, CycleRequest(None))
         assert r1.outcome == "promoted" and r1.job_status == "promoted" and r1.dataset_version == 1, r1.reason
-        assert "the base model" in r1.reason and st.get_kv("champion_job") == r1.job_id
-        assert st.get_kv("last_trained_dataset") == "1"
-        cfg = yaml.safe_load(Path(st.job(r1.job_id)["config_path"]).read_text())  # type: ignore[index]
+        assert "the base model" in r1.reason and st.service.get().champion_job == r1.job_id
+        assert st.service.get().last_trained_dataset == 1
+        cfg = yaml.safe_load(Path(st.jobs.get(r1.job_id).config_path).read_text())  # type: ignore[union-attr]
         assert cfg["gate"]["champion_adapter"] is None
         # more data; the next candidate is worse than the champion -> rejected, champion unchanged
         write_lines(logs_file(store, "2026-11-26"), [rec(f"b0000000000{i}", quality="good", answer=f"b{i}")
@@ -273,11 +274,11 @@ def test_cycle_trains_gates_and_promotes_then_compares_with_the_champion(
         s2 = cycle_settings(make_settings, fake_python, base_model, FAKE_EVAL_AFTER="2.5", FAKE_CHAMPION="1.8")
         r2 = run_cycle(s2, st, CycleRequest(None))
         assert r2.outcome == "rejected" and r2.dataset_version == 2, r2.reason
-        cfg2 = yaml.safe_load(Path(st.job(r2.job_id)["config_path"]).read_text())  # type: ignore[index]
-        assert cfg2["gate"]["champion_adapter"] == st.job(r1.job_id)["result"]["adapter_dir"]  # type: ignore[index]
-        assert "2.5000 > champion" in r2.reason and st.get_kv("champion_job") == r1.job_id
-        assert st.job(r2.job_id)["status"] == "rejected"  # type: ignore[index]
-        assert st.runs_since("2000-01-01") == 2
+        cfg2 = yaml.safe_load(Path(st.jobs.get(r2.job_id).config_path).read_text())  # type: ignore[union-attr]
+        assert cfg2["gate"]["champion_adapter"] == st.jobs.get(r1.job_id).result["adapter_dir"]  # type: ignore[union-attr,index]
+        assert "2.5000 > champion" in r2.reason and st.service.get().champion_job == r1.job_id
+        assert st.jobs.get(r2.job_id).status == "rejected"  # type: ignore[union-attr]
+        assert st.cycles.runs_since("2000-01-01") == 2
 
 
 def test_failed_job_backs_off_and_keeps_the_service_alive(
@@ -291,7 +292,7 @@ def test_failed_job_backs_off_and_keeps_the_service_alive(
         again = run_cycle(s, st, CycleRequest(None))
         assert again.outcome == "skipped" and "backing off after a failed job" in again.reason
         forced = run_cycle(s, st, CycleRequest(None, forced=True))
-        assert forced.job_id is not None and st.get_kv("train_failures") == "2"
+        assert forced.job_id is not None and st.service.get().train_failures == 2
 
 
 def test_trigger_wait_json_runs_the_full_cycle_from_the_cli(tmp_path: Path, store: Path, fake_python: Path,

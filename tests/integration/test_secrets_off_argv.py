@@ -54,9 +54,9 @@ def test_conversation_text_never_reaches_a_command_line(
     )
     with State(s.state_dir()) as st:
         result = run_cycle(s, st, CycleRequest(None))
-        job = st.job(result.job_id) if result.job_id else None
+        job = st.jobs.get(result.job_id) if result.job_id else None
     assert job is not None, result.reason
-    cfg_path = Path(job["config_path"])
+    cfg_path = Path(job.config_path)
     cfg = yaml.safe_load(cfg_path.read_text())
     trainer_argv = [a.decode() for a in cmdline_log.read_bytes().split(b"\0")[:-1]]
 

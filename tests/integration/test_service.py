@@ -207,7 +207,7 @@ def test_status_without_a_service_is_state_only(tmp_path: Path, store: Path) -> 
     res = json.loads(out.stdout)
     assert res["ran"].startswith("in this process") and res["decision"] == "train" and res["outcome"] == "no_data"
     with State(tmp_path / "st") as st:
-        assert st.last_cycle()["cycle_id"] == res["cycle_id"]  # type: ignore[index]
+        assert st.cycles.last().summary["cycle_id"] == res["cycle_id"]  # type: ignore[union-attr]
 
 
 def test_kill_9_and_restart_loses_nothing_and_counts_nothing_twice(service_env: Any, store: Path,
@@ -224,8 +224,8 @@ def test_kill_9_and_restart_loses_nothing_and_counts_nothing_twice(service_env: 
     _ready(q)
     q.wait_for(lambda: q.events("cycle.summary"), "first cycle after restart")
     with State(tmp_path / "state") as st:
-        assert st.counts()["conversations"] == 12
-        assert st.counts()["feedback_events"] == 8
+        assert st.conversations.counts()["conversations"] == 12
+        assert st.conversations.counts()["feedback_events"] == 8
         assert st.conn.execute("SELECT COUNT(*) FROM sightings").fetchone()[0] == 12
     q.p.send_signal(signal.SIGTERM)
     assert q.p.wait(20) == 0

@@ -14,7 +14,7 @@ from helpers import logs_file, rec, write_lines
 
 from daemon import settings
 from daemon.cycle.pipeline import CycleRequest, run_cycle
-from daemon.state import State
+from daemon.state import JobRow, State
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday
 
@@ -63,7 +63,7 @@ def test_a_rejected_candidate_is_not_retrained_on_the_same_data(make_settings: A
             again = run_cycle(s, st, CycleRequest(None), now=clock)
             assert again.outcome == "skipped" and again.job_id is None, again.reason
             assert "0/1 new rated examples since v1" in again.reason, again.reason
-        assert len(st.jobs()) == 1
+        assert len(st.jobs.recent()) == 1
         write_lines(logs_file(records, "2025-12-06"), [rec("e00000000099", quality="good", answer="new")])
         clock.advance(3601)
         fresh = run_cycle(s, st, CycleRequest(None), now=clock)
@@ -81,12 +81,11 @@ def test_a_live_trainer_no_cycle_supervises_blocks_training(make_settings: Any, 
     try:
         with State(s.state_dir()) as st:
             with st.transaction():
-                st.add_job({"job_id": "j-orphan", "cycle_id": None, "dataset_version": 1, "status": "running",
-                            "pid": orphan.pid, "pid_start": None, "job_dir": str(job_dir),
-                            "config_path": str(job_dir / "config.yaml"), "log_path": str(job_dir / "job.log"),
-                            "metrics_path": str(job_dir / "metrics.jsonl"),
-                            "result_path": str(job_dir / "result.json"), "params": {},
-                            "created_at": "2026-11-30T11:00:00+00:00"})
+                st.jobs.add(JobRow(job_id="j-orphan", dataset_version=1, status="running", pid=orphan.pid,
+                                   job_dir=str(job_dir), config_path=str(job_dir / "config.yaml"),
+                                   log_path=str(job_dir / "job.log"), metrics_path=str(job_dir / "metrics.jsonl"),
+                                   result_path=str(job_dir / "result.json"), params={},
+                                   created_at="2026-11-30T11:00:00+00:00"))
             waits = run_cycle(s, st, CycleRequest(None), now=Clock())
             assert not waits.decision and waits.job_id is None and "a training job is running" in waits.reason
             forced = run_cycle(s, st, CycleRequest(None, forced=True), now=Clock())

@@ -1,0 +1,38 @@
+"""Service cycles: one row per cycle with its canonical summary."""
+
+from __future__ import annotations
+
+import json
+
+from daemon.state.db import Database
+from daemon.state.rows import CycleRow
+
+
+class Cycles:
+    """The ``cycles`` table."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def record(self, cycle: CycleRow) -> None:
+        """Insert or replace the row of ``cycle.cycle_id``."""
+        self._db.conn.execute(
+            "INSERT OR REPLACE INTO cycles (cycle_id, started_at, outcome, reason, trained, summary)"
+            " VALUES (?,?,?,?,?,?)",
+            (cycle.cycle_id, cycle.started_at, cycle.outcome, cycle.reason, cycle.trained,
+             json.dumps(cycle.summary, default=str)),
+        )
+
+    def last(self) -> CycleRow | None:
+        """The cycle that started last."""
+        r = self._db.conn.execute(
+            "SELECT cycle_id, started_at, outcome, reason, summary, trained FROM cycles"
+            " ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+        return CycleRow(r[0], r[1], r[2], r[3], json.loads(r[4]), bool(r[5])) if r else None
+
+    def runs_since(self, iso: str) -> int:
+        """Training runs started at or after ``iso`` (for the policy's daily limit)."""
+        return int(self._db.conn.execute(
+            "SELECT COUNT(*) FROM cycles WHERE trained = 1 AND started_at >= ?", (iso,)
+        ).fetchone()[0])
