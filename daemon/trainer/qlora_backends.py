@@ -56,6 +56,18 @@ def sft_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[
     }
 
 
+def lora_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA's keyword arguments, spelt the same by PEFT's LoraConfig and Unsloth's get_peft_model."""
+    lora = cfg["lora"]
+    return {
+        "r": lora["r"],
+        "lora_alpha": lora["lora_alpha"],
+        "lora_dropout": lora["lora_dropout"],
+        "target_modules": lora["target_modules"],
+        "bias": "none",
+    }
+
+
 def _checkpointing(config_cls: Any, on: bool) -> dict[str, bool]:
     """Activation checkpointing on a GPU only (it only costs time on a CPU); transformers 5.24 renamed the field."""
     import dataclasses
@@ -107,7 +119,7 @@ def transformers_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    m, lora = cfg["model"], cfg["lora"]
+    m = cfg["model"]
     tok = AutoTokenizer.from_pretrained(m["name"])
     tok.chat_template = cfg["template"]["training_jinja"] or cfg["template"]["jinja"]
     bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -117,15 +129,7 @@ def transformers_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any]
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora_config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["lora_alpha"],
-        lora_dropout=lora["lora_dropout"],
-        target_modules=lora["target_modules"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora_config)
+    model = get_peft_model(model, LoraConfig(**lora_args(cfg), task_type="CAUSAL_LM"))
     args = SFTConfig(**sft_args(cfg, cuda, bf16, assistant_only_loss=True, **_checkpointing(SFTConfig, cuda)))
     trainer = SFTTrainer(
         model=model,
@@ -145,7 +149,7 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
     from unsloth import FastLanguageModel
     from unsloth.chat_templates import get_chat_template
 
-    m, lora, tpl = cfg["model"], cfg["lora"], cfg["template"]
+    m, tpl = cfg["model"], cfg["template"]
     four_bit = bool(m["load_in_4bit"] and cuda)
     if m["load_in_4bit"] and not cuda:
         say("load_in_4bit ignored: no GPU (Unsloth's CPU fallback trains the full-precision base)")
@@ -154,11 +158,7 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
     )
     model = FastLanguageModel.get_peft_model(
         model,
-        r=lora["r"],
-        lora_alpha=lora["lora_alpha"],
-        lora_dropout=lora["lora_dropout"],
-        target_modules=lora["target_modules"],
-        bias="none",
+        **lora_args(cfg),
         use_gradient_checkpointing="unsloth" if cuda else False,
         random_state=cfg["training"]["seed"],
     )

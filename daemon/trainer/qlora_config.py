@@ -85,9 +85,9 @@ def check(kind: Kind, v: Any) -> Any:
     if kind in ("int", "steps") or kind.startswith(">="):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError("must be an integer")
-        lo = -1 if kind == "steps" else int(kind[2:]) if kind != "int" else None
-        if lo is not None and v < lo:
-            raise ValueError(f"must be >= {lo}")
+        least = -1 if kind == "steps" else int(kind[2:]) if kind != "int" else None
+        if least is not None and v < least:
+            raise ValueError(f"must be >= {least}")
         if kind == "steps" and v == 0:
             raise ValueError("must be -1 (use num_train_epochs) or >= 1")
         return v

@@ -139,7 +139,7 @@ def make_callback(log: MetricsLog, progress: dict[str, Any]) -> Any:
     """A TrainerCallback writing ChatOS step lines (import it after ``unsloth``: this imports transformers)."""
     from transformers import TrainerCallback
 
-    class MetricsCallback(StepRecorder, TrainerCallback):  # type: ignore[misc]
+    class MetricsCallback(StepRecorder, TrainerCallback):
         """:class:`StepRecorder`'s hooks first in the MRO: TrainerCallback's own are no-ops."""
 
     return MetricsCallback(log, progress)
