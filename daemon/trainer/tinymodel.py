@@ -20,6 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+_HERE = os.path.dirname(os.path.realpath(__file__))
+if sys.path[:1] != [_HERE]:  # imported as daemon.trainer.tinymodel (bench, demo) or by file path
+    sys.path.insert(0, _HERE)  # first: trainer_common is this folder's file, whatever else is installed
+
+from trainer_common import unparsable_sentencepiece  # noqa: E402
+
 LLAMA_CPP_VERSION = "0.3.36"
 
 # family -> (vocab GGUF, chat template file, config class name, eos token of the instruct model)
@@ -94,7 +100,8 @@ def build(family: str, out: Path, llama_cpp_dir: Path | None = None, seed: int =
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    _drop_unparsable_sentencepiece(out / "tokenizer.model")
+    if unparsable_sentencepiece(out / "tokenizer.model", has_json=True):
+        (out / "tokenizer.model").unlink()  # a GGUF-loaded BPE tokenizer may write one; the GGUF converter dies on it
     return {
         "family": family,
         "path": str(out),
@@ -103,18 +110,6 @@ def build(family: str, out: Path, llama_cpp_dir: Path | None = None, seed: int =
         "eos_token": tok.eos_token,
         "pad_token": tok.pad_token,
     }
-
-
-def _drop_unparsable_sentencepiece(path: Path) -> None:
-    """A GGUF-loaded BPE tokenizer may write a ``tokenizer.model`` nothing parses; the GGUF converter dies on it."""
-    if not path.exists():
-        return
-    try:
-        import sentencepiece
-
-        sentencepiece.SentencePieceProcessor(model_file=str(path))
-    except Exception:
-        path.unlink()
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,203 @@
+"""The two training backends: each loads the model with its LoRA and builds a TRL SFTTrainer over the examples.
+
+``build(backend)(cfg, train, evals, cuda, recorder)`` returns ``(trainer, model, tokenizer, info)`` where ``info``
+holds ``device``, ``dtype`` and ``load_in_4bit`` for ``result.json``. The heavy imports live inside the functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer_common import one_line, sayer
+
+say = sayer("train_qlora")
+
+Built = tuple[Any, Any, Any, dict[str, Any]]
+
+
+def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], bool, Any], Built]:
+    """The trainer builder of ``backend`` ("unsloth" or "transformers")."""
+    return unsloth_trainer if backend == "unsloth" else transformers_trainer
+
+
+def sft_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[str, Any]:
+    """SFTConfig keyword arguments shared by both backends (TRL 1.15 and 1.16 spell them the same)."""
+    t = cfg["training"]
+    evals_every = t["eval_steps"]
+    return {
+        "output_dir": str(Path(t["output_dir"], "checkpoints")),
+        "learning_rate": t["learning_rate"],
+        "per_device_train_batch_size": t["per_device_train_batch_size"],
+        "per_device_eval_batch_size": t["per_device_train_batch_size"],
+        "gradient_accumulation_steps": t["gradient_accumulation_steps"],
+        "warmup_steps": t["warmup_ratio"],  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        "weight_decay": t["weight_decay"],
+        "num_train_epochs": t["num_train_epochs"],
+        "max_steps": t["max_steps"],
+        "logging_steps": t["logging_steps"],
+        "eval_strategy": "steps" if evals_every else "no",
+        "eval_steps": evals_every,
+        "save_strategy": "steps" if t["save_steps"] else "no",  # 0: no intermediate checkpoints
+        "save_steps": t["save_steps"] or 500,
+        "save_total_limit": 2,
+        "seed": t["seed"],
+        "max_length": cfg["model"]["max_seq_length"],
+        "bf16": bf16,
+        "fp16": False,
+        "use_cpu": not cuda,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "packing": False,
+        **extra,
+    }
+
+
+def lora_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA's keyword arguments, spelt the same by PEFT's LoraConfig and Unsloth's get_peft_model."""
+    lora = cfg["lora"]
+    return {
+        "r": lora["r"],
+        "lora_alpha": lora["lora_alpha"],
+        "lora_dropout": lora["lora_dropout"],
+        "target_modules": lora["target_modules"],
+        "bias": "none",
+    }
+
+
+def _checkpointing(config_cls: Any, on: bool) -> dict[str, bool]:
+    """Activation checkpointing on a GPU only (it only costs time on a CPU); transformers 5.24 renamed the field."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
+def device(cuda: bool) -> str:
+    if not cuda:
+        return "cpu"
+    import torch
+
+    return f"cuda:{torch.cuda.get_device_name(0)}"
+
+
+def _load_kwargs(m: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], bool]:
+    """``from_pretrained`` keyword arguments and whether they quantize to 4 bits (only on a GPU, with bitsandbytes)."""
+    import torch
+
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if m["load_in_4bit"] and cuda and importlib.util.find_spec("bitsandbytes") is None:
+        say("load_in_4bit ignored: bitsandbytes is not installed in this interpreter")
+    elif m["load_in_4bit"] and cuda:
+        try:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=kwargs["dtype"],
+            )
+            kwargs["device_map"] = {"": 0}
+            return kwargs, True
+        except Exception as e:
+            say(f"load_in_4bit ignored: {one_line(e)}")
+    elif m["load_in_4bit"]:
+        say("load_in_4bit ignored: no GPU (training the full-precision base)")
+    return kwargs, False
+
+
+def transformers_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any], cuda: bool, recorder: Any) -> Built:
+    """TRL SFTTrainer + PEFT LoRA; loss on assistant tokens via the template (TRL-recognised or with markers)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    m = cfg["model"]
+    tok = AutoTokenizer.from_pretrained(m["name"])
+    tok.chat_template = cfg["template"]["training_jinja"] or cfg["template"]["jinja"]
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    kwargs, four_bit = _load_kwargs(m, cuda)
+    model = AutoModelForCausalLM.from_pretrained(m["name"], **kwargs)
+    if four_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(**lora_args(cfg), task_type="CAUSAL_LM"))
+    args = SFTConfig(**sft_args(cfg, cuda, bf16, assistant_only_loss=True, **_checkpointing(SFTConfig, cuda)))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": x} for x in train]),
+        eval_dataset=Dataset.from_list([{"messages": x} for x in evals]),
+        processing_class=tok,
+        callbacks=[recorder],
+    )
+    dtype = "nf4+" + str(kwargs["dtype"]).removeprefix("torch.") if four_bit else str(kwargs["dtype"])
+    info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), "load_in_4bit": four_bit}
+    return trainer, model, tok, info
+
+
+def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
+    """Unsloth FastLanguageModel with its LoRA and the configured template text: (model, tokenizer, 4-bit)."""
+    from unsloth import FastLanguageModel
+    from unsloth.chat_templates import get_chat_template
+
+    m, tpl = cfg["model"], cfg["template"]
+    four_bit = bool(m["load_in_4bit"] and cuda)
+    if m["load_in_4bit"] and not cuda:
+        say("load_in_4bit ignored: no GPU (Unsloth's CPU fallback trains the full-precision base)")
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=m["name"], max_seq_length=m["max_seq_length"], dtype=None, load_in_4bit=four_bit
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        **lora_args(cfg),
+        use_gradient_checkpointing="unsloth" if cuda else False,
+        random_state=cfg["training"]["seed"],
+    )
+    tok = get_chat_template(tok, chat_template=m["chat_template"])
+    if tok.chat_template != tpl["jinja"]:
+        # Same format family, but the table's text is what the GGUF will embed: train on exactly that.
+        say(f"using the configured {m['chat_template']!r} template text instead of Unsloth's variant")
+        tok.chat_template = tpl["jinja"]
+    return model, tok, four_bit
+
+
+def unsloth_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any], cuda: bool, recorder: Any) -> Built:
+    """Unsloth FastLanguageModel + its chat template + ``train_on_responses_only`` + TRL SFTTrainer."""
+    import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import is_bfloat16_supported
+    from unsloth.chat_templates import train_on_responses_only
+
+    tpl = cfg["template"]
+    model, tok, four_bit = _unsloth_model(cfg, cuda)
+
+    def to_text(ex: dict[str, Any]) -> dict[str, str]:
+        return {"text": tok.apply_chat_template(ex["messages"], tokenize=False)}
+
+    train_ds = Dataset.from_list([{"messages": x} for x in train]).map(to_text, remove_columns=["messages"])
+    eval_ds = Dataset.from_list([{"messages": x} for x in evals]).map(to_text, remove_columns=["messages"])
+    bf16 = bool(is_bfloat16_supported())
+    args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_text_field="text"))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        callbacks=[recorder],
+    )
+    trainer = train_on_responses_only(
+        trainer, instruction_part=tpl["instruction_part"], response_part=tpl["response_part"]
+    )
+    dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
+    return trainer, model, tok, {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}

@@ -1,0 +1,145 @@
+"""``metrics.jsonl``: the append-only log the runner tails, and the callback that writes its step lines.
+
+Line shapes (every line also carries ``job_id`` and ``timestamp``): ``{"event": "job_started", ...}``, step lines
+``{"step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s"}``,
+``{"event": "evaluated", "phase", "eval_loss"}`` and last ``{"event": "job_finished", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def num(v: Any) -> float | None:
+    """A JSON-safe float: NaN/inf (a diverged loss) become null rather than invalid JSON."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class MetricsLog:
+    """Append-only JSON lines; each record is one ``write(2)`` of a complete line, so a tailer never sees half."""
+
+    def __init__(self, path: str, job_id: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.job_id = job_id
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps({"job_id": self.job_id, **record, "timestamp": utcnow()}, allow_nan=False) + "\n"
+        os.write(self.fd, line.encode())
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.write({"event": name, **fields})
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class StepRecorder:
+    """One step line per train log; an in-training eval at the same step is merged into that line.
+
+    The hooks have TrainerCallback's signatures; :func:`make_callback` mixes this class into one (the base class
+    lives in transformers, imported only there). ``progress`` (last step and train loss) is kept current so that a
+    failed or cancelled run still reports them.
+    """
+
+    def __init__(self, log: MetricsLog, progress: dict[str, Any]) -> None:
+        self.log = log
+        self.progress = progress
+        self.training = False
+        self.pending: dict[str, Any] | None = None
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.tokens = 0.0
+        self._mark = (0.0, time.monotonic())
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.log.write(self.pending)
+            self.pending = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.training = True
+        self._mark = (0.0, time.monotonic())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.flush()  # the previous step's line: no eval can join it any more
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if not self.training or not logs:
+            return
+        step = int(state.global_step)
+        if "loss" in logs:
+            self._train_line(step, logs)
+        elif "eval_loss" in logs:
+            self._eval_line(step, logs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.flush()
+        self.training = False
+
+    def _train_line(self, step: int, logs: dict[str, Any]) -> None:
+        """A train log starts the step's line, held until the step ends (an eval at this step may join it)."""
+        self.flush()
+        now = time.monotonic()
+        tokens = num(logs.get("num_tokens"))
+        tps = None
+        if tokens is not None:
+            seen, then = self._mark
+            tps = num((tokens - seen) / (now - then)) if now > then else None
+            self._mark = (tokens, now)
+            self.tokens = tokens
+        loss = num(logs["loss"])
+        if self.first_loss is None:
+            self.first_loss = loss
+        self.last_loss = loss
+        self.progress.update(step=step, loss=loss)
+        self.pending = {
+            "step": step,
+            "train_loss": loss,
+            "epoch": num(logs.get("epoch")),
+            "learning_rate": num(logs.get("learning_rate")),
+            "tokens_per_s": round(tps, 1) if tps is not None else None,
+        }
+
+    def _eval_line(self, step: int, logs: dict[str, Any]) -> None:
+        """An eval joins the pending line of its step, else gets a line of its own with the last train loss."""
+        eval_loss = num(logs["eval_loss"])
+        if self.pending is not None and self.pending["step"] == step:
+            self.pending["eval_loss"] = eval_loss
+            self.flush()
+            return
+        self.flush()
+        self.log.write(
+            {
+                "step": step,
+                "train_loss": self.last_loss,
+                "eval_loss": eval_loss,
+                "epoch": num(logs.get("epoch")),
+                "learning_rate": None,
+                "tokens_per_s": None,
+            }
+        )
+
+
+def make_callback(log: MetricsLog, progress: dict[str, Any]) -> Any:
+    """A TrainerCallback writing ChatOS step lines (import it after ``unsloth``: this imports transformers)."""
+    from transformers import TrainerCallback
+
+    class MetricsCallback(StepRecorder, TrainerCallback):
+        """:class:`StepRecorder`'s hooks first in the MRO: TrainerCallback's own are no-ops."""
+
+    return MetricsCallback(log, progress)

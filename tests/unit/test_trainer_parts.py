@@ -1,0 +1,252 @@
+"""The trainer scripts' parts, without the training stack: sibling imports that nothing can shadow, the job config's
+table of kinds, the step-line recorder and the shared helpers. The scripts' file contract is pinned end to end in
+tests/e2e/test_trainer_contract.py, test_train_cpu.py and test_export_cpu.py."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+TRAINER = Path(__file__).resolve().parents[2] / "daemon" / "trainer"
+SCRIPTS = ("train_qlora.py", "merge_export.py", "tinymodel.py")
+PARTS = sorted(p.stem for p in TRAINER.glob("*.py") if p.name != "__init__.py")
+
+if str(TRAINER) not in sys.path:
+    sys.path.insert(0, str(TRAINER))  # as each script does before importing its parts
+
+import qlora_config  # noqa: E402
+import qlora_metrics  # noqa: E402
+import trainer_common  # noqa: E402
+from qlora_metrics import StepRecorder  # noqa: E402
+
+# -------------------------------------------------------------------------------------------- sibling imports
+
+
+def test_no_installed_module_or_stdlib_module_shares_a_name_with_a_part() -> None:
+    elsewhere = [p for p in sys.path if p and os.path.realpath(p) != str(TRAINER.resolve())]
+    clashes = [n for n in PARTS if n in sys.stdlib_module_names
+               or importlib.machinery.PathFinder.find_spec(n, elsewhere) is not None]
+    assert clashes == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_namesake_earlier_on_the_path_does_not_shadow_a_part(script: str, tmp_path: Path) -> None:
+    """PYTHONSAFEPATH keeps the script's folder off sys.path and PYTHONPATH puts a poisoned copy of every part first:
+    the script must still import its own files (the poison exits 99, a missing part exits 1)."""
+    for name in PARTS:
+        (tmp_path / f"{name}.py").write_text("raise SystemExit(99)\n")
+    argv = [sys.executable, str(TRAINER / script)]
+    argv += [str(tmp_path / "out"), "--family", "nope"] if script == "tinymodel.py" else ["--config", "rel.yaml"]
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr  # argparse (tinymodel's bad family) or the relative config: exit 2
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- the config table
+
+CHECKS: list[tuple[Any, Any, Any]] = [
+    # (kind, value, the normalised value or the error message)
+    ("str", "x", "x"),
+    ("str", " ", "must be a non-empty string"),
+    ("str", 3, "must be a non-empty string"),
+    ("text", " ", " "),
+    ("text", "", "must be a non-empty string"),
+    ("abs", "/a/../b/", "/b"),
+    ("abs", "rel/x", "must be an absolute path, got 'rel/x'"),
+    ("abs", "~/x", "must be an absolute path, got '~/x'"),
+    ("abs?", "", None),
+    ("abs?", "x", "must be an absolute path, got 'x'"),
+    ("model", "org/name", "org/name"),
+    ("model", "./models/base", "must be an absolute path or a hub id, got the relative path './models/base'"),
+    ("model", "/no/such/dir", "/no/such/dir is not a directory"),
+    ("bool", True, True),
+    ("bool", 1, "must be true or false"),
+    ("strs", ["a", "b"], ["a", "b"]),
+    ("strs", [], "must be a non-empty list of strings"),
+    ("strs", ["a", ""], "must be a non-empty list of strings"),
+    ("modules", "all-linear", "all-linear"),
+    ("modules", "q_proj", "must be a non-empty list of strings"),
+    ("int", -5, -5),
+    ("int", 1.0, "must be an integer"),
+    ("int", True, "must be an integer"),
+    (">=16", 16, 16),
+    (">=16", 15, "must be >= 16"),
+    ("steps", -1, -1),
+    ("steps", 0, "must be -1 (use num_train_epochs) or >= 1"),
+    ("steps", -2, "must be >= -1"),
+    ("(0.0, inf)", 1, 1.0),
+    ("(0.0, inf)", 0, "must be in (0.0, inf)"),
+    ("(0.0, inf)", math.inf, "must be a number"),
+    ("(0.0, inf)", False, "must be a number"),
+    ("[0.0, 1.0)", 0.0, 0.0),
+    ("[0.0, 1.0)", 1.0, "must be in [0.0, 1.0)"),
+    ("[0.0, 1.0)", -0.1, "must be in [0.0, 1.0)"),
+    (("auto", "unsloth"), "auto", "auto"),
+    (("auto", "unsloth"), "x", "must be one of auto, unsloth, got 'x'"),
+]
+
+
+@pytest.mark.parametrize(("kind", "value", "expected"), CHECKS)
+def test_each_kind_normalises_or_says_why(kind: Any, value: Any, expected: Any) -> None:
+    if isinstance(expected, str) and expected.startswith(("must", "/no/")):
+        with pytest.raises(ValueError) as e:
+            qlora_config.check(kind, value)
+        assert str(e.value) == expected
+    else:
+        got = qlora_config.check(kind, value)
+        assert got == expected and type(got) is type(expected)
+
+
+def test_every_kind_in_the_table_is_one_check_knows() -> None:
+    for fields in qlora_config.SCHEMA.values():
+        for kind, default in fields.values():
+            if default is not None and default is not qlora_config.REQUIRED:
+                assert qlora_config.check(kind, default) == default  # each default passes its own kind
+
+
+def minimal(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "model": {"name": str(tmp_path), "chat_template": "qwen-2.5"},
+        "template": {"name": "qwen-2.5", "jinja": "{{ x }}", "instruction_part": "<u>", "response_part": "<a>",
+                     "stop": ["<e>"], "known_names": ["qwen-2.5", "llama-3.1"]},
+        "dataset": {"train_path": "/d/train.jsonl", "eval_path": "/d/eval.jsonl"},
+        "training": {"output_dir": "/o/job"},
+        "metrics": {"output_path": "/o/job/metrics.jsonl"},
+    }
+
+
+def test_validate_fills_the_defaults(tmp_path: Path) -> None:
+    cfg, problems = qlora_config.validate(minimal(tmp_path))
+    assert problems == []
+    assert cfg["backend"] == "auto" and cfg["job_id"] is None
+    assert cfg["training"]["learning_rate"] == 2e-4 and cfg["training"]["max_steps"] == -1
+    assert cfg["training"]["eval_steps"] is None and cfg["lora"]["target_modules"][0] == "q_proj"
+    assert cfg["result"] == {"output_path": None} and cfg["gate"] == {"champion_adapter": None}
+
+
+def test_validate_lists_every_problem_in_order(tmp_path: Path) -> None:
+    raw = minimal(tmp_path)
+    raw["extra"] = 1
+    raw["lora"] = [1]
+    raw["training"].update(bogus=1, seed="x")
+    raw["model"]["chat_template"] = "vicuna"
+    del raw["dataset"]["eval_path"]
+    _, problems = qlora_config.validate(raw)
+    assert problems == [
+        "At 'extra': unknown key",
+        "At 'dataset.eval_path': required",
+        "At 'training.bogus': unknown key",
+        "At 'training.seed': must be an integer",
+        "At 'lora': must be a mapping",
+        "At 'model.chat_template': unknown chat template 'vicuna'; known: qwen-2.5, llama-3.1",
+    ]
+
+
+def test_a_missing_template_block_is_one_problem(tmp_path: Path) -> None:
+    raw = minimal(tmp_path)
+    raw["template"] = "qwen-2.5"
+    _, problems = qlora_config.validate(raw)
+    assert problems == ["At 'template': must be a mapping", "At 'template': required: the rendered data of chat "
+                        "template 'qwen-2.5' (the service writes it from its template table; see "
+                        "configs/chatos_qlora.yaml)"]
+
+
+def test_a_champion_without_its_adapter_config_is_a_problem(tmp_path: Path) -> None:
+    raw = minimal(tmp_path)
+    raw["gate"] = {"champion_adapter": str(tmp_path)}
+    assert qlora_config.validate(raw)[1] == [f"At 'gate.champion_adapter': no adapter_config.json in {tmp_path}"]
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert qlora_config.validate(raw)[1] == []
+
+
+# ---------------------------------------------------------------------------------------------- step lines
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(dict(record))
+
+
+def test_step_recorder_merges_an_eval_into_its_step_and_keeps_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([10.0, 10.0, 12.0, 13.0])
+    monkeypatch.setattr(qlora_metrics.time, "monotonic", lambda: next(clock))
+    log, progress = Lines(), {"step": 0, "loss": None}
+    rec = StepRecorder(log, progress)  # type: ignore[arg-type]
+
+    def at(step: int) -> SimpleNamespace:
+        return SimpleNamespace(global_step=step)
+
+    rec.on_log(None, at(1), None, logs={"loss": 9.0})  # before on_train_begin: the base eval's logs are not steps
+    assert log.records == [] and rec.pending is None
+    rec.on_train_begin(None, at(0), None)
+    rec.on_log(None, at(1), None, logs={"loss": 2.0, "epoch": 0.5, "learning_rate": 1e-4, "num_tokens": 100})
+    assert log.records == [] and progress == {"step": 1, "loss": 2.0}  # held: an eval at step 1 may join it
+    rec.on_log(None, at(1), None, logs={"eval_loss": 1.5, "epoch": 0.5})
+    rec.on_log(None, at(2), None, logs={"loss": float("nan"), "epoch": 1.0, "learning_rate": 0.0})
+    rec.on_step_end(None, at(2), None)
+    rec.on_log(None, at(2), None, logs={"eval_loss": 1.25, "epoch": 1.0})
+    rec.on_train_end(None, at(2), None)
+    first, second, third = log.records
+    assert first["step"] == 1 and first["train_loss"] == 2.0 and first["eval_loss"] == 1.5
+    assert first["epoch"] == 0.5 and first["learning_rate"] == 1e-4 and first["tokens_per_s"] == 50.0
+    assert second == {"step": 2, "train_loss": None, "epoch": 1.0, "learning_rate": 0.0, "tokens_per_s": None}
+    assert third == {"step": 2, "train_loss": None, "eval_loss": 1.25, "epoch": 1.0, "learning_rate": None,
+                     "tokens_per_s": None}
+    assert (rec.first_loss, rec.last_loss, rec.tokens, rec.training) == (2.0, None, 100.0, False)
+
+
+# ------------------------------------------------------------------------------------------- shared helpers
+
+
+def test_write_json_atomic_leaves_only_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "result.json"
+    trainer_common.write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and path.read_text().endswith("}\n")
+    trainer_common.write_json_atomic(path, {"p": tmp_path, "n": math.nan}, allow_nan=True, default=str)
+    assert json.loads(path.read_text())["p"] == str(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    with pytest.raises(ValueError):  # the trainer's result.json: NaN is refused, not written as invalid JSON
+        trainer_common.write_json_atomic(path, {"a": math.nan})
+    assert json.loads(path.read_text())["p"] == str(tmp_path)  # the previous file is untouched
+
+
+def test_error_lines() -> None:
+    e = ValueError("first\n  second")
+    assert trainer_common.one_line(e) == "ValueError: first second"
+    assert trainer_common.first_line(e) == "first"
+    assert trainer_common.first_line(KeyError()) == "KeyError"
+    assert trainer_common.one_line(MemoryError()) == "MemoryError"
+    cause = RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    try:
+        try:
+            raise cause
+        except RuntimeError as inner:
+            raise ValueError("wrapped") from inner
+    except ValueError as outer:
+        assert trainer_common.is_oom(outer)
+    assert not trainer_common.is_oom(ValueError("out of memory"))
+
+
+def test_sigterm_raises_terminated() -> None:
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        trainer_common.catch_sigterm()
+        with pytest.raises(trainer_common.Terminated, match="terminated by signal 15"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
