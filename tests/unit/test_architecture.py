@@ -11,7 +11,7 @@ import pytest
 from daemon.settings import Settings
 
 PKG = Path(__file__).resolve().parents[2] / "daemon"
-SERVICE_MODULES = sorted(p for p in PKG.rglob("*.py") if "trainer" not in p.parts)
+SERVICE_MODULES = sorted(p for p in PKG.rglob("*.py") if "trainer" not in p.relative_to(PKG).parts)
 HEAVY = {"torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes"}
 
 
