@@ -24,7 +24,7 @@ from typing import Any
 from daemon import faults, log
 from daemon.dataset import examples
 from daemon.ingest import tail
-from daemon.ingest.records import Kind, parse_block
+from daemon.ingest.records import Kind, parse_block, score
 
 _log = log.get("daemon.ingest")
 
@@ -160,21 +160,28 @@ class _Child:
         self.spec = spec
         self.out = sys.stdout.buffer
         self.known: set[str] = set()
-        self.labels: dict[str, tuple[str, int]] = {}  # cid -> (timestamp, score) of its latest feedback event seen
+        # cid -> [timestamp, thumbs_up, timestamp, quality]: its latest thumbs vote and latest quality rating seen
+        # (the label rule of state.feedback: the thumbs vote when there is one, else the quality)
+        self.labels: dict[str, list[Any]] = {}
 
     def send(self, *frame: Any) -> None:
         data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
         self.out.write(struct.pack("<I", len(data)) + data)
         self.out.flush()
 
+    def label(self, cid: str) -> int | None:
+        """The score the build will see for ``cid`` from the feedback read so far (None: no event yet)."""
+        lab = self.labels.get(cid)
+        return None if lab is None else score(lab[1], lab[3])
+
     def entries(self, results: list[Any], pairs: list[Any]) -> list[tuple[Any, ...]]:
         """Cache entries (examples.cache_entry) for the conversations a build will likely want."""
-        spec, labels = self.spec, self.labels
+        spec = self.spec
         out: list[tuple[Any, ...]] = []
         if spec is None:
             return out
         for r, msgs in zip(results, pairs, strict=True):
-            if msgs is not None and examples.expected(spec, r, labels[r[0]][1] if r[0] in labels else None):
+            if msgs is not None and examples.expected(spec, r, self.label(r[0])):
                 out.append((r[0], *examples.cache_entry(r[0], r[1].encode(), spec, msgs)))
         return out
 
@@ -191,8 +198,12 @@ class _Child:
         elif kind == "feedback":
             for ev in results:  # latest by timestamp, then arrival (as state.feedback.refresh_labels)
                 e: Any = ev
-                if type(e) is tuple and (e[0] not in self.labels or e[4] >= self.labels[e[0]][0]):
-                    self.labels[e[0]] = (e[4], e[5])
+                if type(e) is tuple:
+                    lab = self.labels.setdefault(e[0], [None, None, None, None])
+                    if e[1] is not None and (lab[0] is None or e[4] >= lab[0]):
+                        lab[0], lab[1] = e[4], e[1]
+                    if e[2] is not None and (lab[2] is None or e[4] >= lab[2]):
+                        lab[2], lab[3] = e[4], e[2]
         lengths = [len(x) for x in lines]
         self.send(task, "lines", first, offset, lengths, results, made)
         return sum(lengths)

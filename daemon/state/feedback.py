@@ -8,6 +8,24 @@ from typing import Any
 from daemon.state.core import json_ids
 from daemon.state.db import Database
 
+# ChatOS's quality scores (ingest.records.QUALITY_SCORE; a unit test keeps the two equal), as SQL over ``q.quality``.
+QUALITY_SCORE = {"excellent": 1, "good": 1, "acceptable": 0, "unrated": 0, "poor": -1, "failed": -1}
+_QUALITY_SQL = "CASE q.quality " + " ".join(f"WHEN '{k}' THEN {v}" for k, v in QUALITY_SCORE.items()) + " ELSE 0 END"
+# The label: the latest thumbs vote when there is one (a thumbs vote is the user's own word about this answer), else
+# the latest quality rating. Each is the latest event that carries it, so a later rating of one kind never
+# replaces the other kind: a thumbs-down stays a thumbs-down when a "good" rating arrives after it.
+_LABELS_SQL = (
+    "INSERT OR REPLACE INTO labels (cid, score, thumbs_up, quality, ts, feedback_id)"
+    " SELECT t.cid, CASE WHEN th.thumbs_up IS NULL THEN " + _QUALITY_SQL +
+    " WHEN th.thumbs_up THEN 1 ELSE -1 END, th.thumbs_up, q.quality, f.ts, f.id"
+    " FROM (SELECT DISTINCT value AS cid FROM json_each(?)) t"
+    " JOIN feedback f ON f.id = (SELECT id FROM feedback WHERE cid = t.cid ORDER BY ts DESC, id DESC LIMIT 1)"
+    " LEFT JOIN feedback th ON th.id = (SELECT id FROM feedback WHERE cid = t.cid AND thumbs_up IS NOT NULL"
+    "  ORDER BY ts DESC, id DESC LIMIT 1)"
+    " LEFT JOIN feedback q ON q.id = (SELECT id FROM feedback WHERE cid = t.cid AND quality IS NOT NULL"
+    "  ORDER BY ts DESC, id DESC LIMIT 1)"
+)
+
 
 class Feedback:
     """The ``feedback`` and ``labels`` tables."""
@@ -31,7 +49,8 @@ class Feedback:
         self.refresh_labels(cids)
 
     def refresh_labels(self, cids: Iterable[str]) -> None:
-        """Recompute the effective label (latest event by timestamp, then arrival) for ``cids``."""
+        """Recompute the effective label of ``cids``: the latest thumbs vote, else the latest quality rating (each
+        latest by timestamp, then arrival; see :data:`_LABELS_SQL`)."""
         ids = json_ids(cids)
         if ids is None:
             return
@@ -41,10 +60,4 @@ class Feedback:
             " AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.cid = labels.cid)",
             (ids,),
         )
-        self._db.conn.execute(
-            "INSERT OR REPLACE INTO labels (cid, score, thumbs_up, quality, ts, feedback_id)"
-            " SELECT f.cid, f.score, f.thumbs_up, f.quality, f.ts, f.id"
-            " FROM (SELECT DISTINCT value AS cid FROM json_each(?)) t JOIN feedback f ON f.id ="
-            " (SELECT id FROM feedback WHERE cid = t.cid ORDER BY ts DESC, id DESC LIMIT 1)",
-            (ids,),
-        )
+        self._db.conn.execute(_LABELS_SQL, (ids,))

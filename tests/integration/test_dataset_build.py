@@ -214,7 +214,8 @@ def test_cli_feedback_appends_one_event_that_ingest_joins(store: Path, tmp_path:
     assert cli.main(["--config", str(cfg), "ingest"]) == 0
     assert cli.main(["--config", str(cfg), "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out.split("\n", 1)[1])["store"]
-    assert status["last_ingest_at"] and status["feedback_events"] == 2 and status["conversations"]["eligible"] == 0  # latest event: poor
+    # thumbs up, then a "poor" rating: the thumbs vote decides (a rating never replaces it)
+    assert status["last_ingest_at"] and status["feedback_events"] == 2 and status["conversations"]["eligible"] == 1
     assert cli.main(["--config", str(cfg), "feedback", "bad id!", "--up"]) == 2
     assert "not a valid id" in capsys.readouterr().err
 

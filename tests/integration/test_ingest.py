@@ -164,7 +164,8 @@ def test_feedback_before_its_conversation_is_kept_and_joined(store: Path, state:
     assert state.conversations.counts()["feedback_waiting"] == 0
 
 
-def test_latest_feedback_event_wins_by_timestamp(store: Path, state: State) -> None:
+def test_latest_thumbs_vote_wins_by_timestamp_and_a_later_rating_does_not_replace_it(store: Path,
+                                                                                    state: State) -> None:
     write_lines(logs_file(store), [rec("f00000000002", quality="excellent")])
     write_lines(feedback_file(store, "2026-11-25"), [fb("f00000000002", False, ts="2026-11-25T10:00:00")])
     ingest(state, store)
@@ -173,8 +174,13 @@ def test_latest_feedback_event_wins_by_timestamp(store: Path, state: State) -> N
     write_lines(feedback_file(store, "2026-11-24"), [fb("f00000000002", True, ts="2026-11-24T09:00:00")])
     ingest(state, store)
     assert eligible(state) == set()
+    # a later quality rating does not replace the thumbs-down: the thumbs vote is the user's own word
     write_lines(feedback_file(store, "2026-11-25"), [fb("f00000000002", None, quality="good",
                                                         ts="2026-11-25T11:00:00")])
+    ingest(state, store)
+    assert eligible(state) == set()
+    # a later thumbs vote does
+    write_lines(feedback_file(store, "2026-11-25"), [fb("f00000000002", True, ts="2026-11-25T12:00:00")])
     ingest(state, store)
     assert eligible(state) == {"f00000000002"}
 

@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import logs_file, rec, write_lines
+from helpers import fb, feedback_file, logs_file, rec, write_lines
 
 from daemon import settings
 from daemon.cycle.pipeline import CycleRequest, run_cycle
+from daemon.dataset import builder
+from daemon.ingest import ingestor
+from daemon.ingest import records as record_parser
 from daemon.state import JobRow, State
+from daemon.state import feedback as feedback_repo
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday
 
@@ -99,3 +103,34 @@ def test_a_live_trainer_no_cycle_supervises_blocks_training(make_settings: Any, 
         if orphan.poll() is None:
             orphan.kill()
             orphan.wait()
+
+
+def test_a_later_rating_does_not_replace_an_earlier_thumbs_vote(make_settings: Any, store: Path) -> None:
+    """Thumbs and quality are kept separately (each its latest event); a thumbs vote is the user's own word, so it
+    decides; the quality decides only where there is no thumbs vote. Both the state's labels and the dataset agree."""
+    write_lines(logs_file(store), [rec(f"f0000000000{i}", answer=f"answer {i}") for i in range(4)])
+    write_lines(feedback_file(store), [
+        fb("f00000000000", thumbs_up=False, ts="2026-11-25T10:00:00"),  # down, then rated good later
+        fb("f00000000000", thumbs_up=None, quality="good", ts="2026-11-25T11:00:00"),
+        fb("f00000000001", thumbs_up=True, ts="2026-11-25T10:00:00"),  # up, then rated poor later
+        fb("f00000000001", thumbs_up=None, quality="poor", ts="2026-11-25T11:00:00"),
+        fb("f00000000002", thumbs_up=None, quality="poor", ts="2026-11-25T10:00:00"),  # quality only: latest wins
+        fb("f00000000002", thumbs_up=None, quality="excellent", ts="2026-11-25T11:00:00"),
+        fb("f00000000003", thumbs_up=True, ts="2026-11-25T10:00:00"),  # the user changes their vote
+        fb("f00000000003", thumbs_up=False, ts="2026-11-25T12:00:00"),
+    ])
+    s = make_settings(dataset={"min_train_examples": 1, "min_eval_examples": 1})
+    with State(s.state_dir()) as st:
+        ingestor.ingest(s, st)
+        ids = [f"f0000000000{i}" for i in range(4)]
+        scores = {cid: (st.conversations.get(cid) or {}).get("label_score") for cid in ids}
+        assert scores == {"f00000000000": -1, "f00000000001": 1, "f00000000002": 1, "f00000000003": -1}
+        built = builder.build(st, s.dataset, str(store))
+        assert built.path is not None
+        lines = (built.path / "train.jsonl").read_text() + (built.path / "eval.jsonl").read_text()
+        assert "answer 1" in lines and "answer 2" in lines
+        assert "answer 0" not in lines and "answer 3" not in lines
+
+
+def test_the_quality_table_of_the_labels_is_chatos_own() -> None:
+    assert feedback_repo.QUALITY_SCORE == record_parser.QUALITY_SCORE
