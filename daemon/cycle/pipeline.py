@@ -29,6 +29,7 @@ from daemon.publish import export, registry
 from daemon.settings import Settings
 from daemon.state import State, StateError, private_dir, storage_problem
 from daemon.train import gate, policy, runner, templates
+from daemon.train.backoff import retry_delay
 
 _log = log.get("daemon.cycle.pipeline")
 # kv key: the promoted job whose export has not finished yet ({"job_id", "gate", "pid", "pid_start"}). Set with the
@@ -378,7 +379,7 @@ def resume_export(settings: Settings, state: State, cycle_id: str, stop: threadi
 
 def _set_backoff(settings: Settings, state: State, now: datetime) -> None:
     failures = int(state.get_kv("train_failures", "0") or 0) + 1
-    delay = min(settings.training.retry_backoff * 2 ** (failures - 1), 86400.0)
+    delay = retry_delay(settings.training.retry_backoff, failures, 86400.0)
     until = now + timedelta(seconds=delay)
     with state.transaction():
         state.set_kv("train_failures", str(failures))

@@ -17,6 +17,7 @@ from daemon.publish.ollama import OllamaClient, OllamaError
 from daemon.settings import Settings
 from daemon.state import State, utcnow
 from daemon.train import templates
+from daemon.train.backoff import retry_delay
 
 _log = log.get("daemon.publish.registry")
 
@@ -121,7 +122,7 @@ def _failed(settings: Settings, state: State, row: dict[str, Any], exc: Exceptio
     attempts = row["attempts"] + 1
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if retryable:
-        delay = min(settings.ollama.retry_backoff * 2 ** (attempts - 1), 6 * 3600.0)
+        delay = retry_delay(settings.ollama.retry_backoff, attempts, 6 * 3600.0)
         at = (now + timedelta(seconds=delay)).isoformat()
         with state.transaction():
             state.update_model(version, status="pending", attempts=attempts, last_error=message, next_attempt_at=at)
@@ -147,13 +148,12 @@ def retry_pending(settings: Settings, state: State, *, force: bool = False, now:
 def retention(settings: Settings, state: State, client: OllamaClient) -> list[int]:
     """Delete registered versions beyond ``ollama.keep_versions``; never the current or previous ``latest``."""
     keep = settings.ollama.keep_versions
-    registered = [m["version"] for m in state.models(status="registered")]
+    registered = state.models(status="registered")
     protected = {int(v) for v in (state.get_kv("latest_model"), state.get_kv("previous_latest_model")) if v}
-    doomed = [v for v in registered[:-keep] if v not in protected] if len(registered) > keep else []
+    doomed = [m for m in registered[:-keep] if m["version"] not in protected] if len(registered) > keep else []
     deleted = []
-    for v in doomed:
-        row = state.model(v)
-        assert row is not None
+    for row in doomed:
+        v = row["version"]
         try:
             client.delete(row["tag"])
         except ollama.NotFound:
@@ -173,7 +173,8 @@ def rollback(settings: Settings, state: State, to: int | None = None,
              client: OllamaClient | None = None) -> dict[str, Any]:
     """Move ``latest`` to ``to`` (default: the registered version before the current one). Raises ValueError with a
     one-line reason when there is nowhere to go, OllamaError when Ollama refuses."""
-    registered = [m["version"] for m in state.models(status="registered")]
+    rows = {m["version"]: m for m in state.models(status="registered")}
+    registered = list(rows)
     current = int(state.get_kv("latest_model") or 0) or None
     if to is None:
         older = [v for v in registered if current is None or v < current]
@@ -185,8 +186,7 @@ def rollback(settings: Settings, state: State, to: int | None = None,
     own = client is None
     client = client or OllamaClient.from_settings(settings.ollama)
     try:
-        row = state.model(to)
-        assert row is not None
+        row = rows[to]
         client.show(row["tag"])  # it must still exist in Ollama
         client.copy(row["tag"], latest_tag(settings))
     finally:
