@@ -32,7 +32,7 @@ from daemon import (
 )
 from daemon.cycle.pipeline import CycleRequest, run_cycle  # noqa: E402
 from daemon.demo.storegen import generate_store  # noqa: E402
-from daemon.publish import export, ollama
+from daemon.publish import export, ollama_client
 from daemon.state import State  # noqa: E402
 
 
@@ -80,9 +80,9 @@ def upload(work: Path, gib: float) -> dict[str, Any]:
     proc = StandinProcess(work / "standin-upload").start()
     try:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        with ollama.OllamaClient(proc.url, timeout_s=60) as client:
+        with ollama_client.OllamaClient(proc.url, timeout_s=60) as client:
             t0 = time.perf_counter()
-            digest = ollama.file_sha256(big)
+            digest = ollama_client.file_sha256(big)
             t_hash = time.perf_counter() - t0
             t1 = time.perf_counter()
             client.push_blob(big, digest)

@@ -13,7 +13,8 @@ from typing import Any
 
 from daemon import faults, log
 from daemon.publish import ollama
-from daemon.publish.ollama import OllamaClient, OllamaError
+from daemon.publish.ollama import OllamaError
+from daemon.publish.ollama_client import OllamaClient
 from daemon.settings import Settings
 from daemon.state import State, utcnow
 from daemon.train import templates
