@@ -32,12 +32,12 @@ from daemon import (
 )
 from daemon.cycle.pipeline import CycleRequest, run_cycle  # noqa: E402
 from daemon.demo.storegen import generate_store  # noqa: E402
-from daemon.publish import export, ollama_client
+from daemon.publish import converter, ollama_client
 from daemon.state import State  # noqa: E402
 
 
 def tiny_model(work: Path) -> Path:
-    conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
+    conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=None)
     out = proc.run_command([sys.executable, str(ROOT / "daemon" / "trainer" / "tinymodel.py"), str(work),
                               "--family", "qwen2", "--llama-cpp-dir", str(conv.root)], timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -49,13 +49,13 @@ PLAN = [  # (model, load_in_4bit, steps)
 def prepare(out: Path) -> None:
     from daemon import api
     from daemon.demo.storegen import generate_store
-    from daemon.publish import export
+    from daemon.publish import converter
     from daemon.settings import Settings
     from daemon.state import State
     from daemon.trainer import tinymodel
 
     out.mkdir(parents=True, exist_ok=True)
-    conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
+    conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=None)
     tok_dir = out / "tok-qwen2"
     tinymodel.build("qwen2", tok_dir, conv.root)
     for f in tok_dir.glob("*.safetensors"):

@@ -25,7 +25,7 @@ import yaml
 from daemon import faults, log
 from daemon.dataset import builder as dataset
 from daemon.ingest import ingestor
-from daemon.publish import export, registry
+from daemon.publish import converter, export, registry
 from daemon.settings import Settings
 from daemon.state import State, StateError, private_dir, storage_problem
 from daemon.train import gate, policy, runner, templates
@@ -276,7 +276,7 @@ def export_and_register(
     t0 = time.perf_counter()
     try:
         # fetched once (sha256-pinned), ~1 ms when already there; a checkout in export.llama_cpp_dir wins
-        conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
+        conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
         template = templates.get(res.get("chat_template") or settings.training.chat_template)
         out_dir = private_dir(state.dir / "exports" / job_id)
         version = state.next_model_version()
