@@ -7,8 +7,8 @@ on a tiny model and on realistic-size models built from a config, for a GPU mach
 ``prepare`` writes ``DIR/tok-qwen2/`` (the real Qwen2 vocabulary and the Qwen2.5 chat template, as
 ``daemon/trainer/tinymodel.py`` makes them, without the weights), ``DIR/data/{train,eval}.jsonl`` (a dataset built
 by the service from a generated store) and ``DIR/plan.json``. ``run`` builds each model with random weights from
-its config (no download), renders each job's config with ``runner.render_job_config`` (every path absolute), runs
-``runner.trainer_argv`` through ``proc.run_command`` and prints, per job, what the trainer's ``result.json``
+its config (no download), renders each job's config with ``jobspec.render_job_config`` (every path absolute), runs
+``jobspec.trainer_argv`` through ``proc.run_command`` and prints, per job, what the trainer's ``result.json``
 says: device, dtype, 4-bit or not, tokens/s, peak GPU memory, eval loss before and after. It exits 1 when a job
 fails or a check does not hold (the device is CUDA, 4-bit when asked and bitsandbytes is there, the adapter is
 written, eval loss drops on the tiny model). The trainer's Python packages must be importable there (trl, peft,
@@ -94,7 +94,7 @@ def build_model(tok_dir: Path, shape: dict[str, Any], out: Path) -> int:
 def run(src: Path, work: Path, only: str | None = None, steps_override: int | None = None) -> list[dict[str, Any]]:
     import yaml
 
-    from daemon.train import runner
+    from daemon.train import jobspec, runner
 
     plan = json.loads((src / "plan.json").read_text())
     models: dict[str, tuple[Path, int]] = {}
@@ -112,7 +112,7 @@ def run(src: Path, work: Path, only: str | None = None, steps_override: int | No
         job_id = f"{name}-{'4bit' if four_bit else 'bf16'}"
         job_dir = work / "jobs" / job_id
         job_dir.mkdir(parents=True, exist_ok=True)
-        cfg = runner.render_job_config(
+        cfg = jobspec.render_job_config(
             {"model": {"load_in_4bit": four_bit, "max_seq_length": 1024},
              # the tiny model's random weights need a large step to move in 30 steps (as bench_cycle.py)
              "training": {"eval_steps": None, **({"learning_rate": 0.01} if name == "tiny" else {})}},
@@ -122,7 +122,7 @@ def run(src: Path, work: Path, only: str | None = None, steps_override: int | No
         )
         cfg_path = job_dir / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        argv = runner.trainer_argv(Path(sys.executable), runner.TRAINER_SCRIPT, cfg_path)
+        argv = jobspec.trainer_argv(Path(sys.executable), runner.TRAINER_SCRIPT, cfg_path)
         t0 = time.perf_counter()
         done = proc.run_command(argv, timeout=900, cwd=job_dir)
         wall = time.perf_counter() - t0

@@ -28,7 +28,7 @@ from daemon.ingest import ingestor
 from daemon.publish import converter, export, registry
 from daemon.settings import Settings
 from daemon.state import State, StateError, private_dir, storage_problem
-from daemon.train import gate, policy, runner, templates
+from daemon.train import gate, jobspec, policy, runner, templates
 from daemon.train.backoff import retry_delay
 
 _log = log.get("daemon.cycle.pipeline")
@@ -165,12 +165,12 @@ def _train_and_gate(
     if champ_adapter is not None and not champ_adapter.is_dir():
         _log.warning("gate.champion_missing", job_id=champ_id, adapter=str(champ_adapter))
         champ_id, champ_adapter = None, None
-    job_id = runner.new_job_id()
+    job_id = jobspec.new_job_id()
     overrides: dict[str, Any] = {}
     if t.config_template is not None:
         overrides = yaml.safe_load(t.config_template.read_text()) or {}
     try:
-        cfg = runner.render_job_config(
+        cfg = jobspec.render_job_config(
             overrides, job_id=job_id, job_dir=state.dir / "jobs" / job_id, base_model=t.base_model,
             chat_template=t.chat_template, backend=t.backend, train_path=ds_path / "train.jsonl",
             eval_path=ds_path / "eval.jsonl", max_steps=t.max_steps, champion_adapter=champ_adapter,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.settings import Settings
-from daemon.train import runner
+from daemon.train import jobspec, runner
 
 PKG = Path(__file__).resolve().parents[2] / "daemon"
 SERVICE_MODULES = sorted(p for p in PKG.rglob("*.py") if "trainer" not in p.parts)
@@ -75,9 +75,9 @@ def test_secure_defaults() -> None:
 
 def test_conversation_text_never_reaches_a_command_line(tmp_path: Path) -> None:
     secret = "my password is hunter2 and my email is a@b.example"
-    cfg = runner.render_job_config({}, job_id="j", job_dir=tmp_path / "j", base_model=str(tmp_path),
-                                   chat_template="qwen-2.5", backend="auto", train_path=tmp_path / "train.jsonl",
-                                   eval_path=tmp_path / "eval.jsonl", max_steps=1, champion_adapter=None)
-    argv = runner.trainer_argv(Path("/usr/bin/python3"), runner.TRAINER_SCRIPT, tmp_path / "j" / "config.yaml")
+    cfg = jobspec.render_job_config({}, job_id="j", job_dir=tmp_path / "j", base_model=str(tmp_path),
+                                    chat_template="qwen-2.5", backend="auto", train_path=tmp_path / "train.jsonl",
+                                    eval_path=tmp_path / "eval.jsonl", max_steps=1, champion_adapter=None)
+    argv = jobspec.trainer_argv(Path("/usr/bin/python3"), runner.TRAINER_SCRIPT, tmp_path / "j" / "config.yaml")
     assert all(a.startswith("/") or a == "--config" for a in argv)
     assert secret not in repr(cfg) and secret not in " ".join(argv)  # data travels by file path only
