@@ -94,6 +94,7 @@ def build_model(tok_dir: Path, shape: dict[str, Any], out: Path) -> int:
 def run(src: Path, work: Path, only: str | None = None, steps_override: int | None = None) -> list[dict[str, Any]]:
     import yaml
 
+    from daemon import proc
     from daemon.train import jobspec, runner
 
     plan = json.loads((src / "plan.json").read_text())
