@@ -26,18 +26,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ollama_standin import StandinProcess  # noqa: E402
 
-from daemon import (
-    proc,
-    settings,  # noqa: E402
-)
+from daemon import proc, settings  # noqa: E402
 from daemon.cycle.pipeline import CycleRequest, run_cycle  # noqa: E402
 from daemon.demo.storegen import generate_store  # noqa: E402
-from daemon.publish import export, ollama
+from daemon.publish import converter, ollama_client  # noqa: E402
 from daemon.state import State  # noqa: E402
 
 
 def tiny_model(work: Path) -> Path:
-    conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
+    conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=None)
     out = proc.run_command([sys.executable, str(ROOT / "daemon" / "trainer" / "tinymodel.py"), str(work),
                               "--family", "qwen2", "--llama-cpp-dir", str(conv.root)], timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -80,9 +77,9 @@ def upload(work: Path, gib: float) -> dict[str, Any]:
     proc = StandinProcess(work / "standin-upload").start()
     try:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        with ollama.OllamaClient(proc.url, timeout_s=60) as client:
+        with ollama_client.OllamaClient(proc.url, timeout_s=60) as client:
             t0 = time.perf_counter()
-            digest = ollama.file_sha256(big)
+            digest = ollama_client.file_sha256(big)
             t_hash = time.perf_counter() - t0
             t1 = time.perf_counter()
             client.push_blob(big, digest)

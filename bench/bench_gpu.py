@@ -7,8 +7,8 @@ on a tiny model and on realistic-size models built from a config, for a GPU mach
 ``prepare`` writes ``DIR/tok-qwen2/`` (the real Qwen2 vocabulary and the Qwen2.5 chat template, as
 ``daemon/trainer/tinymodel.py`` makes them, without the weights), ``DIR/data/{train,eval}.jsonl`` (a dataset built
 by the service from a generated store) and ``DIR/plan.json``. ``run`` builds each model with random weights from
-its config (no download), renders each job's config with ``runner.render_job_config`` (every path absolute), runs
-``runner.trainer_argv`` through ``proc.run_command`` and prints, per job, what the trainer's ``result.json``
+its config (no download), renders each job's config with ``jobspec.render_job_config`` (every path absolute), runs
+``jobspec.trainer_argv`` through ``proc.run_command`` and prints, per job, what the trainer's ``result.json``
 says: device, dtype, 4-bit or not, tokens/s, peak GPU memory, eval loss before and after. It exits 1 when a job
 fails or a check does not hold (the device is CUDA, 4-bit when asked and bitsandbytes is there, the adapter is
 written, eval loss drops on the tiny model). The trainer's Python packages must be importable there (trl, peft,
@@ -49,13 +49,13 @@ PLAN = [  # (model, load_in_4bit, steps)
 def prepare(out: Path) -> None:
     from daemon import api
     from daemon.demo.storegen import generate_store
-    from daemon.publish import export
+    from daemon.publish import converter
     from daemon.settings import Settings
     from daemon.state import State
     from daemon.trainer import tinymodel
 
     out.mkdir(parents=True, exist_ok=True)
-    conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
+    conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=None)
     tok_dir = out / "tok-qwen2"
     tinymodel.build("qwen2", tok_dir, conv.root)
     for f in tok_dir.glob("*.safetensors"):
@@ -95,7 +95,7 @@ def run(src: Path, work: Path, only: str | None = None, steps_override: int | No
     import yaml
 
     from daemon import proc
-    from daemon.train import runner
+    from daemon.train import jobspec, runner
 
     plan = json.loads((src / "plan.json").read_text())
     models: dict[str, tuple[Path, int]] = {}
@@ -113,7 +113,7 @@ def run(src: Path, work: Path, only: str | None = None, steps_override: int | No
         job_id = f"{name}-{'4bit' if four_bit else 'bf16'}"
         job_dir = work / "jobs" / job_id
         job_dir.mkdir(parents=True, exist_ok=True)
-        cfg = runner.render_job_config(
+        cfg = jobspec.render_job_config(
             {"model": {"load_in_4bit": four_bit, "max_seq_length": 1024},
              # the tiny model's random weights need a large step to move in 30 steps (as bench_cycle.py)
              "training": {"eval_steps": None, **({"learning_rate": 0.01} if name == "tiny" else {})}},
@@ -123,7 +123,7 @@ def run(src: Path, work: Path, only: str | None = None, steps_override: int | No
         )
         cfg_path = job_dir / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        argv = runner.trainer_argv(Path(sys.executable), runner.TRAINER_SCRIPT, cfg_path)
+        argv = jobspec.trainer_argv(Path(sys.executable), runner.TRAINER_SCRIPT, cfg_path)
         t0 = time.perf_counter()
         done = proc.run_command(argv, timeout=900, cwd=job_dir)
         wall = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.dataset.builder import DatasetError, verify
 from daemon.demo import storegen
 from daemon.ingest.feedback import QUALITIES
-from daemon.publish import export, ollama, registry
+from daemon.publish import converter, export, ollama, registry
 from daemon.service import control, unit
 from daemon.service.lifecycle import SOCKET_NAME, Service
 from daemon.state import StateError
@@ -406,8 +406,8 @@ def cmd_setup_export(args: argparse.Namespace) -> int:
     """Fetch the pinned llama.cpp converter (sha256-checked) into the cache, or validate export.llama_cpp_dir."""
     s = _load(args)
     try:
-        paths = export.setup_converter(Path(args.cache_dir) if args.cache_dir else export.default_cache_dir(),
-                                       llama_cpp_dir=s.export.llama_cpp_dir)
+        paths = converter.setup_converter(Path(args.cache_dir) if args.cache_dir else converter.default_cache_dir(),
+                                          llama_cpp_dir=s.export.llama_cpp_dir)
     except export.ExportError as exc:
         raise CliError(f"converter setup failed: {exc}") from None
     if args.json:
@@ -515,7 +515,7 @@ def _demo_model(base: Path) -> Path | None:
               file=sys.stderr)
         return None
     try:
-        conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=None)
+        conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=None)
     except export.ExportError as exc:
         print(f"no demo model: {exc}", file=sys.stderr)
         return None

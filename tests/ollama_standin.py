@@ -1,7 +1,7 @@
 """A faithful stand-in for Ollama's HTTP API, for tests and benchmarks (no Ollama binary is obtainable here).
 
-A real HTTP/1.1 server on loopback (stdlib ``ThreadingHTTPServer``) implementing the contract in the project notes
-(docs/OLLAMA_AND_EXPORT.md, read from Ollama's ``server/routes.go`` and ``server/create.go``):
+A real HTTP/1.1 server on loopback (stdlib ``ThreadingHTTPServer``) implementing the contract read from Ollama's
+``server/routes.go`` and ``server/create.go`` (the same one ``daemon/publish/ollama.py`` describes):
 
 - ``HEAD/POST /api/blobs/<digest>``: digest regex ``^sha256[:-][0-9a-fA-F]{64}$`` (else 400 ``invalid digest
   format``); POST hashes the body while streaming it to disk (1 MiB chunks, memory flat): 201 stored, 200 already

@@ -10,6 +10,7 @@ from daemon.cycle.context import Cycle
 from daemon.settings import Settings
 from daemon.state import State
 from daemon.train import policy
+from daemon.train.backoff import retry_delay
 
 _log = log.get("daemon.cycle")
 
@@ -47,7 +48,7 @@ def backoff_until(state: State) -> datetime | None:
 def set_backoff(settings: Settings, state: State, now: datetime) -> None:
     """One more failed job: wait ``training.retry_backoff`` doubled per failure in a row (at most a day)."""
     failures = state.service.get().train_failures + 1
-    delay = min(settings.training.retry_backoff * 2 ** (failures - 1), 86400.0)
+    delay = retry_delay(settings.training.retry_backoff, failures, 86400.0)
     until = now + timedelta(seconds=delay)
     with state.transaction():
         state.service.set_train_backoff(failures=failures, until=until.isoformat())

@@ -9,7 +9,7 @@ from typing import Any
 from daemon import faults, log
 from daemon.cycle import registering
 from daemon.cycle.context import Cycle, CycleResult, Outcome
-from daemon.publish import export, registry
+from daemon.publish import converter, export, registry
 from daemon.state import PendingExport, State, private_dir
 from daemon.train import runner, templates
 
@@ -28,7 +28,7 @@ def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any
     """The merge + convert job's config, its folder and the chat template (pure but for the converter set-up)."""
     settings, q = cycle.settings, cycle.settings.export.quantization
     # fetched once (sha256-pinned), ~1 ms when already there; a checkout in export.llama_cpp_dir wins
-    conv = export.setup_converter(export.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
+    conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
     template = templates.get(res.get("chat_template") or settings.training.chat_template)
     out_dir = private_dir(cycle.state.dir / "exports" / job_id)
     version = cycle.state.models.next_version()

@@ -12,7 +12,7 @@ from daemon import log
 from daemon.cycle import deciding, gating
 from daemon.cycle.context import Cycle, Outcome
 from daemon.state import State
-from daemon.train import runner, templates
+from daemon.train import jobspec, runner, templates
 
 _log = log.get("daemon.cycle")
 
@@ -37,7 +37,7 @@ def _job_config(cycle: Cycle, job_id: str, dataset_path: Path) -> dict[str, Any]
     overrides: dict[str, Any] = {}
     if t.config_template is not None:
         overrides = yaml.safe_load(t.config_template.read_text()) or {}
-    return runner.render_job_config(
+    return jobspec.render_job_config(
         overrides, job_id=job_id, job_dir=cycle.state.dir / "jobs" / job_id, base_model=t.base_model,
         chat_template=t.chat_template, backend=t.backend, train_path=dataset_path / "train.jsonl",
         eval_path=dataset_path / "eval.jsonl", max_steps=t.max_steps, champion_adapter=champ_adapter,
@@ -50,7 +50,7 @@ def run(cycle: Cycle) -> bool:
     t, version, dataset_path = settings.training, result.dataset_version, cycle.dataset_path
     if version is None or dataset_path is None:
         raise RuntimeError("the training stage runs only after a dataset was built")
-    job_id = runner.new_job_id()
+    job_id = jobspec.new_job_id()
     try:
         cfg = _job_config(cycle, job_id, dataset_path)
     except templates.UnknownTemplate as exc:

@@ -1,8 +1,7 @@
-"""The Ollama HTTP adapter: the only module of the service that speaks HTTP.
+"""Ollama's HTTP API as values (pure): request bodies, the judgement of answers, and the typed errors.
 
-Pure functions build the request bodies and judge the answers (:func:`create_body`, :func:`chat_body`,
-:func:`parse_create_lines`, :func:`verify_show`, :func:`smoke_problems`); :class:`OllamaClient` executes them with
-httpx, a timeout on every call, and maps every failure to one :class:`OllamaError` subclass with a one-line message:
+:mod:`daemon.publish.ollama_client` (the only module of the service that speaks HTTP) executes these; keeping them
+pure makes every body and every check testable without a server. The errors callers branch on:
 
 - :class:`OllamaUnavailable`: nothing answered (refused, DNS, timeout, connection dropped). Keep the artifact and
   retry later.
@@ -11,36 +10,22 @@ httpx, a timeout on every call, and maps every failure to one :class:`OllamaErro
 - :class:`OllamaError`: anything else (4xx/5xx with the server's ``{"error"}`` text, an ``error`` line inside a 200
   NDJSON stream, a stream that ends without ``success``, a malformed answer).
 
-The contract comes from Ollama's ``server/routes.go`` and ``server/create.go`` (see docs/OLLAMA_AND_EXPORT.md in the
-project notes): errors before the first NDJSON line are real HTTP errors, errors after it arrive as ``{"error": ...}``
-lines inside an HTTP 200, so :meth:`OllamaClient.create` checks the code, scans every line and requires the final
-``{"status": "success"}``. Redirects are never followed: the host is the configured one or nothing.
+The contract comes from Ollama's ``server/routes.go`` and ``server/create.go`` (``tests/ollama_standin.py`` serves the
+same; docs/operations.md says what each failure means to an operator): errors before the first NDJSON line are real
+HTTP errors, errors after it arrive as ``{"error": ...}`` lines inside an HTTP 200, so :func:`parse_create_lines`
+scans every line and requires the final ``{"status": "success"}``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
-
-import httpx
-
-from daemon import log
-
-if TYPE_CHECKING:
-    from daemon.settings import OllamaSettings
-
-_log = log.get("daemon.publish.ollama")
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 """What this client sends: lowercase hex, colon separator (the server also accepts ``sha256-`` and uppercase)."""
 
-_CHUNK = 1 << 20  # upload and hashing chunk: 1 MiB keeps memory flat and syscalls few
 _MAX_ERROR_TEXT = 300  # keep one-line messages readable when a server returns a page instead of JSON
 
 # Ollama's model.Name parts (types/model/name.go): [host/][namespace/]model[:tag], each part starting alnum or "_".
@@ -50,10 +35,6 @@ _NAME_RE = re.compile(
     r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"  # model
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,79})?$"  # tag
 )
-
-ProgressFn = Callable[[int, int], None]
-"""``progress(bytes_sent, total_bytes)`` during a blob upload."""
-
 
 # --------------------------------------------------------------------------------------------------- errors
 
@@ -108,15 +89,6 @@ def check_model_name(name: str) -> str:
     if not valid_model_name(name):
         raise ValueError(f"model name {name!r} is not a valid Ollama name ([namespace/]model[:tag])")
     return name
-
-
-def file_sha256(path: Path | str, chunk_size: int = _CHUNK) -> str:
-    """Stream ``path`` through sha256 (never whole in memory) and return ``sha256:<hex>``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def create_body(
@@ -180,13 +152,13 @@ def parse_create_lines(lines: Iterable[str], *, on_status: Callable[[str], None]
         try:
             obj = json.loads(line)
         except ValueError:
-            raise OllamaError(f"unreadable stream line {_one_line(line)!r}") from None
+            raise OllamaError(f"unreadable stream line {one_line(line)!r}") from None
         if not isinstance(obj, dict):
-            raise OllamaError(f"unexpected stream line {_one_line(line)!r}")
+            raise OllamaError(f"unexpected stream line {one_line(line)!r}")
         if "error" in obj:
             # Ollama's own stream:false mapping: the line's "status" when it has one, else 500.
             status = obj["status"] if isinstance(obj.get("status"), int) else 500
-            text = _one_line(str(obj["error"]))
+            text = one_line(str(obj["error"]))
             after = f" after {statuses[-1]!r}" if statuses else ""
             raise OllamaError(f"error line{after} (status {status}): {text}", status=status, server_error=text)
         st = obj.get("status")
@@ -273,7 +245,8 @@ def _template_diff(got: Any, want: str) -> str:
     return f"first difference at character {n}; server has {len(got)} characters, expected {len(want)}"
 
 
-def _one_line(text: str, limit: int = _MAX_ERROR_TEXT) -> str:
+def one_line(text: str, limit: int = _MAX_ERROR_TEXT) -> str:
+    """``text`` on one line, cut to ``limit`` characters (a server may answer a whole page)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
@@ -284,10 +257,10 @@ def error_text(body: bytes | str) -> str:
     try:
         obj = json.loads(raw)
     except ValueError:
-        return _one_line(raw)
+        return one_line(raw)
     if isinstance(obj, dict) and "error" in obj:
-        return _one_line(str(obj["error"]))
-    return _one_line(raw)
+        return one_line(str(obj["error"]))
+    return one_line(raw)
 
 
 def http_error(call: str, status: int, body: bytes | str) -> OllamaError:
@@ -299,217 +272,3 @@ def http_error(call: str, status: int, body: bytes | str) -> OllamaError:
     if status == 400 and text.startswith("digest mismatch"):
         return DigestMismatch(msg, status=status, server_error=text)
     return OllamaError(msg, status=status, server_error=text)
-
-
-# --------------------------------------------------------------------------------------------------- the shell
-
-
-class OllamaClient:
-    """A thin httpx client for one Ollama server. Every call has a connect and a read timeout; uploads, create and
-    chat use ``long_timeout_s`` per chunk/line (a big GGUF takes a while to parse, a model a while to load).
-
-    Use as a context manager, or call :meth:`close`.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        timeout_s: float = 30.0,
-        *,
-        long_timeout_s: float | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        parts = urlsplit(host)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"Ollama host {host!r} must look like http://127.0.0.1:11434")
-        self.host = host.rstrip("/")
-        self.timeout_s = float(timeout_s)
-        self.long_timeout_s = float(long_timeout_s if long_timeout_s is not None else max(600.0, timeout_s))
-        connect = min(self.timeout_s, 10.0)
-        self._timeout = httpx.Timeout(self.timeout_s, connect=connect)
-        self._long = httpx.Timeout(self.long_timeout_s, connect=connect)
-        self._http = httpx.Client(
-            base_url=self.host,
-            timeout=self._timeout,
-            follow_redirects=False,  # the host is the configured one; a redirect is an error, never followed
-            trust_env=False,  # no proxy from the environment between us and a loopback Ollama
-            transport=transport,
-            headers={"User-Agent": "chatos-retrain"},
-        )
-
-    @classmethod
-    def from_settings(cls, settings: OllamaSettings, **kw: Any) -> OllamaClient:
-        """A client for the configured ``ollama.host`` with ``ollama.timeout_s`` (settings validated the host)."""
-        return cls(settings.host, settings.timeout_s, **kw)
-
-    # context manager -----------------------------------------------------------------------------------------
-
-    def __enter__(self) -> OllamaClient:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    # calls -----------------------------------------------------------------------------------------------------
-
-    def version(self) -> str:
-        """``GET /api/version``: the server's version string (also the cheapest reachability probe)."""
-        obj = self._json("GET", "/api/version")
-        v = obj.get("version")
-        if not isinstance(v, str):
-            raise OllamaError(f"Ollama GET /api/version: no version in answer {_one_line(json.dumps(obj))!r}")
-        return v
-
-    def blob_exists(self, digest: str) -> bool:
-        """``HEAD /api/blobs/<digest>``: True when the server already has the blob."""
-        path = "/api/blobs/" + quote(check_digest(digest), safe=":")
-        resp = self._send("HEAD", path)
-        if resp.status_code == 200:
-            return True
-        if resp.status_code == 404:
-            return False
-        raise http_error(f"HEAD {path}", resp.status_code, resp.content)
-
-    def push_blob(self, path: Path | str, digest: str, progress: ProgressFn | None = None) -> bool:
-        """Upload ``path`` as blob ``digest``, streamed in 1 MiB chunks. Returns True when the server stored it
-        (201), False when it already had it (HEAD first, or a 200). A mismatch raises :class:`DigestMismatch`."""
-        check_digest(digest)
-        src = Path(path)
-        if self.blob_exists(digest):
-            return False
-        size = src.stat().st_size
-        url = "/api/blobs/" + quote(digest, safe=":")
-        resp = self._send(
-            "POST",
-            url,
-            content=_file_chunks(src, size, progress),
-            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-            timeout=self._long,
-        )
-        if resp.status_code == 201:
-            return True
-        if resp.status_code == 200:
-            return False
-        raise http_error(f"POST {url}", resp.status_code, resp.content)
-
-    def ensure_blob(self, path: Path | str, digest: str | None = None, progress: ProgressFn | None = None) -> str:
-        """Make sure the server has ``path`` as a blob (hashed first when ``digest`` is None). Returns the digest."""
-        d = check_digest(digest) if digest is not None else file_sha256(path)
-        self.push_blob(path, d, progress)
-        return d
-
-    def create(
-        self,
-        name: str,
-        files: Mapping[str, str],
-        *,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | None = None,
-        on_status: Callable[[str], None] | None = None,
-    ) -> list[str]:
-        """``POST /api/create`` from uploaded blobs, streamed. Returns the status lines (ending with ``success``);
-        raises on an HTTP error before the stream, on any ``error`` line, or when ``success`` never comes."""
-        body = create_body(name, files, template=template, system=system, parameters=parameters, stream=True)
-        call = "POST /api/create"
-        _log.debug("ollama.request", method="POST", path="/api/create", host=self.host, model=name)
-        try:
-            with self._http.stream("POST", "/api/create", json=body, timeout=self._long) as resp:
-                if resp.status_code != 200:
-                    raise http_error(call, resp.status_code, resp.read())
-                try:
-                    return parse_create_lines(resp.iter_lines(), on_status=on_status)
-                except OllamaError as e:
-                    raise OllamaError(f"Ollama {call} ({name}): HTTP 200 stream: {e}", status=e.status,
-                                      server_error=e.server_error) from None
-        except httpx.HTTPError as e:
-            raise self._unavailable(call, e) from None
-
-    def show(self, name: str) -> dict[str, Any]:
-        """``POST /api/show``: modelfile, parameters text, template, system, details, model_info. 404 -> NotFound."""
-        return self._json("POST", "/api/show", json={"model": name})
-
-    def tags(self) -> list[dict[str, Any]]:
-        """``GET /api/tags``: the local models (``name``, ``digest``, ``size``, ``details``...)."""
-        models = self._json("GET", "/api/tags").get("models")
-        if not isinstance(models, list):
-            raise OllamaError("Ollama GET /api/tags: answer has no 'models' list")
-        return [m for m in models if isinstance(m, dict)]
-
-    def copy(self, src: str, dst: str) -> None:
-        """``POST /api/copy``: tag ``dst`` with ``src``'s manifest (same blobs, no upload). Missing src -> NotFound."""
-        check_model_name(dst)
-        self._ok("POST", "/api/copy", json={"source": src, "destination": dst})
-
-    def delete(self, name: str) -> None:
-        """``DELETE /api/delete``: remove one tag (the server prunes blobs nothing else uses). Unknown -> NotFound."""
-        self._ok("DELETE", "/api/delete", json={"model": name})
-
-    def chat(
-        self,
-        name: str,
-        messages: Sequence[Mapping[str, Any]],
-        num_predict: int,
-        temperature: float = 0.0,
-    ) -> dict[str, Any]:
-        """``POST /api/chat`` without streaming, bounded by ``num_predict``: the whole answer object."""
-        body = chat_body(name, messages, num_predict=num_predict, temperature=temperature)
-        return self._json("POST", "/api/chat", json=body, timeout=self._long)
-
-    # plumbing --------------------------------------------------------------------------------------------------
-
-    def _send(self, method: str, path: str, *, timeout: httpx.Timeout | None = None, **kw: Any) -> httpx.Response:
-        """One request; transport failures become OllamaUnavailable, redirects an OllamaError."""
-        call = f"{method} {path}"
-        _log.debug("ollama.request", method=method, path=path, host=self.host)
-        try:
-            resp = self._http.request(method, path, timeout=timeout or self._timeout, **kw)
-        except httpx.HTTPError as e:
-            raise self._unavailable(call, e) from None
-        if resp.is_redirect:
-            where = resp.headers.get("location", "?")
-            raise OllamaError(f"Ollama {call}: HTTP {resp.status_code} redirect to {where!r} refused "
-                              f"(only {self.host} is trusted)", status=resp.status_code)
-        return resp
-
-    def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        resp = self._send(method, path, **kw)
-        if resp.status_code != 200:
-            raise http_error(f"{method} {path}", resp.status_code, resp.content)
-        try:
-            obj = resp.json()
-        except ValueError:
-            raise OllamaError(f"Ollama {method} {path}: answer is not JSON: {_one_line(resp.text)!r}") from None
-        if not isinstance(obj, dict):
-            raise OllamaError(f"Ollama {method} {path}: answer is not a JSON object")
-        return obj
-
-    def _ok(self, method: str, path: str, **kw: Any) -> None:
-        resp = self._send(method, path, **kw)
-        if resp.status_code != 200:
-            raise http_error(f"{method} {path}", resp.status_code, resp.content)
-
-    def _unavailable(self, call: str, e: httpx.HTTPError) -> OllamaUnavailable:
-        if isinstance(e, httpx.TimeoutException):
-            why = f"timed out ({type(e).__name__})"
-        elif isinstance(e, httpx.ConnectError):
-            why = f"cannot connect: {_one_line(str(e)) or type(e).__name__}"
-        else:
-            why = f"{type(e).__name__}: {_one_line(str(e))}" if str(e) else type(e).__name__
-        return OllamaUnavailable(f"Ollama not reachable at {self.host} ({call}: {why})")
-
-
-def _file_chunks(path: Path, size: int, progress: ProgressFn | None) -> Iterator[bytes]:
-    """Yield ``path`` in 1 MiB chunks, reporting progress; fails if the file changes size under us."""
-    sent = 0
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            sent += len(block)
-            if progress is not None:
-                progress(sent, size)
-            yield block
-    if sent != size:
-        raise OllamaError(f"blob {path} changed size during upload ({size} -> {sent} bytes)")

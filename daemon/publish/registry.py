@@ -13,10 +13,12 @@ from typing import Any
 
 from daemon import faults, log
 from daemon.publish import ollama
-from daemon.publish.ollama import OllamaClient, OllamaError
+from daemon.publish.ollama import OllamaError
+from daemon.publish.ollama_client import OllamaClient
 from daemon.settings import Settings
 from daemon.state import ModelRow, State, utcnow
 from daemon.train import templates
+from daemon.train.backoff import retry_delay
 
 _log = log.get("daemon.publish.registry")
 
@@ -122,7 +124,7 @@ def _failed(settings: Settings, state: State, row: ModelRow, exc: Exception, cre
     attempts = row.attempts + 1
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if retryable:
-        delay = min(settings.ollama.retry_backoff * 2 ** (attempts - 1), 6 * 3600.0)
+        delay = retry_delay(settings.ollama.retry_backoff, attempts, 6 * 3600.0)
         at = (now + timedelta(seconds=delay)).isoformat()
         with state.transaction():
             state.models.attempt_failed(version, status="pending", attempts=attempts, last_error=message,

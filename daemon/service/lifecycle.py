@@ -23,7 +23,7 @@ from daemon.cycle.pipeline import CycleRequest, CycleResult, Progress, run_cycle
 from daemon.cycle.worker import Worker
 from daemon.ingest import ingestor, watch
 from daemon.ingest.debounce import Debouncer
-from daemon.service import control, status
+from daemon.service import control, control_server, status
 from daemon.service.sdnotify import Notifier
 from daemon.state import State
 from daemon.train import policy, runner
@@ -63,7 +63,7 @@ class Service:
         self.started_at = datetime.now(UTC).isoformat()
         self.watcher: watch.Watcher | None = None
         self.worker: Worker | None = None
-        self.server: control.ControlServer | None = None
+        self.server: control_server.ControlServer | None = None
         self.scheduler: Any = None
         self._debouncer = Debouncer(self.settings.watch.settle_s, self.settings.watch.max_wait_s)
 
@@ -302,7 +302,7 @@ class Service:
         self.worker = worker = Worker(self._run_one)
         sock = s.runtime_dir() / SOCKET_NAME
         try:
-            self.server = control.ControlServer(sock, self.handle)
+            self.server = control_server.ControlServer(sock, self.handle)
             self.server.start()
         except control.ControlError as exc:
             _log.error("control.unavailable", socket=str(sock), reason=str(exc))

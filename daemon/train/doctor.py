@@ -6,10 +6,11 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from daemon import proc
 from daemon.settings import Settings
-from daemon.train import runner, templates
+from daemon.train import jobspec, templates
 
 # Runs inside the trainer's interpreter: what imports there, and what the device can do.
 _PROBE = r"""
@@ -51,65 +52,85 @@ class Check:
 
 
 def run(settings: Settings, *, timeout: float = 180.0) -> list[Check]:
+    """Every check, in the order ``doctor`` prints them; the trainer's stack only when its interpreter runs."""
     t = settings.training
-    checks: list[Check] = []
+    checks = [_template_check(t.chat_template), _base_model_check(t.base_model), _disk_check(settings)]
+    info = _probe(t.python, t.backend, timeout, checks)
+    if info is not None:
+        checks.extend(_stack_checks(info, t.backend))
+    return checks
+
+
+def _template_check(name: str) -> Check:
     try:
-        templates.get(t.chat_template)
-        checks.append(Check("chat template", True, t.chat_template))
+        templates.get(name)
+        return Check("chat template", True, name)
     except templates.UnknownTemplate as exc:
-        checks.append(Check("chat template", False, str(exc), "set training.chat_template to one of the names"))
+        return Check("chat template", False, str(exc), "set training.chat_template to one of the names")
 
-    if not t.base_model:
-        checks.append(Check("base model", False, "training.base_model is empty",
-                            "point training.base_model at a local model folder (nothing is downloaded)"))
-    elif runner.is_local_model(t.base_model):
-        p = Path(t.base_model).expanduser()
+
+def _base_model_check(base_model: str) -> Check:
+    if not base_model:
+        return Check("base model", False, "training.base_model is empty",
+                     "point training.base_model at a local model folder (nothing is downloaded)")
+    if jobspec.is_local_model(base_model):
+        p = Path(base_model).expanduser()
         ok = (p / "config.json").is_file()
-        checks.append(Check("base model", ok, str(p) + ("" if ok else " has no config.json"),
-                            "use a folder written by save_pretrained (config.json, weights, tokenizer)"))
-    else:
-        checks.append(Check("base model", True, f"hub id {t.base_model} (must already be in the local HF cache)"))
+        return Check("base model", ok, str(p) + ("" if ok else " has no config.json"),
+                     "use a folder written by save_pretrained (config.json, weights, tokenizer)")
+    return Check("base model", True, f"hub id {base_model} (must already be in the local HF cache)")
 
+
+def _disk_check(settings: Settings) -> Check:
     state_dir = settings.state_dir()
     probe_dir = state_dir if state_dir.exists() else state_dir.parent
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
     free_gb = shutil.disk_usage(probe_dir).free / 2**30
-    checks.append(Check("disk space", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free under {probe_dir}",
-                        f"free at least {MIN_FREE_GB:g} GiB for job outputs and exports"))
+    return Check("disk space", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free under {probe_dir}",
+                 f"free at least {MIN_FREE_GB:g} GiB for job outputs and exports")
 
-    if not t.python.exists():
-        checks.append(Check("trainer interpreter", False, f"{t.python} does not exist",
+
+def _probe(python: Path, backend: str, timeout: float, checks: list[Check]) -> dict[str, Any] | None:
+    """Run :data:`_PROBE` in the trainer's interpreter: its answer, or None after appending the failed check."""
+    if not python.exists():
+        checks.append(Check("trainer interpreter", False, f"{python} does not exist",
                             "set training.python to the trainer venv's python (absolute path)"))
-        return checks
-    want_unsloth = t.backend in ("unsloth", "auto")
-    argv = [str(t.python), "-c", _PROBE] + ([] if want_unsloth else ["--no-unsloth"])
+        return None
+    want_unsloth = backend in ("unsloth", "auto")
+    argv = [str(python), "-c", _PROBE] + ([] if want_unsloth else ["--no-unsloth"])
     try:
         done = proc.run_command(argv, timeout=timeout)
     except (OSError, proc.TimeoutExpired) as exc:
-        checks.append(Check("trainer interpreter", False, f"{t.python} did not run: {exc}",
+        checks.append(Check("trainer interpreter", False, f"{python} did not run: {exc}",
                             "check that the path is an executable Python"))
-        return checks
+        return None
     try:
-        info = json.loads(done.stdout.strip().splitlines()[-1])
+        info: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        checks.append(Check("trainer interpreter", False, f"{t.python} failed: {tail[0][:200]}",
+        checks.append(Check("trainer interpreter", False, f"{python} failed: {tail[0][:200]}",
                             "run it by hand to see why"))
-        return checks
-    checks.append(Check("trainer interpreter", True, f"{t.python} (Python {info['python']})"))
+        return None
+    checks.append(Check("trainer interpreter", True, f"{python} (Python {info['python']})"))
+    return info
+
+
+def _stack_checks(info: dict[str, Any], backend: str) -> list[Check]:
+    """The training stack's imports and the GPU, from the probe's answer."""
+    checks: list[Check] = []
     mods = info["modules"]
     for name in ("torch", "transformers", "trl", "peft"):
         ok = mods.get(name) is not None
         err = info.get("errors", {}).get(name, "")
         checks.append(Check(f"import {name}", ok, mods.get(name) or err,
                             "pip install torch==2.13.0 first, then -e '.[train]' into that interpreter"))
-    if t.backend == "unsloth":
+    if backend == "unsloth":
         ok = mods.get("unsloth") is not None
         checks.append(Check("import unsloth", ok, mods.get("unsloth") or info.get("errors", {}).get("unsloth", ""),
                             "install the gpu extra into its own venv and set training.python to it"))
     gpus = info.get("gpus", [])
-    if t.backend == "unsloth" or (t.backend == "auto" and mods.get("unsloth")):
+    if backend == "unsloth" or (backend == "auto" and mods.get("unsloth")):
         checks.append(Check("GPU", bool(gpus), ", ".join(f"{g['name']} ({g['free_gb']:.1f}/{g['total_gb']:.1f} "
                                                          "GiB free)" for g in gpus) or "no CUDA device",
                             "the unsloth backend wants a GPU; use backend transformers on CPU"))

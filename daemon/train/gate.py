@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +14,8 @@ class GateDecision:
     numbers: dict[str, Any]
 
 
-def _ok(x: Any) -> bool:
+def _ok(x: Any) -> TypeGuard[float]:
+    """A finite number (not a bool): a loss the gate can compare."""
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -28,11 +29,9 @@ def decide(candidate: float | None, champion: float | None, tolerance: float, *,
                "champion": champion_name}
     if not _ok(candidate):
         return GateDecision(False, f"rejected: the candidate has no usable eval loss ({candidate!r})", numbers)
-    assert candidate is not None
     if not _ok(champion):
         return GateDecision(True, f"promoted: eval loss {candidate:.4f} (no {champion_name} loss to compare)",
                             numbers)
-    assert champion is not None
     limit = champion * (1 + tolerance)
     numbers["limit"] = limit
     if candidate <= limit:

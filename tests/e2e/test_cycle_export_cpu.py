@@ -16,7 +16,7 @@ from ollama_standin import StandinServer
 from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.demo.storegen import append_records, generate_store
 from daemon.publish import registry
-from daemon.publish.export import default_cache_dir, installed
+from daemon.publish.converter import default_cache_dir, installed
 from daemon.state import State
 from daemon.train import templates
 

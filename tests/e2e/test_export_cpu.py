@@ -26,6 +26,7 @@ from helpers import need
 from trainjobs import LLAMA_CPP_DIR, TIMEOUT_S, UNSLOTH_PYTHON, trainer_env
 
 from daemon.publish import export
+from daemon.publish.converter import ConverterPaths, SetupError, sha256_file, validate_llama_cpp_dir
 from daemon.train import templates
 from daemon.train.templates import ChatTemplate
 
@@ -42,12 +43,12 @@ PROMPT_IDS = [151644, 872, 198, 9707, 11, 1879, 0, 151645, 198, 151644, 77091, 1
 
 
 @pytest.fixture(scope="module")
-def converter() -> export.ConverterPaths:
+def converter() -> ConverterPaths:
     missing = [m for m in ("torch", "transformers", "peft", "gguf", "sentencepiece") if not importlib.util.find_spec(m)]
     need(not missing, f"{', '.join(missing)} not installed in {sys.executable}: run .ci/train-setup.sh")
     try:
-        return export.validate_llama_cpp_dir(LLAMA_CPP_DIR)
-    except export.SetupError as e:
+        return validate_llama_cpp_dir(LLAMA_CPP_DIR)
+    except SetupError as e:
         need(False, f"{e}: run `chatos-retrain setup export`")
         raise  # unreachable: need() raised
 
@@ -108,7 +109,7 @@ class Run:
         return export.outcome(self.returncode, self.result, template)
 
 
-def plan(tmp: Path, family: str, base: Path, adapter: Path, converter: export.ConverterPaths, **kw: Any
+def plan(tmp: Path, family: str, base: Path, adapter: Path, converter: ConverterPaths, **kw: Any
          ) -> tuple[dict[str, Any], Path]:
     """Write the export config the service would write (``export.merge_config``); returns it and its path."""
     args: dict[str, Any] = {
@@ -154,7 +155,7 @@ def run_exports(jobs: dict[str, tuple[dict[str, Any], Path, Path]], parallel: in
 
 @pytest.fixture(scope="module")
 def runs(
-    tiny_models: dict[str, Path], adapters: dict[str, Path], converter: export.ConverterPaths,
+    tiny_models: dict[str, Path], adapters: dict[str, Path], converter: ConverterPaths,
     tmp_path_factory: pytest.TempPathFactory, fake_quantize: tuple[Path, Path],
 ) -> dict[str, Run]:
     """Every export these tests judge, run concurrently once."""
@@ -246,7 +247,7 @@ def test_qwen2_f16_and_q8_0(runs: dict[str, Run], tiny_models: dict[str, Path], 
         facts = run.result["gguf"]
         gguf = Path(facts["path"])
         assert gguf == run.out / f"tiny-qwen2-v1.{q}.gguf" and gguf.is_file()
-        assert verdict.sha256 == export.sha256_file(gguf) and verdict.size == gguf.stat().st_size
+        assert verdict.sha256 == sha256_file(gguf) and verdict.size == gguf.stat().st_size
         assert facts["architecture"] == "qwen2" and facts["tensor_count"] > 0 and facts["name"] == "tiny-qwen2"
         assert facts["chat_template"] == tmpl.jinja and facts["chat_template_equal"] is True
         assert facts["tokenizer_pre"] == "qwen2" and facts["vocab_size"] == 151936
@@ -315,7 +316,7 @@ def test_unsloth_backend_merges_with_save_pretrained_merged(runs: dict[str, Run]
 
 
 def test_sigterm_stops_the_child_and_its_converter(
-    tiny_models: dict[str, Path], adapters: dict[str, Path], converter: export.ConverterPaths, tmp_path: Path
+    tiny_models: dict[str, Path], adapters: dict[str, Path], converter: ConverterPaths, tmp_path: Path
 ) -> None:
     """What the runner does on timeout or cancel: SIGTERM to the group; the child cleans up and exits 143."""
     cfg, path = plan(tmp_path / "job", "qwen2", tiny_models["qwen2"], adapters["qwen2"], converter,

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from daemon.publish.export import default_cache_dir
+from daemon.publish.converter import default_cache_dir
 from daemon.train import templates
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.service import control
-from daemon.service.control import ControlError, ControlInUse, ControlServer, ControlUnavailable, RequestError
+from daemon.service.control import ControlError, ControlInUse, ControlUnavailable, RequestError
+from daemon.service.control_server import ControlServer
 
 WAIT = 5.0
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.publish import export
+from daemon.publish import converter, export
 from daemon.train import templates
 from daemon.trainer import merge_export
 
@@ -49,7 +49,7 @@ MERGE_EXPORT = Path(merge_export.__file__)
     ],
 )
 def test_wanted_selects_only_the_converter_files(rel: str, expected: bool) -> None:
-    assert export.wanted(rel) is expected
+    assert converter.wanted(rel) is expected
 
 
 @pytest.mark.parametrize(
@@ -62,28 +62,28 @@ def test_wanted_selects_only_the_converter_files(rel: str, expected: bool) -> No
     ],
 )
 def test_member_problem_names_the_danger(name: str, is_file: bool, is_dir: bool, fragment: str) -> None:
-    problem = export.member_problem(name, is_file=is_file, is_dir=is_dir)
+    problem = converter.member_problem(name, is_file=is_file, is_dir=is_dir)
     assert problem is not None and fragment in problem
 
 
 def test_member_problem_accepts_plain_members() -> None:
-    assert export.member_problem("top/gguf-py/gguf/__init__.py", is_file=True, is_dir=False) is None
-    assert export.member_problem("top/models", is_file=False, is_dir=True) is None
+    assert converter.member_problem("top/gguf-py/gguf/__init__.py", is_file=True, is_dir=False) is None
+    assert converter.member_problem("top/models", is_file=False, is_dir=True) is None
 
 
 def test_default_cache_dir_precedence(tmp_path: Path) -> None:
     home = Path("~/.cache/chatos-retrain").expanduser()
-    assert export.default_cache_dir({}) == home
-    assert export.default_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/chatos-retrain")
-    assert export.default_cache_dir({"XDG_CACHE_HOME": "/x", "CACHE_DIRECTORY": "/var/cache/c:/y"}) == Path(
+    assert converter.default_cache_dir({}) == home
+    assert converter.default_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/chatos-retrain")
+    assert converter.default_cache_dir({"XDG_CACHE_HOME": "/x", "CACHE_DIRECTORY": "/var/cache/c:/y"}) == Path(
         "/var/cache/c")
     env = {"XDG_CACHE_HOME": "/x", "CACHE_DIRECTORY": "/c", "CHATOS_RETRAIN_CACHE": str(tmp_path)}
-    assert export.default_cache_dir(env) == tmp_path
-    assert export.converter_dir(tmp_path) == tmp_path / "llama.cpp-0.3.36"
+    assert converter.default_cache_dir(env) == tmp_path
+    assert converter.converter_dir(tmp_path) == tmp_path / "llama.cpp-0.3.36"
 
 
-def _paths(root: Path = Path("/opt/llama.cpp")) -> export.ConverterPaths:
-    return export.ConverterPaths(root=root, source="checkout")
+def _paths(root: Path = Path("/opt/llama.cpp")) -> converter.ConverterPaths:
+    return converter.ConverterPaths(root=root, source="checkout")
 
 
 def test_converter_argv_is_absolute_and_exact() -> None:
@@ -216,13 +216,13 @@ def test_pip_failure_lines() -> None:
     mismatch = ("ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE. If you ...\n"
                 "    llama-cpp-python==0.3.36 from https://x/llama_cpp_python-0.3.36.tar.gz:\n"
                 f"        Expected sha256 {'0' * 64}\n             Got        {'1' * 64}\n")
-    line = export.pip_failure(mismatch, export.SDIST, 1)
-    assert line == f"llama_cpp_python-0.3.36.tar.gz: sha256 {'1' * 64} is not the pinned {export.SDIST.sha256}; " \
+    line = converter.pip_failure(mismatch, converter.SDIST, 1)
+    assert line == f"llama_cpp_python-0.3.36.tar.gz: sha256 {'1' * 64} is not the pinned {converter.SDIST.sha256}; " \
                    "pip refused it"
     nonet = "WARNING: Retrying ...\nERROR: Could not find a version that satisfies the requirement x\n"
-    assert export.pip_failure(nonet, export.SDIST, 1).endswith("Could not find a version that satisfies the "
+    assert converter.pip_failure(nonet, converter.SDIST, 1).endswith("Could not find a version that satisfies the "
                                                                "requirement x")
-    assert "\n" not in export.pip_failure("a\nb\n", export.SDIST, 2)
+    assert "\n" not in converter.pip_failure("a\nb\n", converter.SDIST, 2)
 
 
 # -- pure: the child's side (merge_export imports nothing heavy at module level) -------------------------------------
@@ -312,17 +312,17 @@ def test_child_missing_adapter_is_exit_2(tmp_path: Path) -> None:
 def sdist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache dir where ``setup_converter`` really downloaded and extracted the pinned sdist (once per session)."""
     cache = tmp_path_factory.mktemp("export-cache")
-    export.setup_converter(cache, llama_cpp_dir=None)
+    converter.setup_converter(cache, llama_cpp_dir=None)
     return cache
 
 
 def test_setup_extracts_only_the_converter(sdist_cache: Path) -> None:
-    root = export.converter_dir(sdist_cache)
-    assert (sdist_cache / "sdist" / export.SDIST.filename).is_file()
-    assert export.sha256_file(sdist_cache / "sdist" / export.SDIST.filename) == export.SDIST.sha256
-    assert (root / export.MARKER).read_text().strip() == export.SDIST.sha256
+    root = converter.converter_dir(sdist_cache)
+    assert (sdist_cache / "sdist" / converter.SDIST.filename).is_file()
+    assert converter.sha256_file(sdist_cache / "sdist" / converter.SDIST.filename) == converter.SDIST.sha256
+    assert (root / converter.MARKER).read_text().strip() == converter.SDIST.sha256
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        [export.MARKER, "conversion", "convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py", "models"])
+        [converter.MARKER, "conversion", "convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py", "models"])
     assert sorted(p.name for p in (root / "models").iterdir() if p.is_dir()) == ["templates"]
     assert (root / "models" / "ggml-vocab-qwen2.gguf").is_file()
     assert (root / "models" / "ggml-vocab-llama-bpe.gguf").is_file()
@@ -334,7 +334,7 @@ def test_setup_extracts_only_the_converter(sdist_cache: Path) -> None:
 
 
 def test_extracted_converter_runs_with_its_own_gguf_py(sdist_cache: Path) -> None:
-    paths = export.setup_converter(sdist_cache, llama_cpp_dir=None)
+    paths = converter.setup_converter(sdist_cache, llama_cpp_dir=None)
     code = "import gguf, sys; print(gguf.__file__); print(gguf.GGUFReader.__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, "PYTHONPATH": str(paths.gguf_py)})
@@ -344,9 +344,9 @@ def test_extracted_converter_runs_with_its_own_gguf_py(sdist_cache: Path) -> Non
 
 def test_setup_is_idempotent_without_pip(sdist_cache: Path) -> None:
     with capture_logs() as logs:
-        paths = export.setup_converter(sdist_cache, llama_cpp_dir=None)
-    assert paths == export.ConverterPaths(root=export.converter_dir(sdist_cache), source="sdist",
-                                          version="0.3.36", sha256=export.SDIST.sha256)
+        paths = converter.setup_converter(sdist_cache, llama_cpp_dir=None)
+    assert paths == converter.ConverterPaths(root=converter.converter_dir(sdist_cache), source="sdist",
+                                          version="0.3.36", sha256=converter.SDIST.sha256)
     assert not [e for e in logs if e["event"] in ("command.run", "export.extracted")]
 
 
@@ -354,18 +354,18 @@ def _seeded_cache(sdist_cache: Path, tmp_path: Path) -> Path:
     """A fresh cache holding only the (hard-linked) verified sdist."""
     cache = tmp_path / "cache"
     (cache / "sdist").mkdir(parents=True)
-    os.link(sdist_cache / "sdist" / export.SDIST.filename, cache / "sdist" / export.SDIST.filename)
+    os.link(sdist_cache / "sdist" / converter.SDIST.filename, cache / "sdist" / converter.SDIST.filename)
     return cache
 
 
 def test_setup_reextracts_an_incomplete_install_from_the_cached_sdist(sdist_cache: Path, tmp_path: Path) -> None:
     cache = _seeded_cache(sdist_cache, tmp_path)
-    root = export.converter_dir(cache)
+    root = converter.converter_dir(cache)
     root.mkdir()
-    (root / export.MARKER).write_text("")  # what an interrupted or older setup leaves
+    (root / converter.MARKER).write_text("")  # what an interrupted or older setup leaves
     (root / "stale.txt").write_text("x")
     with capture_logs() as logs:
-        paths = export.setup_converter(cache, llama_cpp_dir=None)
+        paths = converter.setup_converter(cache, llama_cpp_dir=None)
     assert paths.root == root and (root / "convert_hf_to_gguf.py").is_file() and not (root / "stale.txt").exists()
     events = [e["event"] for e in logs]
     assert "export.extracted" in events and "command.run" not in events
@@ -377,7 +377,7 @@ def test_concurrent_setups_extract_once(sdist_cache: Path, tmp_path: Path) -> No
 
     def go() -> None:
         try:
-            results.append(export.setup_converter(cache, llama_cpp_dir=None))
+            results.append(converter.setup_converter(cache, llama_cpp_dir=None))
         except Exception as exc:  # surfaced by the assertion below
             results.append(exc)
 
@@ -387,38 +387,38 @@ def test_concurrent_setups_extract_once(sdist_cache: Path, tmp_path: Path) -> No
             t.start()
         for t in threads:
             t.join(120)
-    assert len(results) == 2 and all(isinstance(r, export.ConverterPaths) for r in results), results
+    assert len(results) == 2 and all(isinstance(r, converter.ConverterPaths) for r in results), results
     assert [e["event"] for e in logs].count("export.extracted") == 1
 
 
 def test_setup_refuses_a_sha_mismatch(tmp_path: Path) -> None:
     """pip downloads the real file, the pin says otherwise: refused in one line, nothing kept or extracted."""
-    pin = dataclasses.replace(export.SDIST, sha256="0" * 64)
+    pin = dataclasses.replace(converter.SDIST, sha256="0" * 64)
     cache = tmp_path / "cache"
-    with pytest.raises(export.SetupError) as err:
-        export.setup_converter(cache, llama_cpp_dir=None, pin=pin)
+    with pytest.raises(converter.SetupError) as err:
+        converter.setup_converter(cache, llama_cpp_dir=None, pin=pin)
     msg = str(err.value)
-    assert msg == f"{pin.filename}: sha256 {export.SDIST.sha256} is not the pinned {'0' * 64}; pip refused it"
+    assert msg == f"{pin.filename}: sha256 {converter.SDIST.sha256} is not the pinned {'0' * 64}; pip refused it"
     assert not (cache / "sdist" / pin.filename).exists()
-    assert not export.converter_dir(cache, pin).exists()
+    assert not converter.converter_dir(cache, pin).exists()
 
 
 def test_a_cached_sdist_with_the_wrong_sha_is_never_extracted(tmp_path: Path) -> None:
     """A tampered file in the cache is replaced by a download; when that does not match either, setup stops."""
     cache = tmp_path / "cache"
     (cache / "sdist").mkdir(parents=True)
-    (cache / "sdist" / export.SDIST.filename).write_bytes(b"not the sdist")
-    pin = dataclasses.replace(export.SDIST, sha256="f" * 64)
-    with capture_logs() as logs, pytest.raises(export.SetupError, match="is not the pinned"):
-        export.setup_converter(cache, llama_cpp_dir=None, pin=pin)
+    (cache / "sdist" / converter.SDIST.filename).write_bytes(b"not the sdist")
+    pin = dataclasses.replace(converter.SDIST, sha256="f" * 64)
+    with capture_logs() as logs, pytest.raises(converter.SetupError, match="is not the pinned"):
+        converter.setup_converter(cache, llama_cpp_dir=None, pin=pin)
     assert "export.sdist_replaced" in [e["event"] for e in logs]
-    assert not (cache / "sdist" / export.SDIST.filename).exists()
+    assert not (cache / "sdist" / converter.SDIST.filename).exists()
 
 
 # -- setup: hostile archives -----------------------------------------------------------------------------------------
 
 TOP = "pkg-1.0/vendor/llama.cpp"
-PIN = export.SdistPin("pkg", "1.0", "pkg-1.0.tar.gz", "0" * 64, 0)
+PIN = converter.SdistPin("pkg", "1.0", "pkg-1.0.tar.gz", "0" * 64, 0)
 
 
 def _tarball(path: Path, extra: list[tarfile.TarInfo]) -> Path:
@@ -450,9 +450,9 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
 
 
 def test_extract_takes_only_wanted_files(tmp_path: Path) -> None:
-    dest = export.extract_converter(_tarball(tmp_path / "ok.tar.gz", []), tmp_path / "out", PIN)
+    dest = converter.extract_converter(_tarball(tmp_path / "ok.tar.gz", []), tmp_path / "out", PIN)
     got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert got == [export.MARKER, "conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py",
+    assert got == [converter.MARKER, "conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py",
                    "models/ggml-vocab-x.gguf"]
 
 
@@ -469,8 +469,8 @@ def test_extract_takes_only_wanted_files(tmp_path: Path) -> None:
 def test_extract_refuses_hostile_archives(tmp_path: Path, member: tarfile.TarInfo, fragment: str) -> None:
     sdist = _tarball(tmp_path / "bad.tar.gz", [member])
     dest = tmp_path / "x" / "out"
-    with pytest.raises(export.SetupError, match=fragment):
-        export.extract_converter(sdist, dest, PIN)
+    with pytest.raises(converter.SetupError, match=fragment):
+        converter.extract_converter(sdist, dest, PIN)
     assert not dest.exists()
     assert list((tmp_path / "x").iterdir()) == [], "the temporary extraction folder is removed"
     assert not (tmp_path / "evil.py").exists()
@@ -481,8 +481,8 @@ def test_extract_refuses_an_archive_without_the_converter(tmp_path: Path) -> Non
     with tarfile.open(sdist, "w:gz") as tar:
         info = tarfile.TarInfo(f"{TOP}/README.md")
         tar.addfile(info, io.BytesIO(b""))
-    with pytest.raises(export.SetupError) as err:
-        export.extract_converter(sdist, tmp_path / "out", PIN)
+    with pytest.raises(converter.SetupError) as err:
+        converter.extract_converter(sdist, tmp_path / "out", PIN)
     assert str(err.value) == "empty.tar.gz does not hold the converter: missing convert_hf_to_gguf.py, " \
                              "gguf-py/gguf/__init__.py"
     assert not (tmp_path / "out").exists()
@@ -491,8 +491,8 @@ def test_extract_refuses_an_archive_without_the_converter(tmp_path: Path) -> Non
 def test_extract_refuses_a_corrupt_archive(tmp_path: Path) -> None:
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(b"\x1f\x8b\x08not really gzip")
-    with pytest.raises(export.SetupError, match="cannot extract"):
-        export.extract_converter(bad, tmp_path / "out", PIN)
+    with pytest.raises(converter.SetupError, match="cannot extract"):
+        converter.extract_converter(bad, tmp_path / "out", PIN)
 
 
 # -- export.llama_cpp_dir --------------------------------------------------------------------------------------------
@@ -513,32 +513,32 @@ def _checkout(root: Path, *, conversion: bool = True, gguf_py: bool = True) -> P
 def test_llama_cpp_dir_is_used_instead_of_downloading(tmp_path: Path) -> None:
     root = _checkout(tmp_path / "llama.cpp")
     with capture_logs() as logs:
-        paths = export.setup_converter(tmp_path / "cache", llama_cpp_dir=root)
-    assert paths == export.ConverterPaths(root=root, source="checkout")
+        paths = converter.setup_converter(tmp_path / "cache", llama_cpp_dir=root)
+    assert paths == converter.ConverterPaths(root=root, source="checkout")
     assert paths.convert_hf == root / "convert_hf_to_gguf.py" and paths.gguf_py == root / "gguf-py"
     assert not (tmp_path / "cache").exists()
     assert "command.run" not in [e["event"] for e in logs]
 
 
 def test_llama_cpp_dir_validation(tmp_path: Path) -> None:
-    with pytest.raises(export.SetupError, match="must be an absolute path"):
-        export.validate_llama_cpp_dir(Path("llama.cpp"))
-    with pytest.raises(export.SetupError, match="is not a directory"):
-        export.validate_llama_cpp_dir(tmp_path / "nope")
+    with pytest.raises(converter.SetupError, match="must be an absolute path"):
+        converter.validate_llama_cpp_dir(Path("llama.cpp"))
+    with pytest.raises(converter.SetupError, match="is not a directory"):
+        converter.validate_llama_cpp_dir(tmp_path / "nope")
     no_gguf = _checkout(tmp_path / "a", gguf_py=False)
-    with pytest.raises(export.SetupError, match=r"is not a llama.cpp checkout: missing gguf-py/gguf/__init__.py$"):
-        export.validate_llama_cpp_dir(no_gguf)
+    with pytest.raises(converter.SetupError, match=r"is not a llama.cpp checkout: missing gguf-py/gguf/__init__.py$"):
+        converter.validate_llama_cpp_dir(no_gguf)
     no_pkg = _checkout(tmp_path / "b", conversion=False)
-    with pytest.raises(export.SetupError, match=r"missing conversion/__init__.py$"):
-        export.validate_llama_cpp_dir(no_pkg)
+    with pytest.raises(converter.SetupError, match=r"missing conversion/__init__.py$"):
+        converter.validate_llama_cpp_dir(no_pkg)
     old_style = _checkout(tmp_path / "c", conversion=False)
     (old_style / "convert_hf_to_gguf.py").write_text("import gguf\n")  # a monolithic converter needs no package
-    assert export.validate_llama_cpp_dir(old_style).root == old_style
+    assert converter.validate_llama_cpp_dir(old_style).root == old_style
 
 
 def test_real_sdist_layout_validates_as_a_checkout(sdist_cache: Path) -> None:
-    root = export.converter_dir(sdist_cache)
-    assert export.validate_llama_cpp_dir(root).convert_lora == root / "convert_lora_to_gguf.py"
+    root = converter.converter_dir(sdist_cache)
+    assert converter.validate_llama_cpp_dir(root).convert_lora == root / "convert_lora_to_gguf.py"
 
 
 # -- the child's fast refusals (before anything heavy is imported) ---------------------------------------------------
@@ -557,7 +557,7 @@ def _fake_inputs(tmp_path: Path, weights: int = 1 << 20) -> tuple[Path, Path]:
 
 def test_child_disk_precheck_is_exit_4(sdist_cache: Path, tmp_path: Path) -> None:
     base, _ = _fake_inputs(tmp_path)
-    conv = export.setup_converter(sdist_cache, llama_cpp_dir=None)
+    conv = converter.setup_converter(sdist_cache, llama_cpp_dir=None)
     cfg = _config(tmp_path, base_model=str(base), converter=conv, python=Path(sys.executable), min_free_factor=1e9)
     proc, result = _run_child(cfg, tmp_path)
     assert proc.returncode == merge_export.EXIT_DISK == 4, proc.stderr
@@ -570,9 +570,9 @@ def test_child_disk_precheck_is_exit_4(sdist_cache: Path, tmp_path: Path) -> Non
 def test_child_refuses_a_skewed_gguf_py_before_merging(sdist_cache: Path, tmp_path: Path) -> None:
     base, _ = _fake_inputs(tmp_path)
     broken = tmp_path / "llama.cpp"
-    shutil.copytree(export.converter_dir(sdist_cache), broken, ignore=shutil.ignore_patterns("models"))
+    shutil.copytree(converter.converter_dir(sdist_cache), broken, ignore=shutil.ignore_patterns("models"))
     (broken / "gguf-py" / "gguf" / "__init__.py").write_text("from .constants import *\n")  # an old, partial gguf
-    conv = export.validate_llama_cpp_dir(broken)
+    conv = converter.validate_llama_cpp_dir(broken)
     cfg = _config(tmp_path, base_model=str(base), converter=conv, python=Path(sys.executable))
     proc, result = _run_child(cfg, tmp_path)
     assert proc.returncode == merge_export.EXIT_CONVERT == 3, proc.stderr

@@ -1,6 +1,7 @@
-"""daemon.publish.ollama: the pure request builders and judges, then the client against the stand-in Ollama for every call and
-every error path (HTTP error before the first line, error line mid-stream, missing success, 404s, digest mismatch,
-down, 500, slow), and a 50 MB blob upload with the stand-in as a subprocess proving memory stays flat."""
+"""daemon.publish.ollama and ollama_client: the pure request builders and judges, then the client against the
+stand-in Ollama for every call and every error path (HTTP error before the first line, error line mid-stream,
+missing success, 404s, digest mismatch, down, 500, slow), and a 50 MB blob upload with the stand-in as a subprocess
+proving memory stays flat."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from helpers import need_module
 from ollama_standin import CANNED_REPLY, StandinProcess, StandinServer, make_tiny_gguf
 from structlog.testing import capture_logs
 
-from daemon.publish import ollama
-from daemon.publish.ollama import DigestMismatch, NotFound, OllamaClient, OllamaError, OllamaUnavailable
+from daemon.publish import ollama, ollama_client
+from daemon.publish.ollama import DigestMismatch, NotFound, OllamaError, OllamaUnavailable
+from daemon.publish.ollama_client import OllamaClient
 from daemon.train import templates
 
 QWEN = templates.get("qwen-2.5")
@@ -73,7 +75,7 @@ def test_file_sha256_streams(tmp_path: Path) -> None:
     p.write_bytes(b"abc" * 1000)
     import hashlib
 
-    assert ollama.file_sha256(p, chunk_size=7) == "sha256:" + hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert ollama_client.file_sha256(p) == "sha256:" + hashlib.sha256(b"abc" * 1000).hexdigest()
 
 
 def test_create_body_is_a_plain_value() -> None:
@@ -187,7 +189,7 @@ def test_http_error_mapping() -> None:
 
 def test_every_call_against_the_standin(client: OllamaClient, gguf: Path, srv: StandinServer) -> None:
     assert client.version() == "0.33.0"
-    digest = ollama.file_sha256(gguf)
+    digest = ollama_client.file_sha256(gguf)
     assert client.blob_exists(digest) is False
     sent: list[tuple[int, int]] = []
     assert client.push_blob(gguf, digest, progress=lambda n, total: sent.append((n, total))) is True
@@ -380,7 +382,7 @@ def test_chat_with_llama_cpp_really_loads_the_gguf(tmp_path: Path, gguf: Path) -
 _CLIENT = r"""
 import json, sys
 from pathlib import Path
-from daemon.publish.ollama import OllamaClient
+from daemon.publish.ollama_client import OllamaClient
 
 def hwm():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -403,7 +405,7 @@ def test_blob_upload_of_50mb_keeps_memory_flat(tmp_path: Path) -> None:
     with big.open("wb") as f:
         for _ in range(size_mib):
             f.write(os.urandom(1 << 20))
-    digest = ollama.file_sha256(big)
+    digest = ollama_client.file_sha256(big)
     proc = StandinProcess(tmp_path / "ollama").start()
     try:
         server_before = proc.status()["VmHWM"]
@@ -415,7 +417,7 @@ def test_blob_upload_of_50mb_keeps_memory_flat(tmp_path: Path) -> None:
     finally:
         proc.stop()
     stored = tmp_path / "ollama" / "blobs" / digest.replace(":", "-")
-    assert result["stored"] is True and ollama.file_sha256(stored) == digest
+    assert result["stored"] is True and ollama_client.file_sha256(stored) == digest
     limit_kib = size_mib * 1024 // 5  # "flat": growth well under the file size (chunks are 1 MiB)
     client_growth = result["hwm_after_kib"] - result["hwm_before_kib"]
     server_growth = server_after - server_before

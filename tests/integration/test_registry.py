@@ -9,7 +9,7 @@ import httpx
 import pytest
 from ollama_standin import StandinServer, make_tiny_gguf
 
-from daemon.publish import ollama, registry
+from daemon.publish import ollama_client, registry
 from daemon.state import State
 from daemon.train import templates
 
@@ -17,7 +17,7 @@ from daemon.train import templates
 def gguf(tmp_path: Path, n: int, architecture: str = "qwen2", template: str = "qwen-2.5") -> tuple[Path, str, int]:
     p = make_tiny_gguf(tmp_path / f"m{n}.gguf", architecture=architecture,
                        chat_template=templates.get(template).jinja, pad_mb=0.01 * n)
-    return p, ollama.file_sha256(p).split(":")[-1], p.stat().st_size
+    return p, ollama_client.file_sha256(p).split(":")[-1], p.stat().st_size
 
 
 def add(state: State, s: Any, tmp_path: Path, n: int, **kw: Any) -> int:

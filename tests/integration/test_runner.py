@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from daemon import proc, settings
 from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.state import JobRow, State
-from daemon.train import runner
+from daemon.train import jobspec, runner
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
 
@@ -32,10 +32,10 @@ def make_job(state: State, tmp_path: Path, fake_python: Path, base_model: Path, 
     ds.mkdir(exist_ok=True)
     for n in ("train.jsonl", "eval.jsonl"):
         (ds / n).write_text('{"messages": []}\n')
-    job_id = runner.new_job_id()
-    cfg = runner.render_job_config({}, job_id=job_id, job_dir=state.dir / "jobs" / job_id, base_model=str(base_model),
-                                   chat_template="qwen-2.5", backend="transformers", train_path=ds / "train.jsonl",
-                                   eval_path=ds / "eval.jsonl", max_steps=steps, champion_adapter=champion)
+    job_id = jobspec.new_job_id()
+    cfg = jobspec.render_job_config({}, job_id=job_id, job_dir=state.dir / "jobs" / job_id, base_model=str(base_model),
+                                    chat_template="qwen-2.5", backend="transformers", train_path=ds / "train.jsonl",
+                                    eval_path=ds / "eval.jsonl", max_steps=steps, champion_adapter=champion)
     return runner.start_job(state, python=fake_python, config=cfg, dataset_version=1, cycle_id="c-test",
                             env={"FAKE_TRAINER_MODE": mode})
 
@@ -63,66 +63,67 @@ def test_every_path_in_the_rendered_config_is_absolute_even_from_relative_settin
     s, _ = settings.load(etc / "retrain.yaml")
     assert s.training.python == etc.parent / "bin" / "python"
     assert s.training.base_model == str(etc / "models" / "tiny")
-    cfg = runner.render_job_config({}, job_id="j-1", job_dir=Path("jobs/j-1"), base_model=s.training.base_model,
-                                   chat_template="qwen-2.5", backend="auto", train_path=Path("ds/train.jsonl"),
-                                   eval_path=Path("ds/eval.jsonl"), max_steps=3, champion_adapter=Path("champ"),
-                                   base_dir=etc)
+    cfg = jobspec.render_job_config({}, job_id="j-1", job_dir=Path("jobs/j-1"), base_model=s.training.base_model,
+                                    chat_template="qwen-2.5", backend="auto", train_path=Path("ds/train.jsonl"),
+                                    eval_path=Path("ds/eval.jsonl"), max_steps=3, champion_adapter=Path("champ"),
+                                    base_dir=etc)
     paths = [cfg["model"]["name"], cfg["dataset"]["train_path"], cfg["dataset"]["eval_path"],
              cfg["training"]["output_dir"], cfg["metrics"]["output_path"], cfg["result"]["output_path"],
              cfg["gate"]["champion_adapter"]]
     assert all(Path(p).is_absolute() for p in paths), paths
     assert cfg["model"]["name"] == str(etc / "models" / "tiny")
     assert cfg["template"]["name"] == "qwen-2.5" and "<|im_start|>assistant" in cfg["template"]["response_part"]
-    hub = runner.render_job_config({}, job_id="j-2", job_dir=tmp_path / "j", base_model="Qwen/Qwen2.5-0.5B",
-                                   chat_template="llama-3.1", backend="auto", train_path=tmp_path / "t",
-                                   eval_path=tmp_path / "e", max_steps=3, champion_adapter=None)
+    hub = jobspec.render_job_config({}, job_id="j-2", job_dir=tmp_path / "j", base_model="Qwen/Qwen2.5-0.5B",
+                                    chat_template="llama-3.1", backend="auto", train_path=tmp_path / "t",
+                                    eval_path=tmp_path / "e", max_steps=3, champion_adapter=None)
     assert hub["model"]["name"] == "Qwen/Qwen2.5-0.5B" and hub["gate"]["champion_adapter"] is None
 
 
 def test_template_overrides_merge_but_paths_stay_ours(tmp_path: Path) -> None:
-    cfg = runner.render_job_config({"training": {"learning_rate": 1e-5, "output_dir": "rel"}, "lora": {"r": 4}},
-                                   job_id="j", job_dir=tmp_path / "j", base_model=str(tmp_path),
-                                   chat_template="chatml", backend="auto", train_path=tmp_path / "t",
-                                   eval_path=tmp_path / "e", max_steps=9, champion_adapter=None)
+    cfg = jobspec.render_job_config({"training": {"learning_rate": 1e-5, "output_dir": "rel"}, "lora": {"r": 4}},
+                                    job_id="j", job_dir=tmp_path / "j", base_model=str(tmp_path),
+                                    chat_template="chatml", backend="auto", train_path=tmp_path / "t",
+                                    eval_path=tmp_path / "e", max_steps=9, champion_adapter=None)
     assert cfg["training"]["learning_rate"] == 1e-5 and cfg["lora"]["r"] == 4 and cfg["lora"]["lora_alpha"] == 16
     assert cfg["training"]["output_dir"] == str(tmp_path / "j" / "output") and cfg["training"]["max_steps"] == 9
 
 
 def test_unknown_template_lists_the_names(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="known: .*qwen-2.5"):
-        runner.render_job_config({}, job_id="j", job_dir=tmp_path, base_model="x", chat_template="vicuna",
-                                 backend="auto", train_path=tmp_path, eval_path=tmp_path, max_steps=1,
-                                 champion_adapter=None)
+    with pytest.raises(ValueError, match=r"known: .*qwen-2\.5"):
+        jobspec.render_job_config({}, job_id="j", job_dir=tmp_path, base_model="x", chat_template="vicuna",
+                                  backend="auto", train_path=tmp_path, eval_path=tmp_path, max_steps=1,
+                                  champion_adapter=None)
 
 
 @pytest.mark.parametrize(("code", "status", "words"), [(0, "succeeded", "ok"), (2, "failed", "bad training config"),
                                                        (3, "failed", "data problem"), (4, "failed", "out of memory"),
-                                                       (1, "failed", "trainer error"), (7, "failed", "status 7"), (-9, "failed", "SIGKILL"), (143, "cancelled", "SIGTERM"),
+                                                       (1, "failed", "trainer error"), (7, "failed", "status 7"),
+                                                       (-9, "failed", "SIGKILL"), (143, "cancelled", "SIGTERM"),
                                                        (None, "failed", "no exit status")])
 def test_interpret_exit(code: int | None, status: str, words: str) -> None:
-    s, reason = runner.interpret_exit(code)
+    s, reason = jobspec.interpret_exit(code)
     assert s == status and words in reason
 
 
 def test_argv_needs_absolute_paths(tmp_path: Path) -> None:
-    assert runner.trainer_argv(Path("/usr/bin/python3"), Path("/a/train_qlora.py"), Path("/j/c.yaml")) == [
+    assert jobspec.trainer_argv(Path("/usr/bin/python3"), Path("/a/train_qlora.py"), Path("/j/c.yaml")) == [
         "/usr/bin/python3", "/a/train_qlora.py", "--config", "/j/c.yaml"]
     with pytest.raises(ValueError):
-        runner.trainer_argv(Path("python3"), Path("/a/t.py"), Path("/c.yaml"))
+        jobspec.trainer_argv(Path("python3"), Path("/a/t.py"), Path("/c.yaml"))
 
 
 def test_parse_metrics_keeps_partial_lines_and_skips_garbage() -> None:
-    lines, rest = runner.parse_metrics(b'{"step": 1}\nnot json\n[1]\n{"step": 2}\n{"ste')
+    lines, rest = jobspec.parse_metrics(b'{"step": 1}\nnot json\n[1]\n{"step": 2}\n{"ste')
     assert lines == [{"step": 1}, {"step": 2}] and rest == b'{"ste'
 
 
 def test_template_file_matches_the_built_in_template() -> None:
     doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "chatos_qlora.yaml").read_text())
     for section in ("training", "lora"):
-        assert doc[section] | {k: None for k in ("output_dir",)} == runner.DEFAULT_TEMPLATE[section] | {
+        assert doc[section] | {k: None for k in ("output_dir",)} == jobspec.DEFAULT_TEMPLATE[section] | {
             k: None for k in ("output_dir",)}, section
     assert {k: v for k, v in doc["model"].items() if k != "name"} == {
-        k: v for k, v in runner.DEFAULT_TEMPLATE["model"].items() if k != "name"}
+        k: v for k, v in jobspec.DEFAULT_TEMPLATE["model"].items() if k != "name"}
 
 
 # -- processes ---------------------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_sigterm_to_the_group_reaches_grandchildren(state: State, tmp_path: Path
                       f"open({str(pidfile)!r}, 'w').write(str(c.pid))\ntime.sleep(60)\n")
     spawner = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
     deadline = time.monotonic() + 10
-    while not pidfile.exists() and time.monotonic() < deadline:
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pidfile.read_text())
     assert proc.signal_group(spawner.pid, signal.SIGTERM)

@@ -37,7 +37,7 @@ def test_only_the_state_package_speaks_sql() -> None:
 
 def test_only_the_ollama_adapter_speaks_http() -> None:
     http = [p.name for p in SERVICE_MODULES if {"httpx", "requests", "urllib3", "http", "ollama"} & imports(p)
-            and p.name != "ollama.py"]
+            and p.name != "ollama_client.py"]
     assert http == []
 
 

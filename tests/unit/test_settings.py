@@ -219,7 +219,7 @@ def test_example_config_documents_every_key_and_is_valid() -> None:
     stack: list[tuple[int, str]] = []
     for line in text.splitlines():
         m = re.match(r"^(\s*)#?\s?([a-z_]+):(?:\s|$)", line)
-        if not m or line.lstrip().startswith("# ") and not re.match(r"^\s*#\s?[a-z_]+:", line):
+        if not m or (line.lstrip().startswith("# ") and not re.match(r"^\s*#\s?[a-z_]+:", line)):
             continue
         indent = len(m.group(1))
         while stack and stack[-1][0] >= indent:

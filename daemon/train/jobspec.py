@@ -1,0 +1,153 @@
+"""A training job as values (pure): its config with every path absolute, its argv, and what its exit code and
+``metrics.jsonl`` lines mean. :mod:`daemon.train.runner` writes and runs what this builds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import signal
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.train import templates
+
+# The job config template: the seed's shape. configs/chatos_qlora.yaml is this, documented (a test keeps them equal).
+DEFAULT_TEMPLATE: dict[str, Any] = {
+    "job_id": None,
+    "backend": "auto",
+    "model": {"name": None, "chat_template": "qwen-2.5", "max_seq_length": 1024, "load_in_4bit": True},
+    "template": None,
+    "dataset": {"train_path": None, "eval_path": None},
+    "training": {
+        "output_dir": None,
+        "learning_rate": 2e-4,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+        "warmup_ratio": 0.05,
+        "weight_decay": 0.01,
+        "num_train_epochs": 1,
+        "max_steps": 60,
+        "logging_steps": 1,
+        "eval_steps": 20,
+        "save_steps": 0,
+        "seed": 3407,
+    },
+    "lora": {
+        "r": 16,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+    "metrics": {"output_path": None},
+    "result": {"output_path": None},
+    "gate": {"champion_adapter": None},
+}
+
+# Exit codes of train_qlora.py -> (job status, what it means).
+EXIT_MEANING = {
+    0: ("succeeded", "ok"),
+    2: ("failed", "bad training config"),
+    3: ("failed", "data problem"),
+    4: ("failed", "out of memory"),
+    1: ("failed", "trainer error"),
+    143: ("cancelled", "terminated by SIGTERM"),
+}
+
+
+def new_job_id(now: datetime | None = None) -> str:
+    return f"j-{(now or datetime.now(UTC)):%Y%m%dT%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def is_local_model(name: str) -> bool:
+    """A local folder (absolute, relative, ``~``) rather than a hub id like ``Qwen/Qwen2.5-0.5B``."""
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
+def render_job_config(
+    template: Mapping[str, Any],
+    *,
+    job_id: str,
+    job_dir: Path,
+    base_model: str,
+    chat_template: str,
+    backend: str,
+    train_path: Path,
+    eval_path: Path,
+    max_steps: int,
+    champion_adapter: Path | None,
+    base_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The trainer's config, with every path absolute (relative ones resolved against ``base_dir``, default cwd).
+
+    Raises :class:`templates.UnknownTemplate` for an unknown chat template name.
+    """
+    base = (base_dir or Path.cwd()).absolute()
+
+    def absolute(p: str | Path) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).absolute())
+
+    tmpl = templates.get(chat_template)
+    job_dir = Path(absolute(job_dir))
+    cfg = _deep_merge(DEFAULT_TEMPLATE, template)
+    cfg["job_id"] = job_id
+    cfg["backend"] = backend
+    cfg["model"]["name"] = absolute(base_model) if is_local_model(base_model) else base_model
+    cfg["model"]["chat_template"] = tmpl.name
+    cfg["template"] = templates.trainer_block(tmpl.name)
+    cfg["dataset"] = {"train_path": absolute(train_path), "eval_path": absolute(eval_path)}
+    cfg["training"]["output_dir"] = str(job_dir / "output")
+    cfg["training"]["max_steps"] = int(max_steps)
+    cfg["metrics"] = {"output_path": str(job_dir / "metrics.jsonl")}
+    cfg["result"] = {"output_path": str(job_dir / "result.json")}
+    cfg["gate"] = {"champion_adapter": absolute(champion_adapter) if champion_adapter else None}
+    return cfg
+
+
+def trainer_argv(python: Path, script: Path, config: Path) -> list[str]:
+    """``[python, /abs/train_qlora.py, --config, /abs/config.yaml]``: absolute paths only, no shell."""
+    for p in (python, script, config):
+        if not Path(p).is_absolute():
+            raise ValueError(f"not an absolute path: {p}")
+    return [str(python), str(script), "--config", str(config)]
+
+
+def interpret_exit(code: int | None) -> tuple[str, str]:
+    """An exit status -> (job status, reason)."""
+    if code is None:
+        return "failed", "no exit status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return "failed", f"killed by {name}"
+    return EXIT_MEANING.get(code, ("failed", f"trainer exited with status {code}"))
+
+
+def parse_metrics(buf: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """Complete JSON lines of ``buf`` (garbage lines skipped) and the incomplete rest."""
+    *lines, rest = buf.split(b"\n")
+    out = []
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out, rest
