@@ -22,7 +22,7 @@ def policy_input(settings: Settings, state: State, now: datetime) -> policy.Poli
     trained_v = progress.last_trained_dataset or None
     counts = state.examples.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
     last_run = progress.last_run_at
-    runs = state.cycles.runs_since(policy.day_start(now).isoformat())
+    runs = state.jobs.started_since(policy.day_start(now).isoformat())
     return policy.PolicyInput(
         new_examples=counts["new_since_dataset"],
         total_examples=counts["eligible"],

@@ -63,7 +63,7 @@ def run(cycle: Cycle) -> bool:
     with cycle.timed("train"):
         try:
             job = runner.start_job(state, python=t.python, config=cfg, dataset_version=version,
-                                   cycle_id=result.cycle_id, env=t.env)
+                                   cycle_id=result.cycle_id, env=t.env, created_at=cycle.now().isoformat())
         except OSError as exc:
             result.job_status = "failed"
             result.end(Outcome.TRAIN_FAILED, f"cannot start the trainer {t.python}: {exc.strerror or exc}")

@@ -59,6 +59,11 @@ class Jobs:
         ).fetchall()
         return [_row(r) for r in rows]
 
+    def started_since(self, iso: str) -> int:
+        """Jobs created at or after ``iso``: the training runs of the policy's daily limit. A job re-attached after
+        a restart is still one job, so it counts once."""
+        return int(self._db.conn.execute("SELECT COUNT(*) FROM jobs WHERE created_at >= ?", (iso,)).fetchone()[0])
+
     def running(self, job_id: str, *, pid: int, pid_start: int | None, started_at: str | None = None) -> None:
         """The trainer of ``job_id`` runs as ``pid`` (``started_at``: when it was spawned; None keeps the time
         recorded before, for a trainer found again after a restart)."""

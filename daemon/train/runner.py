@@ -125,8 +125,10 @@ def start_job(
     cycle_id: str | None,
     env: Mapping[str, str] | None = None,
     script: Path = TRAINER_SCRIPT,
+    created_at: str | None = None,
 ) -> Job:
-    """Create the job folder and config, spawn the trainer, record the job as running."""
+    """Create the job folder and config, spawn the trainer, record the job as running. ``created_at`` (ISO 8601,
+    the cycle's clock; now by default) dates the run for the policy's daily limit."""
     job_id = config["job_id"]
     job_dir = private_dir(Path(config["training"]["output_dir"]).parent)
     cfg_path = job_dir / "config.yaml"
@@ -142,7 +144,7 @@ def start_job(
         metrics_path=config["metrics"]["output_path"], result_path=config["result"]["output_path"],
         params={"backend": config["backend"], "model": config["model"], "training": config["training"],
                 "lora": config["lora"]},
-        created_at=utcnow(),
+        created_at=created_at or utcnow(),
     )
     row = new.as_dict()
     with state.transaction():

@@ -19,6 +19,7 @@ from daemon.ingest import ingestor
 from daemon.ingest import records as record_parser
 from daemon.state import JobRow, State
 from daemon.state import feedback as feedback_repo
+from daemon.train import runner
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday
 
@@ -134,3 +135,31 @@ def test_a_later_rating_does_not_replace_an_earlier_thumbs_vote(make_settings: A
 
 def test_the_quality_table_of_the_labels_is_chatos_own() -> None:
     assert feedback_repo.QUALITY_SCORE == record_parser.QUALITY_SCORE
+
+
+def test_a_re_attached_job_is_one_run_against_the_daily_limit(make_settings: Any, records: Path,
+                                                               fake_python: Path, base_model: Path) -> None:
+    """A job followed by two cycles (the one that started it, and the one that re-attached it after a restart) is
+    one training run: runs per day count jobs, dated by the cycle's clock."""
+    s = make(make_settings, fake_python, base_model, cooldown=0, max_runs_per_day=2)
+    clock = Clock()
+    with State(s.state_dir()) as st:
+        first = run_cycle(s, st, CycleRequest(None), now=clock)
+        assert first.job_id is not None, first.reason
+        row = st.jobs.get(first.job_id)
+        assert row is not None and row.created_at == clock().isoformat()
+        # the service restarts and re-attaches the job (its result.json is there): the cycle that follows it
+        clock.advance(60)
+        again = run_cycle(s, st, CycleRequest(None), now=clock, resume_job=runner.Job(row.as_dict()))
+        assert again.job_id == first.job_id and again.decision, again.reason
+        assert st.jobs.started_since(clock().replace(hour=0, minute=0).isoformat()) == 1
+        # new data: one run so far today, so a second is allowed (the limit is 2)
+        write_lines(logs_file(records, "2025-12-06"), [rec("e00000000099", quality="good", answer="new")])
+        clock.advance(60)
+        second = run_cycle(s, st, CycleRequest(None), now=clock)
+        assert second.job_id is not None and second.job_id != first.job_id, second.reason
+        # and a third is not
+        write_lines(logs_file(records, "2025-12-07"), [rec("e00000000098", quality="good", answer="newer")])
+        clock.advance(60)
+        third = run_cycle(s, st, CycleRequest(None), now=clock)
+        assert third.job_id is None and "daily limit reached: 2/2 runs today" in third.reason, third.reason
