@@ -4,7 +4,8 @@
 connection and joining the same transaction: ``cursors`` (files read so far), ``conversations`` (with where each was
 seen), ``rejects`` (lines that did not parse), ``feedback`` (events and labels), ``examples`` (the dataset filter
 and the example cache), ``datasets`` (versions, members, eval pins), ``cycles``, ``jobs``, ``models`` and
-``service`` (the champion, ``latest``, the training backoff, a pending export). Rows are typed (``rows.py``); the
+``service`` (the champion, ``latest``, the training backoff, a pending export) and ``pruned`` (what disk
+retention removed). Rows are typed (``rows.py``); the
 schema is a list of migrations keyed by ``PRAGMA user_version`` (``migrations.py``). Files and folders created
 here are private (0700 / 0600). Imports only the standard library.
 """
@@ -25,6 +26,7 @@ from daemon.state.examples import Examples
 from daemon.state.feedback import Feedback
 from daemon.state.jobs import Jobs
 from daemon.state.models import Models
+from daemon.state.pruned import Pruned
 from daemon.state.rows import (
     CycleRow,
     DatasetRow,
@@ -70,6 +72,7 @@ class State:
         self.jobs = Jobs(self._db)
         self.models = Models(self._db)
         self.service = Service(self._db)
+        self.pruned = Pruned(self._db)
 
     def close(self) -> None:
         self._db.close()

@@ -40,8 +40,11 @@ class Datasets:
         ).fetchone()
         return _row(r) if r else None
 
-    def all(self) -> list[DatasetRow]:
-        rows = self._db.conn.execute(f"SELECT {_COLS}, manifest FROM datasets ORDER BY version").fetchall()
+    def all(self, *, manifest: bool = True) -> list[DatasetRow]:
+        """Every version, oldest first; without manifests (``{}``) when ``manifest`` is False."""
+        rows = self._db.conn.execute(
+            f"SELECT {_COLS}," + (" manifest" if manifest else " '{}'") + " FROM datasets ORDER BY version"
+        ).fetchall()
         return [_row(r) for r in rows]
 
     def add(self, row: DatasetRow, splits: Mapping[str, Sequence[str]], manifest_text: str | None = None) -> None:

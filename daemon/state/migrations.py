@@ -134,4 +134,12 @@ MIGRATIONS: list[str] = [
     FROM kv WHERE key = 'export_pending' AND json_valid(value) AND json_type(value, '$.job_id') = 'text';
     DROP TABLE kv;
     """,
+    # 8: what disk retention removed: a job's bulky artifacts, a dataset version's files, a model version's GGUF
+    # (kind, key), when, and how many bytes it freed. The rows they belonged to stay, for history and lineage.
+    """
+    CREATE TABLE pruned (
+        kind TEXT NOT NULL, key TEXT NOT NULL, pruned_at TEXT NOT NULL, freed INTEGER NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+    """,
 ]

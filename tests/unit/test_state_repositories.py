@@ -178,7 +178,7 @@ def test_migration_7_carries_the_key_value_state_over(tmp_path: Path) -> None:
         "export_pending": json.dumps(pending),
     })
     with State(tmp_path / "st") as st:
-        assert st.schema_version == len(MIGRATIONS) == 7
+        assert st.schema_version == len(MIGRATIONS) == 8
         assert st.service.get() == ServiceRow(
             champion_job="j-7", last_trained_dataset=4, last_run_at="2026-01-02T03:04:05+00:00",
             last_ingest_at="2026-01-02T03:00:00Z", train_failures=3, train_backoff_until="2026-01-02T04:00:00+00:00",
@@ -227,3 +227,13 @@ def test_migrate_raises_state_error_when_a_migration_fails_and_leaves_nothing_ha
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
     assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'kv'").fetchone() is not None
     conn.close()
+
+
+def test_pruned_records_what_retention_removed(state: State) -> None:
+    assert state.pruned.keys("job") == set() and state.pruned.freed() == 0
+    with state.transaction():
+        state.pruned.mark("job", "j-1", at="2026-12-05T00:00:00+00:00", freed=100)
+        state.pruned.mark("dataset", "3", at="2026-12-05T00:00:00+00:00", freed=50)
+        state.pruned.mark("job", "j-1", at="2026-12-06T00:00:00+00:00", freed=100)  # again: one row
+    assert state.pruned.keys("job") == {"j-1"} and state.pruned.keys("dataset") == {"3"}
+    assert state.pruned.keys("gguf") == set() and state.pruned.freed() == 150
