@@ -2,7 +2,7 @@
 
 Pure but for :func:`load_config` (reads the file) and the champion check (a file exists): raw YAML mapping ->
 normalised config dict, or every problem as ``At 'section.key': message``. The contract is documented in
-``configs/chatos_qlora.yaml``; the service writes it (``daemon.train.runner.render_job_config``).
+``configs/chatos_qlora.yaml``; the service writes it (``daemon.train.jobspec.render_job_config``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from helpers import logs_file, rec, write_lines
 
 from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.state import State
-from daemon.train import runner
+from daemon.train import jobspec, runner
 
 FAKE_TRAINER = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
 SECRET = "my password is hunter2 and my email is a@b.example"
@@ -75,9 +75,9 @@ def test_conversation_text_never_reaches_a_command_line(
 
 def test_argv_and_config_carry_paths_only(tmp_path: Path) -> None:
     """The pure half: a rendered config and the trainer argv hold paths and settings, no text."""
-    cfg = runner.render_job_config({}, job_id="j", job_dir=tmp_path / "j", base_model=str(tmp_path),
+    cfg = jobspec.render_job_config({}, job_id="j", job_dir=tmp_path / "j", base_model=str(tmp_path),
                                    chat_template="qwen-2.5", backend="auto", train_path=tmp_path / "train.jsonl",
                                    eval_path=tmp_path / "eval.jsonl", max_steps=1, champion_adapter=None)
-    argv = runner.trainer_argv(Path("/usr/bin/python3"), runner.TRAINER_SCRIPT, tmp_path / "j" / "config.yaml")
+    argv = jobspec.trainer_argv(Path("/usr/bin/python3"), runner.TRAINER_SCRIPT, tmp_path / "j" / "config.yaml")
     assert all(a.startswith("/") or a == "--config" for a in argv)
     assert SECRET not in repr(cfg) and SECRET not in " ".join(argv)  # data travels by file path only
