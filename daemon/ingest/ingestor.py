@@ -25,7 +25,7 @@ from typing import Any
 from daemon import codec, faults, log, proc
 from daemon.dataset import builder as dataset
 from daemon.dataset import examples
-from daemon.ingest import records, tail
+from daemon.ingest import blocks, records, tail
 from daemon.ingest import worker as parse_worker
 from daemon.ingest.records import Conversation, ConvTuple, Kind, Rejected, Rejection
 from daemon.settings import Settings
@@ -406,7 +406,7 @@ class Ingestor:
             if isinstance(block, tail.Oversize):
                 yield block
             else:
-                yield block.first, block.offset, [len(x) for x in block.lines], records.parse_block(
+                yield block.first, block.offset, [len(x) for x in block.lines], blocks.parse_block(
                     block.lines, kind, self._top), []
 
 
