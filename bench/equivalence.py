@@ -269,7 +269,7 @@ def check_fast_paths(cases: int = 20000) -> list[str]:
     import random
 
     from daemon.dataset import builder as dataset
-    from daemon.ingest import records
+    from daemon.ingest import fast_paths, records
 
     rng = random.Random(7)
     problems = []
@@ -278,7 +278,7 @@ def check_fast_paths(cases: int = 20000) -> list[str]:
         raw = _mutant(rng, kind)
         slow = records.parse_conversation(raw, kind)  # type: ignore[arg-type]
         want = slow if isinstance(slow, records.Rejection) else records.fields_of(slow)
-        got = records.parse_fields(raw, kind)  # type: ignore[arg-type]
+        got = fast_paths.parse_fields(raw, kind)  # type: ignore[arg-type]
         if got != want:
             problems.append(f"parse_fields case {i}: {raw[:120]!r}: {got} != {want}")
     for i in range(2000):

@@ -1,10 +1,12 @@
 """Parse one ChatOS record (all three shapes) or one sidecar feedback event into a typed value, or say why not.
 
 Pure: bytes in, a record or a :class:`Rejection` out. Never raises on any input.
-Shapes (see docs/chatos-store.md): full ``logs/`` records, ``training_data/*.jsonl`` training records,
-``training_data/*.json`` single objects with a top-level ``feedback_score``; plus ``feedback/*.jsonl`` events.
-:func:`parse_block` turns a block of lines into what ingest stores (the parse worker, ``ingest.worker``, runs it
-in a child process during a bulk ingest).
+Shapes (see "How it works" in README.md and docs/chatos-integration.md): full ``logs/`` records,
+``training_data/*.jsonl`` training records, ``training_data/*.json`` single objects with a top-level
+``feedback_score``; plus ``feedback/*.jsonl`` events. This module holds the shapes, their values and the careful
+parsers, which say exactly why a line is rejected; ``ingest.fast_paths`` parses the common valid lines in one pass
+to the same values, and ``ingest.blocks`` turns a block of lines into what ingest stores (the parse worker,
+``ingest.worker``, runs it in a child process during a bulk ingest).
 """
 
 from __future__ import annotations
@@ -17,20 +19,12 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any, Literal, NamedTuple
 
-from daemon import codec
-from daemon.codec import messages_json
-
 Kind = Literal["logs", "training", "training_json", "feedback"]
 ROLES = frozenset({"user", "assistant", "system"})
 QUALITY_SCORE = {"excellent": 1, "good": 1, "acceptable": 0, "unrated": 0, "poor": -1, "failed": -1}
 # Source rank: content from logs/ wins over training_data/ copies.
 RANK = {"logs": 2, "training": 1, "training_json": 1}
-_CID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
-# What json.loads runs, configured as json.loads's default decoder.
-_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-# The store's JSON codec (orjson when installed); json still decides every line orjson refuses (see parse_fields).
-_orjson_loads = codec.orjson_loads
-_OrjsonError = codec.OrjsonError
+CID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +176,7 @@ def _cid(value: Any, where: str) -> str | Rejection:
         return Rejection(f"missing '{where}'")
     if not isinstance(value, str):
         return Rejection(f"field '{where}' must be a string, got {_type(value)}")
-    if not _CID_RE.match(value):
+    if not CID_RE.match(value):
         return Rejection(f"field '{where}' is not a valid id ({len(value)} chars)")
     return value
 
@@ -309,100 +303,9 @@ class Fields(NamedTuple):
     usable: bool
 
 
-def parse_fields(raw: bytes, kind: Kind) -> Fields | Rejection:
-    """:func:`parse_conversation` for ``logs`` and ``training`` lines, as :class:`Fields`: the same records
-    accepted, with the same values, and the same rejection reasons.
-
-    A record that is valid in the ordinary way is checked and unpacked in one pass; anything else (including every
-    line that will be rejected) goes through :func:`parse_conversation`, which says exactly why.
-    """
-    if _orjson_loads is not None:
-        # orjson refuses what json would refuse, and more (NaN, lone surrogates, huge numbers): any refusal goes
-        # the careful way, which decides with json. What it accepts, it decodes as json does for every field read.
-        # (So a line needs no look for a lone surrogate escape: orjson refuses every one.)
-        try:
-            obj = _orjson_loads(raw)
-        except _OrjsonError:
-            obj = None
-        end = length = 0
-    else:
-        if b"\\ud" in raw or b"\\uD" in raw:  # a surrogate escape, maybe unpaired: the careful way checks it
-            return _slow_fields(raw, kind)
-        try:
-            text = raw.decode("utf-8")
-            # json.loads minus its Python wrapper (a third of its cost on 1-2 KiB lines): the same C scanner,
-            # accepted only when the value spans the whole line. Leading or trailing whitespace goes the slow way.
-            obj, end = _scan_once(text, 0)
-        except (ValueError, RecursionError, StopIteration):  # UnicodeDecodeError is a ValueError
-            obj, end, text = None, -1, ""
-        length = len(text)
-    if end == length and type(obj) is dict:
-        fields = _fast_fields(obj, kind)
-        if fields is not None:
-            return fields
-    return _slow_fields(raw, kind)
-
-
-def _slow_fields(raw: bytes, kind: Kind) -> Fields | Rejection:
-    rec = parse_conversation(raw, kind)
-    return rec if isinstance(rec, Rejection) else fields_of(rec)
-
-
 def fields_of(rec: Conversation) -> Fields:
     return Fields(rec.conversation_id, [(m.role, m.content) for m in rec.messages], rec.mode, rec.model, rec.quality,
                   rec.thumbs_up, rec.started_at, rec.usable)
-
-
-def _fast_fields(obj: dict[str, Any], kind: Kind) -> Fields | None:
-    """The common case of :func:`parse_conversation` (``logs`` / ``training``); None when anything is unusual."""
-    msgs = obj.get("messages")
-    if type(msgs) is not list or not msgs:
-        return None
-    pairs = []
-    user = assistant = False
-    filled = True
-    for m in msgs:
-        if type(m) is not dict:
-            return None
-        role, content = m.get("role"), m.get("content")
-        if type(content) is not str:
-            return None
-        if role == "user":
-            user = True
-        elif role == "assistant":
-            assistant = True
-        elif role != "system":
-            return None
-        if not content or content.isspace():  # == not content.strip(), without the copy
-            filled = False
-        pairs.append((role, content))
-    if kind == "logs":
-        src = obj
-        cid, mode, model = obj.get("conversation_id"), obj.get("mode"), obj.get("chosen_model")
-        started = obj.get("started_at")
-    elif kind == "training":
-        meta = obj.get("metadata", {})
-        if meta is None:
-            meta = {}
-        if type(meta) is not dict:
-            return None
-        src = meta
-        cid, mode, model = meta.get("conversation_id"), meta.get("mode"), meta.get("model")
-        started = meta.get("timestamp")
-    else:
-        return None
-    quality, thumbs = src.get("quality"), src.get("thumbs_up")
-    if type(cid) is not str or not _CID_RE.match(cid) or not (thumbs is None or type(thumbs) is bool):
-        return None
-    for v in (mode, model, quality, started):
-        if v is not None and type(v) is not str:
-            return None
-    if quality is not None:
-        quality = quality.strip().lower() or None
-    if model is None and kind == "logs":
-        model = next((m.get("model") for m in msgs if m.get("role") == "assistant"), None)
-        model = model if isinstance(model, str) else None
-    return Fields(cid, pairs, mode or "normal", model, quality, thumbs, started, user and assistant and filled)
 
 
 def normalise_timestamp(value: str) -> str | None:
@@ -443,42 +346,7 @@ def parse_feedback(raw: bytes) -> FeedbackEvent | Rejection:
     return FeedbackEvent(str(cid), thumbs, quality, note, norm_ts)  # type: ignore[arg-type]
 
 
-# The form normalise_timestamp gives: a valid time in this form is its own normal form.
-_CANONICAL_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}")
-
-
-def _fast_feedback(raw: bytes) -> FeedbackTuple | None:
-    """The common case of :func:`parse_feedback` (orjson accepts the line, every field has its usual type, the
-    timestamp is already in the normal form) as ingest stores it; None for anything else, which goes the careful
-    way. Same values as the careful way."""
-    try:
-        obj = _orjson_loads(raw)
-    except _OrjsonError:
-        return None
-    if type(obj) is not dict:
-        return None
-    cid, thumbs, quality, note, ts = (obj.get("conversation_id"), obj.get("thumbs_up"), obj.get("quality"),
-                                      obj.get("feedback"), obj.get("timestamp"))
-    if type(cid) is not str or not _CID_RE.match(cid) or not (thumbs is None or type(thumbs) is bool):
-        return None
-    if (note is not None and type(note) is not str) or type(ts) is not str or not _CANONICAL_TS.fullmatch(ts):
-        return None
-    try:
-        datetime.fromisoformat(ts)  # a real date and time (month 13 is not)
-    except ValueError:
-        return None
-    if quality is not None:
-        if type(quality) is not str:
-            return None
-        quality = quality.strip().lower() or None
-        if quality is not None and quality not in QUALITY_SCORE:
-            return None
-    if thumbs is None and quality is None:
-        return None
-    return (cid, thumbs, quality, note, ts, score(thumbs, quality))
-
-
-# -- batches: what ingest stores per line ------------------------------------------------------------------------
+# -- what ingest stores per line ---------------------------------------------------------------------------------
 
 
 # One accepted conversation line, as stored: (cid, messages JSON or None, mode, model, quality, thumbs_up,
@@ -495,42 +363,3 @@ class Rejected(NamedTuple):
 
 def line_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=12).hexdigest()
-
-
-def parse_block(
-    lines: list[bytes], kind: Kind, known: set[str] | frozenset[str] = frozenset(),
-    pairs: list[list[tuple[str, str]] | None] | None = None,
-) -> list[ConvTuple | FeedbackTuple | Rejected]:
-    """Each line of a ``logs``, ``training`` or ``feedback`` file as ingest stores it, or why it is rejected.
-    ``known``: ids whose content is known to come from a higher-ranked source already; a ``training`` line for one
-    of those carries no messages (ingest only records where it was seen). ``pairs``, when given, gets each
-    conversation line's messages as (role, content) pairs (None for a rejected line)."""
-    out: list[ConvTuple | FeedbackTuple | Rejected] = []
-    if kind == "feedback":
-        for data in lines:
-            fast = _fast_feedback(data) if _orjson_loads is not None else None
-            if fast is not None:
-                out.append(fast)
-                continue
-            ev = parse_feedback(data)
-            if isinstance(ev, Rejection):
-                out.append(Rejected(ev.reason, line_hash(data)))
-            else:
-                ts = ev.timestamp or datetime.now().isoformat(timespec="microseconds")
-                out.append((ev.conversation_id, ev.thumbs_up, ev.quality, ev.note, ts, ev.score))
-        return out
-    skip = known if kind == "training" else frozenset()
-    for data in lines:
-        f = parse_fields(data, kind)
-        if isinstance(f, Rejection):
-            out.append(Rejected(f.reason, line_hash(data)))
-            if pairs is not None:
-                pairs.append(None)
-            continue
-        if pairs is not None:
-            pairs.append(f.messages)
-        cid, thumbs, quality = f.conversation_id, f.thumbs_up, f.quality
-        msgs = None if cid in skip else messages_json(f.messages)
-        out.append((cid, msgs, f.mode, f.model, quality, thumbs, score(thumbs, quality), rated(thumbs, quality),
-                    f.usable, f.started_at))
-    return out

@@ -24,7 +24,8 @@ from typing import Any
 from daemon import faults, log
 from daemon.dataset import examples
 from daemon.ingest import tail
-from daemon.ingest.records import Kind, parse_block, score
+from daemon.ingest.blocks import parse_block
+from daemon.ingest.records import Kind, score
 
 _log = log.get("daemon.ingest")
 

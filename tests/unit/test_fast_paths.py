@@ -15,7 +15,7 @@ import pytest
 from daemon import codec
 from daemon.dataset import builder as dataset
 from daemon.dataset import examples, pii
-from daemon.ingest import records, tail
+from daemon.ingest import blocks, fast_paths, records, tail
 
 ODD: list[Any] = [None, True, False, 0, 1.5, "", " ", "x", "GOOD ", "Excellent", "stellar", [], {}, ["a"], {"a": 1},
                   "\ud800", "\udc00x", "é😀", "a\u0000b", 10**20, "  \n", "unrated", "2026-13-01T00:00:00.000000",
@@ -25,10 +25,10 @@ ODD: list[Any] = [None, True, False, 0, 1.5, "", " ", "x", "GOOD ", "Excellent",
 @pytest.fixture(params=["orjson", "json"])
 def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     if request.param == "json":
-        monkeypatch.setattr(records, "_orjson_loads", None)
+        monkeypatch.setattr(fast_paths, "_orjson_loads", None)
         monkeypatch.setattr(codec, "orjson_dumps", None)
     else:
-        assert records._orjson_loads is not None, "orjson is a dependency: it should be installed"
+        assert fast_paths._orjson_loads is not None, "orjson is a dependency: it should be installed"
     yield request.param
 
 
@@ -86,7 +86,7 @@ def test_parse_block_matches_the_careful_parser(decoder: str) -> None:
     for _ in range(6000):
         kind = rng.choice(["logs", "training", "feedback"])
         raw = feedback_line(rng) if kind == "feedback" else conversation_line(rng, kind)
-        got = records.parse_block([raw], kind)[0]  # type: ignore[arg-type]
+        got = blocks.parse_block([raw], kind)[0]  # type: ignore[arg-type]
         if kind == "feedback":
             ev = records.parse_feedback(raw)
             if isinstance(ev, records.Rejection):
