@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import need
+from ollama_standin import StandinServer
 from trainjobs import LLAMA_CPP_DIR, TIMEOUT_S, TINYMODEL, Job, make_job, trainer_env, training_stack_missing
 
 
@@ -49,3 +50,19 @@ def job_factory(tmp_path: Path) -> Callable[..., Job]:
         return make_job(tmp_path / name, model, **kw)
 
     return factory
+
+
+@pytest.fixture
+def ollama_standin(tmp_path: Path) -> Iterator[StandinServer]:
+    """The Ollama stand-in for the e2e cycles, answering chats with its canned reply.
+
+    The GGUFs these cycles export are real (the real merge and converter) but come from tiny models with random
+    weights: in the llama.cpp engine their greedy answer is usually empty, which the registry's smoke chat rightly
+    fails for a real model. Running a real GGUF in the engine is tested where the answer does not matter
+    (tests/integration/test_ollama.py, use_llama=True); here the engine would only test the random weights.
+    """
+    srv = StandinServer(tmp_path / "ollama-standin", use_llama=False).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

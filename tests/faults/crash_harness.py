@@ -413,9 +413,12 @@ def db(world: World) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def _kv(conn: sqlite3.Connection, key: str) -> str | None:
-    row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-    return row[0] if row and row[0] != "" else None
+def _service(conn: sqlite3.Connection, column: str) -> str | None:
+    """One column of the service's own row (migration 7: champion_job, latest_model, ...), as text."""
+    if column not in ("champion_job", "latest_model"):
+        raise ValueError(column)
+    row = conn.execute(f"SELECT {column} FROM service WHERE id = 1").fetchone()
+    return None if row is None or row[0] in (None, "") else str(row[0])
 
 
 def check_crash(world: World) -> list[str]:
@@ -433,7 +436,7 @@ def check_crash(world: World) -> list[str]:
         if dup:
             v.append(f"feedback counted twice: {dup[:3]}")
         models = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT version, tag, status FROM models")}
-        latest = _kv(conn, "latest_model")
+        latest = _service(conn, "latest_model")
     tags = ollama_tags(world)
     v_digests = {d for name, d in tags.items() if name.startswith(f"{MODEL}:v")
                  and int(name.rsplit(":v", 1)[1]) in models}
@@ -518,10 +521,10 @@ def check_settled(world: World) -> list[str]:
         unsettled = [(m[0], m[2]) for m in models if m[2] not in ("registered", "deleted")]
         if unsettled:
             v.append(f"model versions not registered after settling: {unsettled}")
-        champion = _kv(conn, "champion_job")
+        champion = _service(conn, "champion_job")
         if champion and champion not in by_job:
             v.append(f"champion job {champion} was promoted but never exported")
-        latest = _kv(conn, "latest_model")
+        latest = _service(conn, "latest_model")
         registered = [m for m in models if m[2] == "registered"]
     tags = ollama_tags(world)
     in_ollama = {n for n in tags if n.startswith(f"{MODEL}:v")}

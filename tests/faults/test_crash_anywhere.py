@@ -62,7 +62,7 @@ def test_kill_anywhere_then_restart_loses_nothing(tmp_path: Path) -> None:
             conn.execute("INSERT INTO feedback (path, line, cid, thumbs_up, quality, note, ts, score)"
                          " SELECT path, line, cid, thumbs_up, quality, note, ts, score FROM feedback LIMIT 1")
             conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = (SELECT MAX(job_id) FROM jobs)")
-            conn.execute("UPDATE kv SET value = '1' WHERE key = 'latest_model'")
+            conn.execute("UPDATE service SET latest_model = 1 WHERE id = 1")
             conn.commit()
         latest_ds = max((world.state_dir / "datasets").glob("v*"), key=lambda p: int(p.name[1:]))
         (latest_ds / "eval.jsonl").write_text("tampered\n")
