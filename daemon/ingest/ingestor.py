@@ -23,8 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemon import codec, faults, log, proc
-from daemon.dataset import builder as dataset
-from daemon.dataset import examples
+from daemon.dataset import examples, selection
 from daemon.ingest import records, tail
 from daemon.ingest import worker as parse_worker
 from daemon.ingest.records import Conversation, ConvTuple, Kind, Rejected, Rejection
@@ -433,7 +432,7 @@ def _upsert(st: State, batch: list[tuple[ConvTuple, int, int]], path: str, rank:
 def ingest(settings: Settings, state: State, paths: Iterable[str] | None = None) -> IngestReport:
     """Read what is new in the store (all of it, or just ``paths``) into state."""
     ingestor = Ingestor(state, settings.store.root, max_line_bytes=settings.store.max_line_bytes,
-                   examples=dataset.example_spec(settings.dataset))
+                   examples=selection.example_spec(settings.dataset))
     report = ingestor.scan(paths)
     with state.transaction():
         state.service.set_last_ingest_at(utcnow())

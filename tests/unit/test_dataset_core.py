@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.dataset import pii
-from daemon.dataset.builder import Example, dedup_key, fingerprint, select, split, split_bucket
+from daemon.dataset.manifest import fingerprint
+from daemon.dataset.selection import Example, dedup_key, select, split, split_bucket
 from daemon.settings import DatasetSettings
 from daemon.state import Eligible
 
