@@ -141,7 +141,7 @@ def test_min_eval_is_topped_up_with_pins() -> None:
     assert len(evals) == 3 and len(train) == 3 and len(pins) == 3
     assert {e.cid for e in evals} == pins
     # pins keep them in eval later even though their bucket says train
-    train2, evals2, pins2 = split([*exs, ex("ffffffffffff")], 0.0, 3, pins)
+    _train2, evals2, pins2 = split([*exs, ex("ffffffffffff")], 0.0, 3, pins)
     assert {e.cid for e in evals2} == pins and not pins2
 
 
