@@ -117,6 +117,12 @@ def test_pii_leaves_ordinary_text_alone(text: str) -> None:
 # -- split -------------------------------------------------------------------------------------------------
 
 
+def test_pii_multi_character_hints_match_the_secret_hints() -> None:
+    """may_contain's byte-level gate (_MULTI_HINTS) names exactly the longer secret hints: one missing there would
+    let a secret that holds only it skip the scrub. (Was an import-time assert in pii.py.)"""
+    assert {h.decode() for _, hs in pii._MULTI_HINTS for h in hs} == {h for h in pii._SECRET_HINTS if len(h) > 1}
+
+
 def test_split_bucket_is_stable_and_uniform_enough() -> None:
     assert split_bucket("a1b2c3d4e5f6") == split_bucket("a1b2c3d4e5f6")
     buckets = [split_bucket(f"{i:012x}") for i in range(5000)]
