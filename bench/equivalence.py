@@ -268,7 +268,7 @@ def check_fast_paths(cases: int = 20000) -> list[str]:
     == its plain loop (read_blocks and dedup: tests/unit/test_fast_paths.py)."""
     import random
 
-    from daemon.dataset import builder as dataset
+    from daemon.dataset import manifest, selection
     from daemon.ingest import fast_paths, records
 
     rng = random.Random(7)
@@ -290,12 +290,12 @@ def check_fast_paths(cases: int = 20000) -> list[str]:
                                "sources": srcs, "after": rng.choice(["\0sources\0", "x", 1.5, None])}
         if rng.random() < 0.1 and srcs:
             srcs[0]["extra"] = 1
-        if dataset.manifest_bytes(man) != json.dumps(man, indent=1).encode():
+        if manifest.manifest_bytes(man) != json.dumps(man, indent=1).encode():
             problems.append(f"manifest_bytes case {i} differs from json.dumps(indent=1)")
     for i in range(20000):  # the model counter against its plain definition (dedup: tests/unit/test_fast_paths.py)
-        cands = [dataset.Example(rng.choice("abcdefgh"), (), "m", rng.choice([None, "", "a", "unknown"]), 1, "/p", 0,
+        cands = [selection.Example(rng.choice("abcdefgh"), (), "m", rng.choice([None, "", "a", "unknown"]), 1, "/p", 0,
                                  1, b"x", b"k") for _ in range(rng.randint(0, 10))]
-        if sorted(dataset._models(cands).items()) != sorted(Counter(e.model or "unknown" for e in cands).items()):
+        if sorted(manifest._models(cands).items()) != sorted(Counter(e.model or "unknown" for e in cands).items()):
             problems.append(f"_models case {i} differs from Counter(model or 'unknown')")
     return problems[:20]
 

@@ -23,8 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemon import log, proc
-from daemon.dataset import builder as dataset
-from daemon.dataset import examples
+from daemon.dataset import examples, selection
 from daemon.ingest import blocks, records, tail
 from daemon.ingest import worker as parse_worker
 from daemon.ingest.file_read import FileRead, IngestReport, ParsedBlock
@@ -271,7 +270,7 @@ class Ingestor:
 def ingest(settings: Settings, state: State, paths: Iterable[str] | None = None) -> IngestReport:
     """Read what is new in the store (all of it, or just ``paths``) into state."""
     ingestor = Ingestor(state, settings.store.root, max_line_bytes=settings.store.max_line_bytes,
-                   examples=dataset.example_spec(settings.dataset))
+                   examples=selection.example_spec(settings.dataset))
     report = ingestor.scan(paths)
     with state.transaction():
         state.service.set_last_ingest_at(utcnow())

@@ -64,87 +64,125 @@ def day_start(now: datetime) -> datetime:
     return n.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def decide(inputs: PolicyInput, cfg: PolicySettings, now: datetime) -> Decision:
-    """Evaluate every rule at ``now`` (aware; naive raises ValueError) and explain the outcome."""
+@dataclass(frozen=True)
+class _Facts:
+    """What the rules look at, worked out once from the inputs, the config and ``now`` (all UTC)."""
+
+    now: datetime
+    last_run: datetime | None
+    since: str  # "since v<N>", or "(no model trained yet)"
+    ratio: float | None  # positive / total; None with no rated examples
+    cooldown_left: float  # seconds
+    open_win: OpenWindow | None
+    next_open: datetime | None
+    window_ok: bool
+
+
+def _facts(inputs: PolicyInput, cfg: PolicySettings, now: datetime) -> _Facts:
     now = _utc(now, "now")
     last_run = _utc(inputs.last_run_at, "last_run_at") if inputs.last_run_at is not None else None
-
     version = inputs.last_trained_version
     since = f"since v{version}" if version is not None else "(no model trained yet)"
     total, positive = inputs.total_examples, inputs.positive_examples
     ratio = positive / total if total > 0 else None
-
     cooldown_left = 0.0
     if last_run is not None:
         cooldown_left = max(0.0, cfg.cooldown - (now - last_run).total_seconds())
-
     open_win = current_window(cfg, now)
     next_open = next_window_open(cfg, now)
     window_ok = not cfg.windows or open_win is not None
+    return _Facts(now, last_run, since, ratio, cooldown_left, open_win, next_open, window_ok)
 
+
+def _data_blockers(inputs: PolicyInput, cfg: PolicySettings, f: _Facts) -> list[str]:
+    """The data thresholds that fail: new examples, total examples, positive ratio (in that order)."""
+    total, positive = inputs.total_examples, inputs.positive_examples
     blockers: list[str] = []
-    window_blocker: str | None = None
-    if inputs.job_running:
-        blockers.append("a training job is running")
     if inputs.new_examples < cfg.min_new_examples:
-        blockers.append(f"{inputs.new_examples}/{cfg.min_new_examples} new rated examples {since}")
+        blockers.append(f"{inputs.new_examples}/{cfg.min_new_examples} new rated examples {f.since}")
     if total < cfg.min_total_examples:
         blockers.append(f"{total}/{cfg.min_total_examples} rated examples in total")
-    if ratio is None:
+    if f.ratio is None:
         blockers.append("no rated examples yet, so no positive ratio")
-    elif ratio < cfg.min_positive_ratio:
+    elif f.ratio < cfg.min_positive_ratio:
         blockers.append(
             f"positive ratio {_pct(positive, total)} ({positive}/{total}) is below the required "
             f"{_pct_float(cfg.min_positive_ratio)}"
         )
+    return blockers
+
+
+def _timing_blockers(inputs: PolicyInput, cfg: PolicySettings, f: _Facts) -> list[str]:
+    """The timing rules that fail: the daily limit, then the cooldown (the windows are :func:`_window_blocker`)."""
+    now, blockers = f.now, []
     if inputs.runs_today >= cfg.max_runs_per_day:
         reset = day_start(now) + timedelta(days=1)
         blockers.append(
             f"daily limit reached: {inputs.runs_today}/{cfg.max_runs_per_day} runs today; "
             f"resets 00:00 UTC (in {_span(reset - now)})"
         )
-    if last_run is not None and cooldown_left > 0:
-        blockers.append(f"cooldown: {_span(timedelta(seconds=cooldown_left))} left (last run {_clock(last_run, now)})")
-    if not window_ok:
-        if next_open is None:
-            window_blocker = "outside training windows; none of them opens again"
-        else:
-            window_blocker = (
-                f"outside training windows; next opens {_clock(next_open, now)} (in {_span(next_open - now)})"
-            )
-        blockers.append(window_blocker)
+    if f.last_run is not None and f.cooldown_left > 0:
+        blockers.append(
+            f"cooldown: {_span(timedelta(seconds=f.cooldown_left))} left (last run {_clock(f.last_run, now)})"
+        )
+    return blockers
 
-    numbers: dict[str, Any] = {
-        "now": now.isoformat(),
+
+def _window_blocker(f: _Facts) -> str | None:
+    """Why no training window is open now, or None when one is (or none are configured)."""
+    if f.window_ok:
+        return None
+    if f.next_open is None:
+        return "outside training windows; none of them opens again"
+    return f"outside training windows; next opens {_clock(f.next_open, f.now)} (in {_span(f.next_open - f.now)})"
+
+
+def _numbers(inputs: PolicyInput, cfg: PolicySettings, f: _Facts) -> dict[str, Any]:
+    """The decision's figures for ``status`` (JSON-able)."""
+    return {
+        "now": f.now.isoformat(),
         "new_examples": inputs.new_examples,
         "min_new_examples": cfg.min_new_examples,
-        "total_examples": total,
+        "total_examples": inputs.total_examples,
         "min_total_examples": cfg.min_total_examples,
-        "positive_examples": positive,
-        "positive_ratio": ratio,
+        "positive_examples": inputs.positive_examples,
+        "positive_ratio": f.ratio,
         "min_positive_ratio": cfg.min_positive_ratio,
         "last_trained_version": inputs.last_trained_version,
-        "last_run_at": last_run.isoformat() if last_run else None,
+        "last_run_at": f.last_run.isoformat() if f.last_run else None,
         "cooldown_s": cfg.cooldown,
-        "cooldown_left_s": cooldown_left,
+        "cooldown_left_s": f.cooldown_left,
         "runs_today": inputs.runs_today,
         "max_runs_per_day": cfg.max_runs_per_day,
         "job_running": inputs.job_running,
         "windows": [{"cron": w.cron, "duration_s": w.duration} for w in cfg.windows],
-        "window_open": window_ok,
-        "window_opened_at": open_win.opened_at.isoformat() if open_win else None,
-        "window_closes_at": open_win.closes_at.isoformat() if open_win else None,
-        "next_window": next_open.isoformat() if next_open else None,
+        "window_open": f.window_ok,
+        "window_opened_at": f.open_win.opened_at.isoformat() if f.open_win else None,
+        "window_closes_at": f.open_win.closes_at.isoformat() if f.open_win else None,
+        "next_window": f.next_open.isoformat() if f.next_open else None,
     }
 
+
+def decide(inputs: PolicyInput, cfg: PolicySettings, now: datetime) -> Decision:
+    """Evaluate every rule at ``now`` (aware; naive raises ValueError) and explain the outcome."""
+    f = _facts(inputs, cfg, now)
+    window_blocker = _window_blocker(f)
+    blockers = [
+        *(["a training job is running"] if inputs.job_running else []),
+        *_data_blockers(inputs, cfg, f),
+        *_timing_blockers(inputs, cfg, f),
+        *([window_blocker] if window_blocker is not None else []),
+    ]
+    numbers = _numbers(inputs, cfg, f)
     if blockers:
         reason = blockers[0]
-        if window_blocker is not None and window_blocker is not reason and next_open is not None:
-            reason += f"; window opens {_clock(next_open, now)}"
-        return Decision(False, reason, numbers, blockers, next_open)
-
-    reason = f"ready: {inputs.new_examples} new rated examples {since}, {total} total, {_pct(positive, total)} positive"
-    return Decision(True, reason, numbers, [], next_open)
+        if window_blocker is not None and window_blocker is not reason and f.next_open is not None:
+            reason += f"; window opens {_clock(f.next_open, f.now)}"
+        return Decision(False, reason, numbers, blockers, f.next_open)
+    total, positive = inputs.total_examples, inputs.positive_examples
+    reason = (f"ready: {inputs.new_examples} new rated examples {f.since}, {total} total, "
+              f"{_pct(positive, total)} positive")
+    return Decision(True, reason, numbers, [], f.next_open)
 
 
 def current_window(cfg: PolicySettings, now: datetime) -> OpenWindow | None:

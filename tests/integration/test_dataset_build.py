@@ -225,7 +225,8 @@ def test_concurrent_feedback_appends_never_interleave(store: Path, tmp_path: Pat
     cfg.write_text(f"store:\n  root: {store}\nstate:\n  dir: st\n")
     code = ("import sys\nfrom daemon import cli\n"
             "for i in range(40):\n"
-            "    cli.main(['--config', sys.argv[1], 'feedback', f'{sys.argv[2]}{i:04d}', '--up', '--note', 'n' * 3000])\n")
+            "    cli.main(['--config', sys.argv[1], 'feedback', f'{sys.argv[2]}{i:04d}', '--up',"
+            " '--note', 'n' * 3000])\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(cfg), f"z{k}0000000"[:8]], stdout=subprocess.DEVNULL)
              for k in range(3)]
     assert all(p.wait(timeout=120) == 0 for p in procs)

@@ -206,12 +206,12 @@ def _build_dir(root: Path, state_dir: Path, make_settings: Any, worker: bool, mo
     ingest again, then build: the ids the build made entries for, the dataset's files, and the cache entries as
     they were before the build."""
     from daemon import api
-    from daemon.dataset import builder as dataset
+    from daemon.dataset import examples
 
     s = make_settings(**{"state": {"dir": str(state_dir)}, "store": {"root": str(root)},
                          "dataset": {"include_unrated": False, "min_score": 1}})
     made: list[str] = []
-    real = dataset.examples.cache_entry
+    real = examples.cache_entry
 
     def counted(cid: str, *a: Any, **kw: Any) -> Any:
         made.append(cid)
@@ -225,7 +225,7 @@ def _build_dir(root: Path, state_dir: Path, make_settings: Any, worker: bool, mo
             api.ingest(s, st)
             entries = st.conn.execute("SELECT cid, rev, cfg, dedup, pii, line, bucket FROM examples ORDER BY cid"
                                       ).fetchall()
-            m.setattr(dataset.examples, "cache_entry", counted)
+            m.setattr(examples, "cache_entry", counted)
             res = api.build_dataset(s, st, ingest_first=False)
     files = {p.name: p.read_bytes() for p in sorted(Path(str(res.path)).iterdir())}
     files["manifest.json"] = json.dumps({k: v for k, v in json.loads(files["manifest.json"]).items()

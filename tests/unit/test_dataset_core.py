@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.dataset import pii
-from daemon.dataset.builder import Example, dedup_key, fingerprint, select, split, split_bucket
+from daemon.dataset.manifest import fingerprint
+from daemon.dataset.selection import Example, dedup_key, select, split, split_bucket
 from daemon.settings import DatasetSettings
 from daemon.state import Eligible
 
@@ -116,6 +117,12 @@ def test_pii_leaves_ordinary_text_alone(text: str) -> None:
 # -- split -------------------------------------------------------------------------------------------------
 
 
+def test_pii_multi_character_hints_match_the_secret_hints() -> None:
+    """may_contain's byte-level gate (_MULTI_HINTS) names exactly the longer secret hints: one missing there would
+    let a secret that holds only it skip the scrub. (Was an import-time assert in pii.py.)"""
+    assert {h.decode() for _, hs in pii._MULTI_HINTS for h in hs} == {h for h in pii._SECRET_HINTS if len(h) > 1}
+
+
 def test_split_bucket_is_stable_and_uniform_enough() -> None:
     assert split_bucket("a1b2c3d4e5f6") == split_bucket("a1b2c3d4e5f6")
     buckets = [split_bucket(f"{i:012x}") for i in range(5000)]
@@ -140,7 +147,7 @@ def test_min_eval_is_topped_up_with_pins() -> None:
     assert len(evals) == 3 and len(train) == 3 and len(pins) == 3
     assert {e.cid for e in evals} == pins
     # pins keep them in eval later even though their bucket says train
-    train2, evals2, pins2 = split([*exs, ex("ffffffffffff")], 0.0, 3, pins)
+    _train2, evals2, pins2 = split([*exs, ex("ffffffffffff")], 0.0, 3, pins)
     assert {e.cid for e in evals2} == pins and not pins2
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from daemon import codec
-from daemon.dataset import builder as dataset
-from daemon.dataset import examples, pii
+from daemon.dataset import examples, manifest, pii
+from daemon.dataset import selection as dataset
 from daemon.ingest import blocks, fast_paths, records, tail
 
 ODD: list[Any] = [None, True, False, 0, 1.5, "", " ", "x", "GOOD ", "Excellent", "stellar", [], {}, ["a"], {"a": 1},
@@ -200,7 +200,7 @@ def test_manifest_byte_ranges_cover_exactly_the_records() -> None:
     for _ in range(3000):
         exs = [dataset.Example("c", (), "m", None, 1, rng.choice(["/a", "/b"]), rng.randint(0, 60), rng.randint(0, 9))
                for _ in range(rng.randint(0, 12))]
-        out = dataset._ranges(exs)
+        out = manifest._ranges(exs)
         assert [src["path"] for src in out] == sorted({e.src_path for e in exs})
         for src in out:
             mine = [(e.src_offset, e.src_offset + e.src_len) for e in exs if e.src_path == src["path"]]

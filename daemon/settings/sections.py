@@ -1,0 +1,180 @@
+"""The configuration's sections, one model each (``store``, ``dataset``, ``policy``, ...): their keys, defaults and
+checks. Documented key by key in ``configs/retrain.example.yaml``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from daemon.settings.values import AbsPath, Duration, Section, StrList, looks_like_path
+
+
+class StoreSettings(Section):
+    root: AbsPath = Field(default_factory=lambda: Path("~/ChatOS-Memory").expanduser())
+    max_line_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+
+    @field_validator("root")
+    @classmethod
+    def _root_not_a_file(cls, v: Path) -> Path:
+        try:
+            bad = v.exists() and not v.is_dir()
+        except OSError:  # a parent we may not enter (the CLI as another user): the service reports it later
+            return v
+        if bad:
+            raise ValueError(f"{v} exists and is not a directory")
+        return v
+
+
+class StateSettings(Section):
+    dir: AbsPath | None = None
+
+
+class WatchSettings(Section):
+    polling: bool = False
+    settle_s: Duration = Field(default=5.0, gt=0)
+    max_wait_s: Duration = Field(default=60.0, gt=0)
+    reconcile_interval: Duration = Field(default=600.0, gt=0)
+    poll_interval_s: Duration = Field(default=2.0, gt=0)
+    selftest_timeout_s: Duration = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ceiling_above_gap(self) -> WatchSettings:
+        if self.max_wait_s < self.settle_s:
+            raise ValueError("watch.max_wait_s must be >= watch.settle_s")
+        return self
+
+
+PII_KINDS = ("email", "phone", "secret", "ipv4")
+
+
+class DatasetSettings(Section):
+    min_score: int = Field(default=1, ge=-1, le=1)
+    include_unrated: bool = False
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    min_eval_examples: int = Field(default=2, ge=0)
+    min_train_examples: int = Field(default=4, ge=1)
+    dedup: bool = True
+    pii_scrub: bool = True
+    pii_kinds: StrList = Field(default_factory=lambda: list(PII_KINDS))
+    modes: StrList = Field(default_factory=lambda: ["normal", "code"])
+    include_system: bool = False
+
+    @field_validator("pii_kinds")
+    @classmethod
+    def _known_kinds(cls, v: list[str]) -> list[str]:
+        bad = [k for k in v if k not in PII_KINDS]
+        if bad:
+            raise ValueError(f"unknown PII kind(s) {bad}; known: {list(PII_KINDS)}")
+        return v
+
+    @field_validator("modes")
+    @classmethod
+    def _modes_not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one mode is needed (ChatOS writes 'normal' and 'code')")
+        return v
+
+
+class Window(Section):
+    cron: str = Field(description="5-field cron expression, UTC, when the window opens")
+    duration: Duration = Field(gt=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(v, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"invalid cron expression {v!r}: {exc}") from None
+        return v
+
+
+class PolicySettings(Section):
+    min_new_examples: int = Field(default=50, ge=0)
+    min_total_examples: int = Field(default=100, ge=0)
+    min_positive_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    cooldown: Duration = Field(default=6 * 3600.0)
+    windows: list[Window] = Field(default_factory=list)
+    max_runs_per_day: int = Field(default=2, ge=1)
+
+
+class TrainingSettings(Section):
+    python: AbsPath = Field(default_factory=lambda: Path(sys.executable))
+    backend: Literal["auto", "unsloth", "transformers"] = "auto"
+    base_model: str = ""
+
+    @field_validator("base_model")
+    @classmethod
+    def _local_model_absolute(cls, v: str) -> str:
+        if v and looks_like_path(v):
+            p = Path(v).expanduser()
+            return os.path.normpath(p if p.is_absolute() else (Path.cwd() / p).absolute())
+        return v
+    chat_template: str = "qwen-2.5"
+    max_steps: int = Field(default=60, ge=1)
+    timeout: Duration = Field(default=4 * 3600.0, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    config_template: AbsPath | None = None
+    retry_backoff: Duration = Field(default=600.0, gt=0)
+
+
+class GateSettings(Section):
+    tolerance: float = Field(default=0.0, ge=0.0)
+
+
+class ExportSmokeSettings(Section):
+    enabled: bool = True
+    require_stop: bool = True
+    prompt: str = "Reply with one short sentence: what is 2 + 2?"
+    num_predict: int = Field(default=64, ge=1, le=4096)
+
+
+class ExportSettings(Section):
+    enabled: bool = True
+    quantization: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = "q8_0"
+    llama_cpp_dir: AbsPath | None = None
+    quantize_bin: AbsPath | None = None
+    timeout: Duration = Field(default=2 * 3600.0, gt=0)
+    smoke: ExportSmokeSettings = Field(default_factory=ExportSmokeSettings)
+
+
+class OllamaSettings(Section):
+    host: str = "http://127.0.0.1:11434"
+    allow_remote: bool = False
+    model_name: str = "chatos-retrained"
+    keep_versions: int = Field(default=3, ge=1)
+    timeout_s: Duration = Field(default=30.0, gt=0)
+    system: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    retry_backoff: Duration = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> OllamaSettings:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(self.host)
+            host = parts.hostname or ""
+        except ValueError:
+            raise ValueError(f"host {self.host!r} is not a URL") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError(f"host {self.host!r} must look like http://127.0.0.1:11434")
+        if not (host in ("localhost", "::1") or host.startswith("127.")) and not self.allow_remote:
+            raise ValueError(f"host {self.host!r} is not a loopback address; set ollama.allow_remote: true to allow it")
+        return self
+
+
+class ServiceSettings(Section):
+    stop_timeout_s: Duration = Field(default=30.0, gt=0)
+    runtime_dir: AbsPath | None = None
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
