@@ -37,13 +37,14 @@ class Outcome(StrEnum):
     REGISTERED = "registered"  # promoted, exported and registered as latest
     PENDING_REGISTRATION = "pending_registration"  # exported; Ollama down or failing, retried with backoff
     REGISTER_FAILED = "register_failed"  # exported; Ollama refused it for good
+    NO_SPACE = "no_space"  # not enough free disk for the job or the export: refused before it started
     ABORTED = "aborted"  # the service stopped between two stages
     ERROR = "error"  # a bug or an environment failure (reported, the service stays up)
 
     @property
     def failed(self) -> bool:
         """Outcomes an operator's ``trigger`` reports with exit status 1."""
-        return self in (Outcome.ERROR, Outcome.TRAIN_FAILED, Outcome.EXPORT_FAILED)
+        return self in (Outcome.ERROR, Outcome.TRAIN_FAILED, Outcome.EXPORT_FAILED, Outcome.NO_SPACE)
 
 
 @dataclass

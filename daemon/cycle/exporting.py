@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from daemon import faults, log
+from daemon import disk, faults, log
 from daemon.cycle import registering
 from daemon.cycle.context import Cycle, CycleResult, Outcome
 from daemon.publish import converter, export, registry
 from daemon.state import PendingExport, State, private_dir
-from daemon.train import runner, templates
+from daemon.train import jobspec, runner, templates
 
 _log = log.get("daemon.cycle")
 # state.service's pending export: the promoted job whose export has not finished yet. Set with the promotion (in
@@ -71,6 +71,13 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
         except (export.ExportError, ValueError, KeyError, OSError) as exc:
             result.end(Outcome.EXPORT_FAILED, f"{result.reason}; export not possible: {exc}")
             settled(state)
+            return
+        base = str(res.get("base_model") or settings.training.base_model or "")
+        short = disk.check(f"the export of job {job_id}", out_dir,
+                           disk.export_needs(jobspec.base_weights(base), settings.export.quantization))
+        if short is not None:  # the export stays pending: the next cycle resumes it once there is room
+            _log.warning("export.no_space", job_id=job_id, needed=short.needed, free=short.free)
+            result.end(Outcome.NO_SPACE, f"{result.reason}; {short}")
             return
         cycle.step("exporting", f"job {job_id}: merge + convert to GGUF ({settings.export.quantization})")
         code, why = _convert(cycle, cfg, out_dir, job_id, gate_numbers)

@@ -3,7 +3,7 @@
 ``run_cycle`` reads as the list of stages it runs; each stage is a short function in its own module that takes the
 cycle's context (:class:`~daemon.cycle.context.Cycle`) and says whether the cycle goes on:
 
-    registering.retry_pending -> exporting.resume -> ingesting -> deciding -> building -> training
+    registering.retry_pending -> exporting.resume -> pruning -> ingesting -> deciding -> building -> training
     (training -> gating -> exporting -> registering, when the candidate is promoted)
 
 The :class:`~daemon.cycle.worker.Worker` runs at most one cycle at a time.
@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import structlog
 
 from daemon import log
-from daemon.cycle import building, deciding, exporting, ingesting, registering, training
+from daemon.cycle import building, deciding, exporting, ingesting, pruning, registering, training
 from daemon.cycle.context import Aborted, Cycle, CycleRequest, CycleResult, Outcome, Progress, new_cycle_id
 from daemon.settings import Settings
 from daemon.state import CycleRow, State, storage_problem
@@ -34,6 +34,7 @@ Stage = Callable[[Cycle], bool]
 STAGES: tuple[Stage, ...] = (
     registering.retry_pending,
     exporting.resume,
+    pruning.run,
     ingesting.run,
     deciding.run,
     building.run,

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from daemon import log
+from daemon import disk, log
 from daemon.cycle import deciding, gating
 from daemon.cycle.context import Cycle, Outcome
 from daemon.state import State
@@ -55,6 +55,12 @@ def run(cycle: Cycle) -> bool:
         cfg = _job_config(cycle, job_id, dataset_path)
     except templates.UnknownTemplate as exc:
         result.end(Outcome.ERROR, f"training.chat_template: {exc}")
+        return False
+    short = disk.check(f"training job {job_id}", state.dir / "jobs",
+                       disk.training_needs(disk.tree_bytes(dataset_path), jobspec.base_weights(t.base_model)))
+    if short is not None:
+        _log.warning("training.no_space", job_id=job_id, needed=short.needed, free=short.free)
+        result.end(Outcome.NO_SPACE, str(short))
         return False
     cycle.step("training", f"job {job_id} on dataset v{version}")
     with state.transaction():

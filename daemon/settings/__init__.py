@@ -29,6 +29,7 @@ from daemon.settings.sections import (
     LogSettings,
     OllamaSettings,
     PolicySettings,
+    RetentionSettings,
     ServiceSettings,
     StateSettings,
     StoreSettings,
@@ -39,11 +40,38 @@ from daemon.settings.sections import (
 from daemon.settings.values import AbsPath, Duration, Section, StrList, looks_like_path, parse_duration
 
 __all__ = [
-    "DEFAULT_STATE_DIR", "ENV_PREFIX", "PATH_FIELDS", "PII_KINDS", "SEARCH_PATH", "AbsPath", "ConfigError",
-    "DatasetSettings", "Duration", "ExportSettings", "ExportSmokeSettings", "GateSettings", "LogSettings",
-    "OllamaSettings", "PolicySettings", "Section", "ServiceSettings", "Settings", "StateSettings", "StoreSettings",
-    "StrList", "TrainingSettings", "WatchSettings", "Window", "dump", "find_config", "format_errors", "iter_keys",
-    "load", "parse_duration", "read_yaml",
+    "DEFAULT_STATE_DIR",
+    "ENV_PREFIX",
+    "PATH_FIELDS",
+    "PII_KINDS",
+    "SEARCH_PATH",
+    "AbsPath",
+    "ConfigError",
+    "DatasetSettings",
+    "Duration",
+    "ExportSettings",
+    "ExportSmokeSettings",
+    "GateSettings",
+    "LogSettings",
+    "OllamaSettings",
+    "PolicySettings",
+    "RetentionSettings",
+    "Section",
+    "ServiceSettings",
+    "Settings",
+    "StateSettings",
+    "StoreSettings",
+    "StrList",
+    "TrainingSettings",
+    "WatchSettings",
+    "Window",
+    "dump",
+    "find_config",
+    "format_errors",
+    "iter_keys",
+    "load",
+    "parse_duration",
+    "read_yaml",
 ]
 
 ENV_PREFIX = "CHATOS_RETRAIN_"
@@ -100,6 +128,7 @@ class Settings(BaseSettings):
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod
     def settings_customise_sources(

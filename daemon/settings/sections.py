@@ -86,11 +86,11 @@ class Window(Section):
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, v: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
+        from daemon import cron
 
         try:
-            CronTrigger.from_crontab(v, timezone="UTC")
-        except ValueError as exc:
+            cron.trigger(v)
+        except cron.CronError as exc:
             raise ValueError(f"invalid cron expression {v!r}: {exc}") from None
         return v
 
@@ -142,6 +142,13 @@ class ExportSettings(Section):
     quantize_bin: AbsPath | None = None
     timeout: Duration = Field(default=2 * 3600.0, gt=0)
     smoke: ExportSmokeSettings = Field(default_factory=ExportSmokeSettings)
+    cache_dir: AbsPath | None = None
+    auto_setup: bool = False
+
+
+class RetentionSettings(Section):
+    job_artifacts_age: Duration = Field(default=7 * 86400.0, ge=0)
+    keep_datasets: int = Field(default=3, ge=1)
 
 
 class OllamaSettings(Section):
@@ -177,4 +184,4 @@ class ServiceSettings(Section):
 
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    format: Literal["auto", "journal", "json", "console"] = "auto"

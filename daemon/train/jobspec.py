@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from daemon import disk
 from daemon.train import templates
 
 # The job config template: the seed's shape. configs/chatos_qlora.yaml is this, documented (a test keeps them equal).
@@ -75,6 +76,11 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 def is_local_model(name: str) -> bool:
     """A local folder (absolute, relative, ``~``) rather than a hub id like ``Qwen/Qwen2.5-0.5B``."""
     return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
+def base_weights(base_model: str | None) -> int:
+    """The size of a local base model's weights (0 for a hub id: it lives in a cache we do not size)."""
+    return disk.weights_bytes(Path(base_model)) if base_model and is_local_model(base_model) else 0
 
 
 def render_job_config(

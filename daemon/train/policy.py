@@ -3,7 +3,7 @@
 ``decide`` checks every rule (never short-circuits) so ``Decision.blockers`` lists all that failed; ``reason`` is the
 most useful of them (a running job first, then the data thresholds, then the timing rules), or the "ready" sentence.
 All times are timezone-aware and handled in UTC (no DST); training windows are 5-field cron expressions in UTC
-evaluated with APScheduler 3.x's ``CronTrigger``.
+read as crontab(5) does (``daemon.cron``: 0 and 7 = Sunday), on APScheduler 3.x's triggers.
 
 ``runs_today`` counts runs started in the current UTC day (since ``day_start(now)``, 00:00 UTC), so the daily limit
 resets at midnight UTC rather than rolling over 24 hours; callers count runs with ``started_at >= day_start(now)``.
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.base import BaseTrigger
 
+from daemon import cron
 from daemon.settings import PolicySettings, Window
 
 _SECOND = timedelta(seconds=1)
@@ -210,8 +211,9 @@ def next_window_open(cfg: PolicySettings, now: datetime) -> datetime | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _trigger(cron: str) -> CronTrigger:
-    return CronTrigger.from_crontab(cron, timezone="UTC")
+def _trigger(expression: str) -> BaseTrigger:
+    """Standard 5-field cron (0 and 7 = Sunday), not APScheduler's own crontab reading (0 = Monday)."""
+    return cron.trigger(expression)
 
 
 def _last_fire(cron: str, now: datetime, duration: timedelta) -> datetime | None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from helpers import fb, feedback_file, logs_file, rec, write_lines
 
-from daemon import settings
+from daemon import disk, settings
 from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.dataset import builder
 from daemon.ingest import ingestor
@@ -163,3 +163,78 @@ def test_a_re_attached_job_is_one_run_against_the_daily_limit(make_settings: Any
         clock.advance(60)
         third = run_cycle(s, st, CycleRequest(None), now=clock)
         assert third.job_id is None and "daily limit reached: 2/2 runs today" in third.reason, third.reason
+
+
+@pytest.fixture
+def converter(tmp_path: Path) -> Path:
+    """A llama.cpp checkout as far as the export checks one (the fake exporter never runs the converter)."""
+    d = tmp_path / "llama.cpp"
+    (d / "gguf-py" / "gguf").mkdir(parents=True)
+    (d / "gguf-py" / "gguf" / "__init__.py").write_text("")
+    (d / "convert_hf_to_gguf.py").write_text("raise SystemExit('not used')\n")
+    return d
+
+
+def exporting_settings(make_settings: Any, fake_python: Path, base_model: Path, converter: Path, url: str,
+                       **retention: Any) -> settings.Settings:
+    s: settings.Settings = make_settings(
+        training={"python": str(fake_python), "base_model": str(base_model), "backend": "transformers",
+                  "max_steps": 3, "timeout": 60, "env": {"FAKE_TRAINER_MODE": "ok", "FAKE_CHAMPION": "9"}},
+        policy={"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 100},
+        dataset={"min_train_examples": 1, "min_eval_examples": 1},
+        export={"llama_cpp_dir": str(converter), "timeout": 60},
+        ollama={"host": url, "model_name": "chatos", "timeout_s": 5, "keep_versions": 1},
+        retention={"job_artifacts_age": 0, "keep_datasets": 1, **retention},
+    )
+    return s
+
+
+def test_retention_keeps_the_disk_bounded(make_settings: Any, records: Path, fake_python: Path, base_model: Path,
+                                          converter: Path, ollama_standin: Any) -> None:
+    """Five versions trained, exported and registered with keep_versions 1 and keep_datasets 1: on disk stay the
+    GGUFs of latest and the previous latest, the champion's job and the newest datasets; every job keeps its
+    record; what went is in state.pruned."""
+    s = exporting_settings(make_settings, fake_python, base_model, converter, ollama_standin.url)
+    clock = Clock(datetime.now(UTC))  # jobs record when they finished by the real clock: keep the cycle's after it
+    state_dir = Path(s.state_dir())
+    with State(state_dir) as st:
+        for day in range(5):
+            write_lines(logs_file(records, f"2025-12-1{day}"), [rec(f"d0000000000{day}", quality="good",
+                                                                    answer=f"day {day}")])
+            r = run_cycle(s, st, CycleRequest(None), now=clock)
+            assert r.outcome == "registered", r.reason
+            clock.advance(86400)
+        final = run_cycle(s, st, CycleRequest(None), now=clock)  # nothing new: it only prunes
+        assert final.job_id is None
+        ggufs = sorted(p.name for p in state_dir.glob("exports/*/*.gguf"))
+        assert ggufs == ["chatos-v4.q8_0.gguf", "chatos-v5.q8_0.gguf"], ggufs
+        datasets = sorted(p.name for p in (state_dir / "datasets").iterdir() if p.name.startswith("v"))
+        champion = st.service.get().champion_job
+        assert champion is not None
+        # the datasets of the kept versions (latest v5 and previous latest v4) and of the champion's job
+        kept_ds = {f"v{m.dataset_version}" for m in st.models.all() if m.version in (4, 5)}
+        kept_ds.add(f"v{st.jobs.get(champion).dataset_version}")  # type: ignore[union-attr]
+        assert set(datasets) == kept_ds == {"v4", "v5"}, datasets
+        for job in st.jobs.recent():
+            left = {p.name for p in Path(job.job_dir).iterdir()}
+            assert {"metrics.jsonl", "result.json", "config.yaml"} <= left, (job.job_id, left)
+            if job.job_id not in (champion,) and job.job_id not in {m.job_id for m in st.models.all()[-2:]}:
+                assert left <= {"metrics.jsonl", "result.json", "job.log", "config.yaml"}, (job.job_id, left)
+        assert len(st.pruned.keys("gguf")) == 3 and st.pruned.freed() > 0
+        # the registry still lists every version: history stays, only the files went
+        assert [m.version for m in st.models.all()] == [1, 2, 3, 4, 5]
+
+
+def test_no_room_for_a_job_is_one_line_and_nothing_starts(make_settings: Any, records: Path, fake_python: Path,
+                                                          base_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk too full for the job's estimate refuses the run before the trainer starts (a fake free-space reading:
+    the one seam, since this machine's disk is not full); with room again, it trains."""
+    s = make(make_settings, fake_python, base_model, cooldown=0)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 10 * disk.MIB)
+    with State(s.state_dir()) as st:
+        r = run_cycle(s, st, CycleRequest(None), now=Clock())
+        assert r.outcome == "no_space" and r.job_id is None and st.jobs.recent() == []
+        assert "not enough disk for training job" in r.reason and "\n" not in r.reason, r.reason
+        monkeypatch.undo()
+        again = run_cycle(s, st, CycleRequest(None), now=Clock())
+        assert again.job_id is not None and again.outcome == "promoted", again.reason

@@ -78,3 +78,17 @@ def test_both_day_fields_restricted_match_either() -> None:
 def test_bad_expressions_say_what_is_wrong(expression: str, words: str) -> None:
     with pytest.raises(cron.CronError, match=words):
         cron.trigger(expression)
+
+
+def test_the_policy_and_its_next_window_read_weekdays_as_cron_does() -> None:
+    """What ``status`` shows as the next window comes from the policy, which reads windows through daemon.cron."""
+    from daemon.settings import PolicySettings
+    from daemon.train import policy
+
+    cfg = PolicySettings(windows=[{"cron": "0 23 * * 1-5", "duration": 3600}])
+    sat = datetime(2026, 12, 5, 10, tzinfo=UTC)
+    assert policy.next_window_open(cfg, sat) == datetime(2026, 12, 7, 23, tzinfo=UTC)  # Monday, not Tuesday
+    assert policy.current_window(cfg, datetime(2026, 12, 4, 23, 30, tzinfo=UTC)) is not None  # Friday night
+    assert policy.current_window(cfg, datetime(2026, 12, 5, 23, 30, tzinfo=UTC)) is None  # Saturday night
+    sunday = PolicySettings(windows=[{"cron": "0 12 * * 0", "duration": 3600}])
+    assert policy.next_window_open(sunday, sat) == datetime(2026, 12, 6, 12, tzinfo=UTC)
