@@ -27,8 +27,13 @@ def settled(state: State) -> None:
 def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any], Path, templates.ChatTemplate]:
     """The merge + convert job's config, its folder and the chat template (pure but for the converter set-up)."""
     settings, q = cycle.settings, cycle.settings.export.quantization
-    # fetched once (sha256-pinned), ~1 ms when already there; a checkout in export.llama_cpp_dir wins
-    conv = converter.setup_converter(converter.default_cache_dir(), llama_cpp_dir=settings.export.llama_cpp_dir)
+    # a checkout in export.llama_cpp_dir wins; else the pinned converter in the cache, fetched here only when
+    # export.auto_setup allows it (the hardened unit then never downloads behind the operator's back)
+    cache = converter.cache_dir_for(settings.export.cache_dir)
+    if settings.export.llama_cpp_dir is None and not settings.export.auto_setup:
+        conv = converter.require_installed(cache)
+    else:
+        conv = converter.setup_converter(cache, llama_cpp_dir=settings.export.llama_cpp_dir)
     template = templates.get(res.get("chat_template") or settings.training.chat_template)
     out_dir = private_dir(cycle.state.dir / "exports" / job_id)
     version = cycle.state.models.next_version()
@@ -68,6 +73,10 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
     with cycle.timed("export"):
         try:
             cfg, out_dir, template = _plan(cycle, job_id, res)
+        except converter.NotSetUp as exc:  # stays pending: the next cycle resumes it once the converter is there
+            _log.error("export.converter_missing", job_id=job_id, reason=str(exc))
+            result.end(Outcome.EXPORT_FAILED, f"{result.reason}; export waits: {exc}")
+            return
         except (export.ExportError, ValueError, KeyError, OSError) as exc:
             result.end(Outcome.EXPORT_FAILED, f"{result.reason}; export not possible: {exc}")
             settled(state)

@@ -149,7 +149,8 @@ def generate_store(
             score = 1 if thumbs else -1
         truth.conversations[cid] = score
     for folder, name, by_day in (
-        ("logs", "conversations", day_logs), ("training_data", "training", day_train), ("feedback", "feedback", fb_lines),
+        ("logs", "conversations", day_logs), ("training_data", "training", day_train),
+        ("feedback", "feedback", fb_lines),
     ):
         for d, lines in by_day.items():
             p = root / folder / f"{name}_{d}.jsonl"

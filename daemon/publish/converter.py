@@ -123,6 +123,25 @@ def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path("~/.cache/chatos-retrain").expanduser()
 
 
+def cache_dir_for(configured: Path | None, env: Mapping[str, str] | None = None) -> Path:
+    """Where the converter lives for this config: ``export.cache_dir`` when set (so ``sudo chatos-retrain setup
+    export`` and the service agree), else :func:`default_cache_dir`."""
+    return configured if configured is not None else default_cache_dir(env)
+
+
+class NotSetUp(SetupError):
+    """The converter is not in the cache and the export may not fetch it (``export.auto_setup`` is false)."""
+
+
+def require_installed(cache_dir: Path, pin: SdistPin = SDIST) -> ConverterPaths:
+    """The converter already set up in ``cache_dir``, or :class:`NotSetUp` with what to run."""
+    done = installed(cache_dir, pin)
+    if done is None:
+        raise NotSetUp(f"the GGUF converter is not set up in {cache_dir}: run `chatos-retrain setup export` "
+                       "(or set export.auto_setup: true to let the service fetch it)")
+    return done
+
+
 def converter_dir(cache_dir: Path, pin: SdistPin = SDIST) -> Path:
     """``<cache>/llama.cpp-<version>``: the layout ``.ci/train-setup.sh`` and ``tinymodel.py`` already use."""
     return cache_dir / f"llama.cpp-{pin.version}"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from daemon import disk
 from daemon.settings import Settings
-from daemon.state import State
+from daemon.state import DB_NAME, State
 
 
 @dataclass
@@ -22,6 +24,7 @@ class StoreStatus:
     last_ingest_at: str | None
     latest_model: str | None = None
     pending_registrations: list[dict[str, Any]] | None = None
+    disk: dict[str, int] | None = None  # bytes used by state, datasets, jobs, exports; free on the state's disk
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -53,4 +56,12 @@ def store_status(settings: Settings, state: State) -> StoreStatus:
         pending_registrations=[{"version": m.version, "tag": m.tag, "attempts": m.attempts,
                                 "next_attempt_at": m.next_attempt_at, "last_error": m.last_error}
                                for m in state.models.all(status="pending")],
+        disk=disk_usage(state.dir),
     )
+
+
+def disk_usage(state_dir: Path) -> dict[str, int]:
+    """What retention bounds, measured: the database (with its WAL), datasets, jobs and exports, and free space."""
+    db = sum(disk.tree_bytes(p) for p in state_dir.glob(f"{DB_NAME}*"))
+    parts = {name: disk.tree_bytes(state_dir / name) for name in ("datasets", "jobs", "exports")}
+    return {"state": db, **parts, "free": disk.free_bytes(state_dir)}

@@ -26,3 +26,30 @@ def test_chatos_patch_writes_events_the_service_accepts(store: Path, state: Stat
     report = Ingestor(state, store).scan()
     assert report.feedback_events == 2 and report.rejected == 0
     assert {e.cid for e in state.examples.eligible(["normal", "code"], 1, False)} == {"a1b2c3d4e5f6", "b1b2c3d4e5f6"}
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_verb_table_lists_every_verb_and_no_other() -> None:
+    from daemon.cli import VERBS
+
+    text = README.read_text()
+    table = text[text.index("| verb | what it does |"):text.index("Every verb has `--help`.")]
+    first_cells = [line.split("|")[1] for line in table.splitlines()[2:] if line.startswith("| `")]
+    listed = {m.group(1) for cell in first_cells for m in re.finditer(r"`([a-z][a-z-]*(?: [a-z]+)?)", cell)}
+    listed = {name if name.split(" ")[0] in {v.name.split(" ")[0] for v in VERBS if " " in v.name} else
+              name.split(" ")[0] for name in listed}
+    assert listed == {v.name for v in VERBS}
+
+
+def test_every_verb_has_help(capsys: Any) -> None:
+    import pytest
+
+    from daemon import cli
+
+    for verb in cli.VERBS:
+        with pytest.raises(SystemExit) as done:
+            cli.main([*verb.name.split(" "), "--help"])
+        assert done.value.code == 0
+        assert verb.help.split(";")[0][:30] in " ".join(capsys.readouterr().out.split()), verb.name

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from helpers import fb, feedback_file, logs_file, rec, write_lines
 
-from daemon import disk, settings
+from daemon import cli, disk, settings
 from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.dataset import builder
 from daemon.ingest import ingestor
@@ -238,3 +239,20 @@ def test_no_room_for_a_job_is_one_line_and_nothing_starts(make_settings: Any, re
         monkeypatch.undo()
         again = run_cycle(s, st, CycleRequest(None), now=Clock())
         assert again.job_id is not None and again.outcome == "promoted", again.reason
+
+
+def test_offline_status_says_why_it_waits(make_settings: Any, records: Path, fake_python: Path, base_model: Path,
+                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no service running, ``status`` still shows the last cycle and its reason (and the disk it uses)."""
+    s = make(make_settings, fake_python, base_model, min_new_examples=50)
+    with State(s.state_dir()) as st:
+        waited = run_cycle(s, st, CycleRequest(None), now=Clock())
+    assert not waited.decision and "6/50 new rated examples" in waited.reason, waited.reason
+    cfg = tmp_path / "retrain.yaml"
+    cfg.write_text(yaml.safe_dump(s.model_dump(mode="json")))
+    capsys.readouterr()
+    assert cli.main(["--config", str(cfg), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "service:   not running (state only)" in out
+    assert f"last cycle: {waited.cycle_id} -> skipped: {waited.reason}" in out, out
+    assert "disk:      state " in out and " free" in out
