@@ -2,7 +2,7 @@
 
 The dataset build caches what this makes per conversation (state's ``examples`` table, keyed by the conversation's
 content revision and :func:`cfg_key`); the cold-ingest parse worker makes the same entries ahead of the build for
-the conversations it expects to be eligible (see records.worker_main). Both call :func:`cache_entry`, so an entry
+the conversations it expects to be eligible (see ingest.worker). Both call :func:`cache_entry`, so an entry
 is the same whoever made it. Light on imports on purpose: the parse worker imports it.
 """
 
