@@ -256,3 +256,46 @@ def test_offline_status_says_why_it_waits(make_settings: Any, records: Path, fak
     assert "service:   not running (state only)" in out
     assert f"last cycle: {waited.cycle_id} -> skipped: {waited.reason}" in out, out
     assert "disk:      state " in out and " free" in out
+
+
+def test_a_missing_converter_is_one_line_and_the_export_waits(make_settings: Any, records: Path, fake_python: Path,
+                                                              base_model: Path, tmp_path: Path,
+                                                              ollama_standin: Any) -> None:
+    """No converter in export.cache_dir and no export.auto_setup: nothing is downloaded, the reason is one line that
+    says what to run, and the promoted model's export resumes once setup has put the converter there."""
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    base: dict[str, Any] = {
+        "training": {"python": str(fake_python), "base_model": str(base_model), "backend": "transformers",
+                     "max_steps": 3, "timeout": 60, "env": {"FAKE_TRAINER_MODE": "ok"}},
+        "policy": {"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0},
+        "dataset": {"min_train_examples": 1, "min_eval_examples": 1},
+        "ollama": {"host": ollama_standin.url, "model_name": "chatos", "timeout_s": 5},
+    }
+    s = make_settings(**base, export={"cache_dir": str(empty), "timeout": 60})
+    with State(s.state_dir()) as st:
+        r = run_cycle(s, st, CycleRequest(None), now=Clock())
+        assert r.outcome == "export_failed" and "\n" not in r.reason, r.reason
+        assert f"the GGUF converter is not set up in {empty}: run `chatos-retrain setup export`" in r.reason
+        assert list(empty.iterdir()) == []  # nothing fetched behind the operator's back
+        assert st.service.pending_export() is not None and st.models.all() == []
+        # the operator sets it up where the config says (here: a converter checkout standing in for the cache)
+        llama = tmp_path / "llama.cpp"
+        (llama / "gguf-py" / "gguf").mkdir(parents=True)
+        (llama / "gguf-py" / "gguf" / "__init__.py").write_text("")
+        (llama / "convert_hf_to_gguf.py").write_text("raise SystemExit('not used')\n")
+        fixed = make_settings(**base, export={"llama_cpp_dir": str(llama), "timeout": 60})
+        nxt = run_cycle(fixed, st, CycleRequest(set()), now=Clock())
+        assert nxt.counts["export_resumed"]["outcome"] == "registered", nxt.counts
+        assert st.service.pending_export() is None and [m.status for m in st.models.all()] == ["registered"]
+
+
+def test_setup_and_service_agree_on_the_converter_cache(tmp_path: Path) -> None:
+    """`setup export` and the export read one setting: export.cache_dir, else the service's own cache."""
+    from daemon.publish import converter
+
+    assert converter.cache_dir_for(tmp_path / "c") == tmp_path / "c"
+    env = {"CACHE_DIRECTORY": "/var/cache/chatos-retrain"}
+    assert converter.cache_dir_for(None, env) == Path("/var/cache/chatos-retrain")
+    with pytest.raises(converter.NotSetUp, match="run `chatos-retrain setup export`"):
+        converter.require_installed(tmp_path)
