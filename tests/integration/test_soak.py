@@ -96,7 +96,8 @@ def run_at(s: settings.Settings, st: State, t: datetime, soak: Soak, stop: threa
 def test_120_days_unattended(make_settings: Any, store: Path, fake_python: Path, base_model: Path,
                              converter: Path, ollama_standin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     start = first_monday_after(datetime.now(UTC))  # after the real clock: jobs finish by it (retention ages)
-    ok = soak_settings(make_settings, fake_python, base_model, converter, ollama_standin.url, {"FAKE_EVAL_AFTER": "1.5"})
+    ok = soak_settings(make_settings, fake_python, base_model, converter, ollama_standin.url,
+                       {"FAKE_EVAL_AFTER": "1.5"})
     worse = soak_settings(make_settings, fake_python, base_model, converter, ollama_standin.url,
                           {"FAKE_EVAL_AFTER": "9.5"})
     slow = soak_settings(make_settings, fake_python, base_model, converter, ollama_standin.url,
