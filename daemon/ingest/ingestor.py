@@ -16,9 +16,11 @@ This module plans a scan (which files, which of them the parse worker takes, wha
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from datetime import date, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,6 +37,8 @@ from daemon.state.rows import Cursor
 
 __all__ = ["DATA_FOLDERS", "GROUP_BYTES", "PARALLEL_BYTES", "IngestReport", "Ingestor", "ingest"]
 
+_LOGS_DAY = re.compile(r"conversations_(\d{4}-\d{2}-\d{2})\.jsonl")
+_TRAINING_DAY = re.compile(r"training_(\d{4}-\d{2}-\d{2})\.jsonl")
 DATA_FOLDERS = ("logs", "training_data", "feedback")
 GROUP_BYTES = 32 << 20  # a scan commits after about this many bytes read (and at its end)
 PARALLEL_BYTES = 16 << 20  # new files holding this much are parsed in a child process (0: never)
@@ -154,8 +158,43 @@ class Ingestor:
             if self._worker is not None:
                 self._worker.close()
                 self._worker = None
+        if any(kind == "training" and p not in cursors for p, kind in todo.items()):
+            # a training_data day file read for the first time: a first install, or a new day (once a day)
+            report.deleted += self._retire_unlogged()
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _retire_unlogged(self) -> int:
+        """Chats deleted in ChatOS before this service ever read their day's log (a first install over an old store).
+
+        ChatOS's logger writes the ``logs/`` record and the ``training_data/`` copy of a request together, and
+        deleting a chat rewrites (or unlinks) the day's ``logs/`` file while the copy stays. So a copy in
+        ``training_YYYY-MM-DD.jsonl`` whose conversation is in no ``logs/`` file points to a deleted chat, judged
+        once the day is over (a newer ``conversations_*.jsonl`` exists) and the logs of the day and its neighbours
+        (a request can straddle midnight) have been read. A store without any ``logs/`` file proves nothing."""
+        days = {m.group(1): p for p in self.root.glob("logs/conversations_*.jsonl")
+                if (m := _LOGS_DAY.fullmatch(p.name))}
+        if not days:
+            return 0
+        newest, read = max(days), set(self.state.cursors.all())
+        gone = set()
+        for cid, path in self.state.conversations.unlogged():
+            m = _TRAINING_DAY.fullmatch(Path(path).name)
+            if m is None or m.group(1) >= newest:
+                continue
+            try:
+                near = [(date.fromisoformat(m.group(1)) + timedelta(days=k)).isoformat() for k in (-1, 0, 1)]
+            except ValueError:  # not a calendar date: nothing to compare with
+                continue
+            if all(str(days[d]) in read for d in near if d in days):
+                gone.add(cid)
+        if not gone:
+            return 0
+        with self.state.transaction():
+            retired = sum(self.state.conversations.mark_deleted(cid) for cid in sorted(gone))
+        _log.info("ingest.deleted_before_read", conversations=retired,
+                  reason="a training_data copy whose chat is in no logs/ file of its day")
+        return retired
 
     def _start_worker(self, todo: dict[str, Kind], cursors: dict[str, Cursor]) -> parse_worker.ParseWorker | None:
         """A parse worker for the files never read before, when they hold enough to be worth a process."""

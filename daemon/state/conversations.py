@@ -86,6 +86,13 @@ class Conversations:
         )
         return cur.rowcount
 
+    def unlogged(self) -> list[tuple[str, str]]:
+        """(cid, path) of live conversations never seen in a logs/ file, with the training_data/ files that hold
+        them: the candidates for "deleted in ChatOS before this service read its day's log"."""
+        sql = ("SELECT c.cid, p.path FROM conversations c JOIN sightings s ON s.cid = c.cid"
+               " JOIN paths p ON p.id = s.file WHERE c.deleted = 0 AND c.rank < 2")
+        return [(r[0], r[1]) for r in self._db.conn.execute(sql)]
+
     def mark_deleted(self, cid: str) -> bool:
         cur = self._db.conn.execute(
             "UPDATE conversations SET deleted = 1, deleted_at = ? WHERE cid = ? AND deleted = 0", (utcnow(), cid)

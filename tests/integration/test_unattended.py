@@ -18,6 +18,7 @@ from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.dataset import builder
 from daemon.ingest import ingestor
 from daemon.ingest import records as record_parser
+from daemon.ingest.ingestor import Ingestor
 from daemon.state import JobRow, State
 from daemon.state import feedback as feedback_repo
 from daemon.train import runner
@@ -299,3 +300,32 @@ def test_setup_and_service_agree_on_the_converter_cache(tmp_path: Path) -> None:
     assert converter.cache_dir_for(None, env) == Path("/var/cache/chatos-retrain")
     with pytest.raises(converter.NotSetUp, match="run `chatos-retrain setup export`"):
         converter.require_installed(tmp_path)
+
+
+def training_copy(cid: str, answer: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+            "metadata": {"source": "chatos_interaction", "conversation_id": cid, "mode": "normal",
+                         "quality": "good", "model": "qwen2.5:7b", "timestamp": "2025-12-04T10:00:00"}}
+
+
+def test_a_chat_deleted_before_the_first_read_is_not_trainable(store: Path, state: State) -> None:
+    """A first install over an old store: ChatOS had already deleted g...2 (its day's logs/ file was rewritten
+    without it) but kept its training_data copy. Absent from the logs of its day, it counts as deleted; a copy from
+    today (its day not over) and one whose logs were never kept are left alone."""
+    write_lines(logs_file(store, "2025-12-04"), [rec("g00000000001", quality="good", answer="kept")])
+    write_lines(logs_file(store, "2025-12-05"), [rec("g00000000003", quality="good", answer="today")])
+    write_lines(store / "training_data" / "training_2025-12-04.jsonl",
+                [training_copy("g00000000001", "kept"), training_copy("g00000000002", "deleted in ChatOS")])
+    write_lines(store / "training_data" / "training_2025-12-05.jsonl", [training_copy("g00000000004", "not yet")])
+    report = Ingestor(state, store).scan()
+    assert report.deleted == 1
+    live = {e.cid for e in state.examples.eligible(["normal", "code"], 1, False)}
+    assert live == {"g00000000001", "g00000000003", "g00000000004"}
+    assert (state.conversations.get("g00000000002") or {}).get("deleted") == 1
+
+
+def test_a_training_only_store_proves_nothing(store: Path, state: State) -> None:
+    write_lines(store / "training_data" / "training_2025-12-04.jsonl", [training_copy("h00000000001", "a")])
+    write_lines(store / "training_data" / "training_2025-12-05.jsonl", [training_copy("h00000000002", "b")])
+    assert Ingestor(state, store).scan().deleted == 0
+    assert {e.cid for e in state.examples.eligible(["normal", "code"], 1, False)} == {"h00000000001", "h00000000002"}
