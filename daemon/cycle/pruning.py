@@ -74,12 +74,39 @@ def _job_artifacts(job_dir: Path) -> int:
     if job_dir.is_dir():
         for entry in job_dir.iterdir():
             if entry.name not in JOB_RECORD_FILES:
-                freed += _remove(entry)
+                freed += _discard(entry)
     return freed
 
 
+TRASH = ".pruning-"
+
+
+def _discard(path: Path) -> int:
+    """Remove a folder or file so that, at every instant, it is either whole or gone: renamed into a trash name
+    first (atomic), then deleted. A crash in between leaves only trash, which :func:`sweep` removes."""
+    size = disk.tree_bytes(path)
+    if not (path.exists() or path.is_symlink()):
+        return 0
+    trash = path.with_name(f"{TRASH}{path.name}")
+    os.rename(path, trash)
+    _remove(trash)
+    return size
+
+
+def sweep(state_dir: Path) -> None:
+    """Finish what a crash interrupted: trash left by :func:`_discard`."""
+    for trash in [*state_dir.glob(f"datasets/{TRASH}*"), *state_dir.glob(f"exports/*/{TRASH}*"),
+                  *state_dir.glob(f"jobs/*/{TRASH}*")]:
+        try:
+            _remove(trash)
+        except OSError as exc:
+            _log.warning("retention.failed", path=str(trash), reason=exc.strerror or str(exc))
+
+
 def execute(state: State, todo: Plan, at: str) -> dict[str, int]:
-    """Remove what ``todo`` names and record it; returns counts and the bytes freed."""
+    """Remove what ``todo`` names and record it; returns counts and the bytes freed. Each thing is recorded as
+    pruned first (committed), then discarded whole (:func:`_discard`), so state never names a half-removed folder
+    as complete."""
     done = {"ggufs": 0, "jobs": 0, "datasets": 0, "freed": 0}
     steps: list[tuple[PrunedKind, str, Path, str]] = (
         [("gguf", str(v), Path(p), "ggufs") for v, p in todo.ggufs]
@@ -90,19 +117,23 @@ def execute(state: State, todo: Plan, at: str) -> dict[str, int]:
         if not _inside(path, state.dir):
             _log.warning("retention.outside_state", kind=kind, key=key, path=str(path))
             continue
+        with state.transaction():
+            state.pruned.mark(kind, key, at=at, freed=disk.tree_bytes(path) if kind != "job" else 0)
         try:
-            freed = _job_artifacts(path) if kind == "job" else _remove(path)
+            freed = _job_artifacts(path) if kind == "job" else _discard(path)
         except OSError as exc:
             _log.warning("retention.failed", kind=kind, key=key, path=str(path), reason=exc.strerror or str(exc))
             continue
-        with state.transaction():
-            state.pruned.mark(kind, key, at=at, freed=freed)
+        if kind == "job":
+            with state.transaction():
+                state.pruned.mark(kind, key, at=at, freed=freed)
         done[counter] += 1
         done["freed"] += freed
     return done
 
 
 def run(cycle: Cycle) -> bool:
+    sweep(cycle.state.dir)
     todo = current_plan(cycle.settings, cycle.state, cycle.now())
     if todo.empty():
         return True

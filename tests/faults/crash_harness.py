@@ -453,6 +453,10 @@ def check_crash(world: World) -> list[str]:
 def _dataset_problems(conn: sqlite3.Connection) -> list[str]:
     v = []
     rows = conn.execute("SELECT version, path, fingerprint, train_count, eval_count FROM datasets").fetchall()
+    # versions whose files disk retention removed on purpose (migration 8) are history, not datasets to check
+    has_pruned = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'pruned'").fetchone() is not None
+    pruned = {int(r[0]) for r in conn.execute("SELECT key FROM pruned WHERE kind = 'dataset'")} if has_pruned else set()
+    rows = [r for r in rows if r[0] not in pruned]
     fps = [r[2] for r in rows]
     if len(set(fps)) != len(fps):
         v.append("two dataset versions with the same fingerprint")
