@@ -43,7 +43,7 @@ class Outcome(StrEnum):
 
     @property
     def failed(self) -> bool:
-        """Outcomes an operator's ``trigger`` reports with exit status 1."""
+        """Outcomes that need an operator: ``demo --once`` exits 1 on them (``trigger`` exits 1 on ``error``)."""
         return self in (Outcome.ERROR, Outcome.TRAIN_FAILED, Outcome.EXPORT_FAILED, Outcome.NO_SPACE)
 
 
