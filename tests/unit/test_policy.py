@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from apscheduler.triggers.cron import CronTrigger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon.cron import trigger as cron_trigger
 from daemon.settings import PolicySettings, Window
 from daemon.train.policy import PolicyInput, current_window, day_start, decide, next_window_open
 
@@ -297,7 +297,9 @@ def test_numbers_are_json_and_hold_inputs_and_thresholds() -> None:
 
 
 def _walk_last_fire(cron: str, now: datetime, duration: timedelta) -> datetime | None:
-    trig = CronTrigger.from_crontab(cron, timezone="UTC")
+    """The policy's bisection against a linear walk over the same standard-cron trigger (daemon.cron); which days
+    a cron names is pinned separately, against known dates (tests/unit/test_cron.py)."""
+    trig = cron_trigger(cron)
     last = None
     t = trig.get_next_fire_time(None, now - duration + timedelta(microseconds=1))
     while t is not None and t <= now:
