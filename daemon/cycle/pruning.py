@@ -84,13 +84,11 @@ TRASH = ".pruning-"
 def _discard(path: Path) -> int:
     """Remove a folder or file so that, at every instant, it is either whole or gone: renamed into a trash name
     first (atomic), then deleted. A crash in between leaves only trash, which :func:`sweep` removes."""
-    size = disk.tree_bytes(path)
     if not (path.exists() or path.is_symlink()):
         return 0
     trash = path.with_name(f"{TRASH}{path.name}")
     os.rename(path, trash)
-    _remove(trash)
-    return size
+    return _remove(trash)
 
 
 def sweep(state_dir: Path) -> None:
@@ -104,9 +102,9 @@ def sweep(state_dir: Path) -> None:
 
 
 def execute(state: State, todo: Plan, at: str) -> dict[str, int]:
-    """Remove what ``todo`` names and record it; returns counts and the bytes freed. Each thing is recorded as
-    pruned first (committed), then discarded whole (:func:`_discard`), so state never names a half-removed folder
-    as complete."""
+    """Remove what ``todo`` names and record it; returns counts and the bytes freed. A GGUF or dataset is recorded
+    as pruned first (committed), then discarded whole (:func:`_discard`), so state never names a half-removed
+    folder as complete; a job's artifacts are recorded once gone (a crash midway leaves the job to prune again)."""
     done = {"ggufs": 0, "jobs": 0, "datasets": 0, "freed": 0}
     steps: list[tuple[PrunedKind, str, Path, str]] = (
         [("gguf", str(v), Path(p), "ggufs") for v, p in todo.ggufs]
@@ -117,16 +115,19 @@ def execute(state: State, todo: Plan, at: str) -> dict[str, int]:
         if not _inside(path, state.dir):
             _log.warning("retention.outside_state", kind=kind, key=key, path=str(path))
             continue
-        with state.transaction():
-            state.pruned.mark(kind, key, at=at, freed=disk.tree_bytes(path) if kind != "job" else 0)
         try:
-            freed = _job_artifacts(path) if kind == "job" else _discard(path)
+            if kind == "job":
+                freed = _job_artifacts(path)
+                with state.transaction():
+                    state.pruned.mark(kind, key, at=at, freed=freed)
+            else:
+                freed = disk.tree_bytes(path)  # measured once, before anything goes
+                with state.transaction():
+                    state.pruned.mark(kind, key, at=at, freed=freed)
+                _discard(path)
         except OSError as exc:
             _log.warning("retention.failed", kind=kind, key=key, path=str(path), reason=exc.strerror or str(exc))
             continue
-        if kind == "job":
-            with state.transaction():
-                state.pruned.mark(kind, key, at=at, freed=freed)
         done[counter] += 1
         done["freed"] += freed
     return done
