@@ -2,7 +2,8 @@
 
 Events are hints, never the truth: the service also scans at start-up and on a reconcile interval. This module
 only says "this data file may have changed" (``on_event``) or "you may have missed something, rescan"
-(``on_rescan``): after an observer warning (inotify queue overflow, unreadable directory), when a data folder
+(``on_rescan``): after an inotify queue overflow (watchdog's ``EventsLostEvent``, sent once its watches are rebuilt),
+after an observer warning (an unreadable directory), when a data folder
 disappears, when the store root is deleted, or when the observer dies and is restarted.
 
 Mode selection (:func:`make_watcher`): polling when configured; otherwise inotify, kept only if a start-up self-test

@@ -20,6 +20,7 @@ from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
@@ -48,6 +49,7 @@ EVENT_FILTER: list[type[FileSystemEvent]] = [
     DirCreatedEvent,
     DirMovedEvent,
     DirDeletedEvent,
+    EventsLostEvent,  # the kernel's IN_Q_OVERFLOW (watchdog >= 7.1.1), sent once the recursive watches are rebuilt
 ]
 _LIMITS = {
     errno.ENOSPC: ("fs.inotify.max_user_watches", 524288),
@@ -104,8 +106,11 @@ def translate(event: FileSystemEvent, watched: str, root: str) -> list[Action]:
     ``watched`` is the directory the observer watches (the resolved root), ``root`` the store root as configured;
     reported paths are under ``root``. File events on data files become ``event`` (a move reports both ends that
     are data files: a rename away is a deletion); a data folder deleted or moved away becomes ``rescan`` (its files
-    get no events of their own); the watched root deleted becomes ``root_gone``. Everything else is dropped.
+    get no events of their own), and so does a lost-events report (the kernel's inotify queue overflowed, so any
+    change may have gone unseen); the watched root deleted becomes ``root_gone``. Everything else is dropped.
     """
+    if isinstance(event, EventsLostEvent):
+        return [("rescan", "inotify queue overflowed: events were lost")]
     src = os.fsdecode(event.src_path)
     dest = os.fsdecode(event.dest_path) if event.dest_path else ""
     if event.is_directory:

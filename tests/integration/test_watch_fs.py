@@ -5,8 +5,8 @@ Waits are Event-based with timeouts; nothing sleeps to wait for the file system.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import logging
 import os
 import shutil
 import threading
@@ -316,11 +316,98 @@ def test_a_symlinked_root_is_watched_through_its_target(tmp_path: Path, store: P
     assert rec.wait_event(link / "logs" / "conversations_1.jsonl")
 
 
-def test_watchdog_warnings_become_rescans(store: Path, tmp_path: Path, started: Start) -> None:
-    rec = started(make(store, tmp_path))
-    # what watchdog logs when the kernel reports IN_Q_OVERFLOW (watchdog.observers.inotify_c)
-    logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
-    assert rec.wait_rescan("Inotify queue overflowed")
+# The watcher in a child process: one JSON line per callback, so the test can SIGSTOP it (its inotify reader thread
+# stops with it, and the kernel queue fills past fs.inotify.max_queued_events) and resume it.
+_WATCH_CHILD = """
+import json, sys, time
+from pathlib import Path
+from daemon.ingest.watch import WatchdogWatcher
+out = lambda kind, arg: print("@@", json.dumps([kind, arg]), flush=True)  # our log lines go to stdout too
+w = WatchdogWatcher(Path(sys.argv[1]), mode="inotify", reason="test", poll_interval_s=0.05)
+w.start(lambda p: out("event", p), lambda r: out("rescan", r))
+out("ready", "")
+sys.stdin.read()  # until the test closes our stdin
+w.stop()
+"""
+
+
+def _max_queued_events() -> int:
+    return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+
+
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of ``pid`` is stopped (a signal is delivered asynchronously)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(s == "T" for s in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+def _overflow_burst(folder: Path, events: int) -> None:
+    """``events`` inotify events in a watched folder, and nothing left behind (a create and a delete per file)."""
+    for i in range((events + 1) // 2):
+        p = folder / f"burst-{i}"
+        p.touch()
+        p.unlink()
+
+
+def test_a_real_inotify_queue_overflow_becomes_a_rescan(store: Path) -> None:
+    """Issue 11, item 7: a real IN_Q_OVERFLOW. The watcher's process is stopped, so nothing reads its inotify fd; a
+    burst of more events than fs.inotify.max_queued_events overflows the kernel queue, and an append after it gets no
+    event at all. Resumed, the watcher must ask for a rescan (which finds the append) and report nothing for it."""
+    import json
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", _WATCH_CHILD, str(store)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert child.stdin is not None and child.stdout is not None
+    seen: list[list[str]] = []
+
+    def read_until(pred: Callable[[list[str]], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ready, _, _ = select.select([child.stdout], [], [], max(0.0, end - time.monotonic()))
+            if ready:
+                line = child.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    return False
+                if not line.startswith("@@ "):
+                    continue
+                seen.append(json.loads(line[3:]))
+                if pred(seen[-1]):
+                    return True
+        return False
+
+    data = store / "logs" / "conversations_1.jsonl"
+    try:
+        assert read_until(lambda m: m[0] == "ready", 30), seen
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            _wait_stopped(child.pid)
+            _overflow_burst(store / "logs", _max_queued_events() * 3 // 2)  # not data files: no events of ours
+            append(data)  # queued after the overflow: the kernel drops its event
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        assert read_until(lambda m: m[0] == "rescan" and "overflow" in m[1], WAIT * 4), seen[-5:]
+        read_until(lambda m: False, 0.5)  # whatever else comes right after
+    finally:
+        child.stdin.close()
+        child.wait(30)
+        child.stdout.close()
+    assert ["event", str(data)] not in seen, "the append was reported: the queue did not really overflow"
+    assert child.returncode == 0
 
 
 def test_a_dead_observer_is_restarted_with_a_rescan(store: Path, tmp_path: Path, started: Start) -> None:

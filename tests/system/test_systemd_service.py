@@ -213,6 +213,58 @@ def test_kill_9_restarts_and_nothing_is_lost_or_counted_twice(box: ct.Container,
     assert counted["feedback_events"] == truth["feedback_events"] + len(service["appended"])
 
 
+# Run as root inside: wait until every thread of PID is stopped, then more inotify events in the store's logs/ than
+# the kernel queues (a create and a delete per file: nothing is left behind, and none is a data file).
+_OVERFLOW_BURST = """
+import sys, time
+from pathlib import Path
+pid, logs = sys.argv[1], Path(sys.argv[2])
+end = time.monotonic() + 10
+while True:
+    states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()]
+    if all(s == "T" for s in states):
+        break
+    assert time.monotonic() < end, f"the service did not stop: {states}"
+    time.sleep(0.01)
+limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+for i in range(limit):  # 2 events each: 2x the queue
+    p = logs / f".burst-{i}"
+    p.touch()
+    p.unlink()
+print(limit)
+"""
+
+
+def test_an_inotify_queue_overflow_is_rescanned_and_loses_nothing(box: ct.Container, service: dict[str, Any]) -> None:
+    """Issue 11, item 7, under real systemd: the service's process is stopped (SIGSTOP), so its inotify queue
+    overflows under a burst; records and votes appended after the burst get no event at all. Resumed, the service
+    reports the overflow, rescans within watch.max_wait_s and ingests every record and vote exactly once."""
+    require_running(box)
+    pid = props(box, "MainPID")["MainPID"]
+    before = counts(cli_status(box))
+    cursor = box.cursor(UNIT)
+    box.run(["systemctl", "kill", "--signal=SIGSTOP", "--kill-whom=main", UNIT])
+    try:
+        box.run([ct.VENV_PYTHON, "-c", _OVERFLOW_BURST, pid, f"{ct.STORE}/logs"], timeout=120)
+        appended = ct.append_rated(box, 4, seed=2024)
+    finally:
+        resumed_us = time.time() * 1e6
+        box.run(["systemctl", "kill", "--signal=SIGCONT", "--kill-whom=main", UNIT])
+    [entry, *_] = box.wait_for(
+        "a rescan for the overflow",
+        lambda: [e for e in box.journal(UNIT, since_cursor=cursor)
+                 if (e["msg"] or {}).get("event") == "service.rescan" and "overflow" in e["msg"].get("reason", "")],
+        timeout=60)
+    assert int(entry["__REALTIME_TIMESTAMP"]) - resumed_us < 5e6, "rescan later than watch.max_wait_s after resume"
+    after = box.wait_for("the appended records in the state",
+                         lambda: (c := counts(cli_status(box)))["feedback_events"] == before["feedback_events"] + 4
+                         and c, timeout=60)
+    assert len(appended) == 4
+    assert after["conversations"]["total"] == before["conversations"]["total"] + 4
+    service["appended"] = [*service["appended"], *appended]
+    assert props(box, "MainPID")["MainPID"] == pid  # no restart on the way
+
+
 def test_stop_exits_cleanly_within_the_timeout(box: ct.Container, service: dict[str, Any]) -> None:
     require_running(box)
     timeout_s = STOP_TIMEOUT_S + 15

@@ -147,6 +147,15 @@ def test_data_folder_gone_means_rescan_and_root_gone_is_signalled() -> None:
     assert watch.translate(DirDeletedEvent(ROOT + "/"), ROOT, ROOT) == [("root_gone", "")]
 
 
+def test_lost_events_mean_rescan() -> None:
+    """watchdog (>= 7.1.1) turns the kernel's IN_Q_OVERFLOW into EventsLostEvent on the watched folder."""
+    from watchdog.events import EventsLostEvent
+
+    assert watch.translate(EventsLostEvent(ROOT, is_directory=True), ROOT, ROOT) == [
+        ("rescan", "inotify queue overflowed: events were lost")
+    ]
+
+
 def test_relative() -> None:
     assert watch.relative(ROOT, f"{ROOT}/logs/a.jsonl") == PurePosixPath("logs/a.jsonl")
     assert watch.relative(ROOT, ROOT) is None
