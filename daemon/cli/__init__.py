@@ -101,7 +101,9 @@ VERBS: tuple[Verb, ...] = (
                                JSON)),
     Verb("models", "model versions with their lineage (job, dataset, GGUF, Ollama tag)", models.models, (JSON,)),
     Verb("rollback", "move <model_name>:latest back (to the previous version, or --to vN)", models.rollback,
-         (arg("--to", help="the version to point latest at, e.g. v3"), JSON)),
+         (arg("--to", help="the version to point latest at, e.g. v3"),
+          arg("--force", action="store_true", help="also to a version that learned chats since deleted or un-voted"),
+          JSON)),
     Verb("export retry", "register every pending or failed-to-reach-Ollama version now", models.export_retry,
          (JSON,)),
     Verb("install-unit", "render and install the systemd unit for this install's paths", service.install_unit, (

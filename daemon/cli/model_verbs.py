@@ -55,7 +55,7 @@ def rollback(args: argparse.Namespace) -> int:
         to = int(digits)
     with api.open_state(s) as st:
         try:
-            out = registry.rollback(s, st, to)
+            out = registry.rollback(s, st, to, force=args.force)
         except ValueError as exc:
             raise CliError(f"rollback refused: {exc}", EXIT_DATA) from None
         except ollama.OllamaError as exc:

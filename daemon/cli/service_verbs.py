@@ -61,12 +61,25 @@ def _print_store(status: api.StoreStatus) -> None:
         d = status.disk
         print(f"disk:      state {disk.human(d['state'])}, datasets {disk.human(d['datasets'])}, "
               f"jobs {disk.human(d['jobs'])}, exports {disk.human(d['exports'])}; {disk.human(d['free'])} free")
+    champ = status.model
+    if champ:
+        how = (f"built on {len(champ['lineage']) - 1} version(s) before it" if champ["init"] == "champion"
+               else "trained from the base")
+        print(f"model:     champion {champ['champion_job']} (dataset v{champ['dataset_version']}, {how})"
+              + (f": {champ['plan']}" if champ.get("plan") else ""))
+        if champ.get("note"):
+            print(f"           {champ['note']}")
     print(f"as of:     last ingest {status.last_ingest_at or 'never'} (chatos-retrain ingest reads what is new)")
 
 
 def _print_last(last: dict[str, Any]) -> None:
     if last:
         print(f"last cycle: {last['cycle_id']} -> {last['outcome']}: {last['reason']}")
+        counts = last.get("counts") or {}
+        if counts.get("plan"):
+            print(f"  plan:    {counts['plan'].get('line')}")
+        if counts.get("learned"):
+            print(f"  {counts['learned']}")
 
 
 def status(args: argparse.Namespace) -> int:
@@ -117,6 +130,11 @@ def trigger(args: argparse.Namespace) -> int:
         print_json(result)
     elif "cycle_id" in result:
         print(f"{result['cycle_id']}: {result['outcome']}: {result['reason']}")
+        counts = result.get("counts") or {}
+        if counts.get("plan"):
+            print(f"plan:    {counts['plan'].get('line')}")
+        if counts.get("learned"):
+            print(f"         {counts['learned']}")
     else:
         print("cycle queued in the running service (use --wait to follow it)")
     return EXIT_ERROR if result.get("outcome") == Outcome.ERROR else EXIT_OK

@@ -32,11 +32,26 @@ def _decide(cycle: Cycle, job_id: str, config_path: str | None, res: dict[str, A
     champ_id = cycle.state.service.get().champion_job if used else None
     champ_loss = res.get("champion_eval_loss") if used else res.get("eval_loss_before")
     name = f"champion {champ_id}" if used else "the base model"
+    champ_new = res.get("champion_new_loss") if used else res.get("new_loss_before")
     if used and not isinstance(champ_loss, int | float):
         # the champion adapter could not be evaluated: compare with the base model rather than promote blindly
         _log.warning("gate.champion_unavailable", job_id=job_id, reason=res.get("champion_error"))
         champ_loss, name = res.get("eval_loss_before"), "the base model (champion could not be evaluated)"
-    return gate.decide(res.get("eval_loss_after"), champ_loss, cycle.settings.gate.tolerance, champion_name=name)
+        champ_new = res.get("new_loss_before")
+    new = (res.get("new_loss_after"), champ_new) if res.get("new_examples") else None
+    return gate.decide(res.get("eval_loss_after"), champ_loss, cycle.settings.gate.tolerance, champion_name=name,
+                       new=new, min_new_gain=cycle.settings.gate.min_new_gain)
+
+
+def learned_line(numbers: dict[str, Any]) -> str:
+    """``learned: new 2.31 -> 1.12, held-out 1.80 -> 1.79`` (champion -> candidate)."""
+    def pair(a: Any, b: Any) -> str:
+        return " -> ".join(f"{x:.2f}" if isinstance(x, int | float) else "n/a" for x in (a, b))
+
+    out = "learned: "
+    if numbers.get("min_new_gain") is not None:
+        out += f"new {pair(numbers.get('champion_new_loss'), numbers.get('candidate_new_loss'))}, "
+    return out + f"held-out {pair(numbers.get('champion_eval_loss'), numbers.get('candidate_eval_loss'))}"
 
 
 def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
@@ -58,6 +73,7 @@ def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
     res = outcome.result
     g = _decide(cycle, job_id, row.get("config_path"), res)
     result.counts["gate"] = g.numbers
+    result.counts["learned"] = learned_line(g.numbers)
     with state.transaction():
         state.jobs.judged(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
         # Trained on, promoted or not: "new examples" count from here, so a rejected candidate's data is not

@@ -89,6 +89,8 @@ def _record(cycle: Cycle) -> None:
         reason=result.reason, forced=result.forced, dataset_version=result.dataset_version,
         dataset_created=result.dataset_created, job_id=result.job_id, model_tag=result.model_tag,
         counts=result.counts, timings=result.timings,
+        **{k: v for k, v in (("plan", (result.counts.get("plan") or {}).get("line")),
+                             ("learned", result.counts.get("learned"))) if v},
     )
 
 

@@ -11,8 +11,9 @@ import yaml
 from daemon import disk, log
 from daemon.cycle import deciding, gating
 from daemon.cycle.context import Cycle, Outcome
-from daemon.state import State
-from daemon.train import jobspec, runner, templates
+from daemon.dataset.builder import read_train_ids
+from daemon.state import State, private_dir
+from daemon.train import jobspec, lineage, plan, runner, templates
 
 _log = log.get("daemon.cycle")
 
@@ -27,8 +28,57 @@ def champion(state: State) -> tuple[str | None, Path | None, float | None]:
     return job_id, Path(res["adapter_dir"]), res.get("eval_loss_after")
 
 
-def _job_config(cycle: Cycle, job_id: str, dataset_path: Path) -> dict[str, Any]:
-    """The trainer's config for this job (the champion adapter included when it is still on disk)."""
+NEW_EVAL_MAX = 256  # the newest new examples the learned_new check evaluates on (evaluation costs time too)
+
+
+def _train_ids(cycle: Cycle, dataset_path: Path, version: int) -> list[tuple[str, int]]:
+    """(conversation id, first dataset version) per line of the split's ``train.jsonl``. A dataset built before
+    versions recorded it has no ``train_ids.tsv``: its lines count as new (a full retrain), under ids of their own."""
+    try:
+        return read_train_ids(dataset_path)
+    except (OSError, ValueError) as exc:
+        _log.warning("training.no_train_ids", dataset_version=version, error=str(exc), effect="full retrain")
+        with (dataset_path / "train.jsonl").open("rb") as f:
+            return [(f"v{version}#{i}", version) for i, _ in enumerate(f)]
+
+
+def _plan(cycle: Cycle, template: dict[str, Any], train: list[tuple[str, int]],
+          champ: lineage.ChampionLineage | None) -> plan.Plan:
+    t, eff = cycle.settings.training, jobspec.effective(template)["training"]
+    settings = plan.PlanSettings(
+        new_epochs=t.new_epochs, replay_ratio=t.replay_ratio, full_epochs=t.full_epochs,
+        full_retrain_every=t.full_retrain_every, max_steps=t.max_steps,
+        batch=int(eff["per_device_train_batch_size"]) * int(eff["gradient_accumulation_steps"]),
+        learning_rate=float(eff["learning_rate"]), warm_lr_scale=t.warm_lr_scale,
+    )
+    eff_all = jobspec.effective(template)
+    shape = plan.Shape.of({"name": _model_name(t.base_model), "chat_template": templates.get(t.chat_template).name},
+                          eff_all["lora"])
+    return plan.make(train, champ.champion if champ else None, shape, settings,
+                     rehearsed=champ.rehearsed if champ else None, seed=cycle.result.dataset_version or 0)
+
+
+def _model_name(base_model: str) -> str:
+    """The base model as a job config records it (a local folder absolute)."""
+    return str(Path(base_model).expanduser().absolute()) if jobspec.is_local_model(base_model) else base_model
+
+
+def _write_plan(job_dir: Path, dataset_path: Path, p: plan.Plan) -> tuple[Path, Path | None]:
+    """The job's own files: ``plan/train.jsonl`` (the plan's sequence of the split's lines) and ``plan/new.jsonl``
+    (the newest new examples, for the learned_new check; None when there are none)."""
+    folder = private_dir(private_dir(job_dir) / "plan")
+    lines = (dataset_path / "train.jsonl").read_bytes().splitlines(keepends=True)
+    train_path, new_path = folder / "train.jsonl", folder / "new.jsonl"
+    train_path.write_bytes(b"".join(lines[i] for i in p.sequence))
+    if not p.new:
+        return train_path, None
+    new_path.write_bytes(b"".join(lines[i] for i in sorted(p.new[:NEW_EVAL_MAX])))
+    return train_path, new_path
+
+
+def _job_config(cycle: Cycle, job_id: str, dataset_path: Path, version: int) -> tuple[dict[str, Any], plan.Plan,
+                                                                                     list[str]]:
+    """The trainer's config for this job, its plan, and the conversations it trains on."""
     t = cycle.settings.training
     champ_id, champ_adapter, _ = champion(cycle.state)
     if champ_adapter is not None and not champ_adapter.is_dir():
@@ -37,11 +87,20 @@ def _job_config(cycle: Cycle, job_id: str, dataset_path: Path) -> dict[str, Any]
     overrides: dict[str, Any] = {}
     if t.config_template is not None:
         overrides = yaml.safe_load(t.config_template.read_text()) or {}
-    return jobspec.render_job_config(
-        overrides, job_id=job_id, job_dir=cycle.state.dir / "jobs" / job_id, base_model=t.base_model,
-        chat_template=t.chat_template, backend=t.backend, train_path=dataset_path / "train.jsonl",
-        eval_path=dataset_path / "eval.jsonl", max_steps=t.max_steps, champion_adapter=champ_adapter,
+    train = _train_ids(cycle, dataset_path, version)
+    champ = lineage.champion(cycle.state, cycle.settings.dataset)
+    p = _plan(cycle, overrides, train, champ)
+    job_dir = cycle.state.dir / "jobs" / job_id
+    train_path, new_path = _write_plan(job_dir, dataset_path, p)
+    cfg = jobspec.render_job_config(
+        overrides, job_id=job_id, job_dir=job_dir, base_model=t.base_model,
+        chat_template=t.chat_template, backend=t.backend, train_path=train_path,
+        eval_path=dataset_path / "eval.jsonl", max_steps=p.steps, champion_adapter=champ_adapter,
+        init_adapter=champ.adapter if p.init == "champion" and champ else None, new_path=new_path,
+        learning_rate=p.learning_rate,
     )
+    cfg["training"]["num_train_epochs"] = 1  # the plan's file holds the epochs; max_steps covers it exactly
+    return cfg, p, sorted({train[i][0] for i in p.sequence})
 
 
 def run(cycle: Cycle) -> bool:
@@ -52,24 +111,27 @@ def run(cycle: Cycle) -> bool:
         raise RuntimeError("the training stage runs only after a dataset was built")
     job_id = jobspec.new_job_id()
     try:
-        cfg = _job_config(cycle, job_id, dataset_path)
+        cfg, p, trained = _job_config(cycle, job_id, dataset_path, version)
     except templates.UnknownTemplate as exc:
         result.end(Outcome.ERROR, f"training.chat_template: {exc}")
         return False
+    summary = result.counts["plan"] = {**p.summary(), "line": p.line()}
+    _log.info("training.plan", job_id=job_id, dataset_version=version, line=p.line(), **p.summary())
     short = disk.check(f"training job {job_id}", state.dir / "jobs",
                        disk.training_needs(disk.tree_bytes(dataset_path), jobspec.base_weights(t.base_model)))
     if short is not None:
         _log.warning("training.no_space", job_id=job_id, needed=short.needed, free=short.free)
         result.end(Outcome.NO_SPACE, str(short))
         return False
-    cycle.step("training", f"job {job_id} on dataset v{version}")
+    cycle.step("training", f"job {job_id} on dataset v{version}: {p.line()}")
     with state.transaction():
         state.service.set_last_run_at(cycle.now().isoformat())
     result.job_id = job_id
     with cycle.timed("train"):
         try:
             job = runner.start_job(state, python=t.python, config=cfg, dataset_version=version,
-                                   cycle_id=result.cycle_id, env=t.env, created_at=cycle.now().isoformat())
+                                   cycle_id=result.cycle_id, env=t.env, created_at=cycle.now().isoformat(),
+                                   plan=summary, trained=trained)
         except OSError as exc:
             result.job_status = "failed"
             result.end(Outcome.TRAIN_FAILED, f"cannot start the trainer {t.python}: {exc.strerror or exc}")
@@ -78,7 +140,7 @@ def run(cycle: Cycle) -> bool:
 
         def on_step(m: dict[str, Any]) -> None:
             loss = m.get("train_loss")
-            cycle.report("training", f"job {job_id} step {m.get('step')}/{t.max_steps}"
+            cycle.report("training", f"job {job_id} step {m.get('step')}/{p.steps}"
                          + (f" loss {loss:.4f}" if isinstance(loss, int | float) else ""))
 
         outcome = runner.supervise(state, job, timeout_s=t.timeout, cancel=cycle.cancel, stop=cycle.stop,

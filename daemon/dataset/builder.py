@@ -32,6 +32,9 @@ from daemon.state import DatasetRow, State, private_dir
 _log = log.get("daemon.dataset.builder")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 _SPLIT_FILES = ("train.jsonl", "eval.jsonl")
+# One line per line of train.jsonl, in its order: "<conversation id>\t<dataset version where it first appeared>".
+# The training plan reads it to tell the examples that are new since the champion's dataset (train.plan).
+TRAIN_IDS = "train_ids.tsv"
 
 
 class DatasetError(Exception):
@@ -93,15 +96,17 @@ class _Writer(threading.Thread):
     """Writes and fsyncs the two split files while the build goes on with state (file writes, fsync and SQLite
     all let go of the GIL, so the two overlap: ~0.1 s of a 0.5 s rebuild). :meth:`finish` re-raises its error."""
 
-    def __init__(self, folder: Path, train: Sequence[Example], evals: Sequence[Example]) -> None:
+    def __init__(self, folder: Path, train: Sequence[Example], evals: Sequence[Example], ids: bytes) -> None:
         super().__init__(name="dataset-writer", daemon=True)
         self.folder, self.parts = folder, (("train.jsonl", train), ("eval.jsonl", evals))
+        self.ids = ids
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             for name, part in self.parts:
                 _write_private(self.folder / name, line_chunks(part))
+            _write_private(self.folder / TRAIN_IDS, [self.ids])
         except BaseException as exc:  # handed to the build's thread by finish()
             self.error = exc
 
@@ -170,13 +175,14 @@ def _selected(
 
 
 @contextmanager
-def _writing(folder: Path, version: int, train: Sequence[Example], evals: Sequence[Example]) -> Iterator[_Writer]:
+def _writing(folder: Path, version: int, train: Sequence[Example], evals: Sequence[Example],
+             ids: bytes) -> Iterator[_Writer]:
     """A fresh temp folder for version ``version``, its split files being written into it on a writer thread (the
     thread is joined on the way out, whatever happens)."""
     tmp = folder / f".tmp-v{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     private_dir(tmp)
-    writer = _Writer(tmp, train, evals)
+    writer = _Writer(tmp, train, evals, ids)
     writer.start()
     try:
         yield writer
@@ -184,7 +190,8 @@ def _writing(folder: Path, version: int, train: Sequence[Example], evals: Sequen
         writer.join()
 
 
-def _commit(state: State, writer: _Writer, row: DatasetRow, new_pins: set[str], members: dict[str, list[str]]) -> None:
+def _commit(state: State, writer: _Writer, row: DatasetRow, new_pins: set[str], members: dict[str, list[str]],
+            since: dict[str, int]) -> None:
     """Finish the writer's folder (manifest, fsync), rename it to ``row.path`` and record the version in state."""
     tmp, final = writer.folder, Path(row.path)
     # State learns of the version in a transaction that commits only once the folder is in place: a crash
@@ -192,7 +199,7 @@ def _commit(state: State, writer: _Writer, row: DatasetRow, new_pins: set[str], 
     with state.transaction():
         state.datasets.add_eval_pins(new_pins)
         text = manifest_bytes(row.manifest)
-        state.datasets.add(row, members, text.decode())
+        state.datasets.add(row, members, text.decode(), since)
         _write_private(tmp / "manifest.json", [text])
         writer.finish()
         _fsync_dir(tmp)
@@ -218,18 +225,36 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
                 state.datasets.get(latest.version).manifest,  # type: ignore[union-attr]
             )
         version = (latest.version if latest else 0) + 1
-        with _writing(folder, version, train, evals) as writer:  # the manifest is made while the files are written
-            man = manifest(version, train, evals, sel, cfg, fp, dict(zip(_SPLIT_FILES, digests, strict=True)),
-                           store_root)
+        since = first_seen(state.datasets.since(latest.version) if latest else {}, [*train, *evals], version)
+        ids = "".join([f"{ex.cid}\t{since[ex.cid]}\n" for ex in train]).encode()
+        files = {**dict(zip(_SPLIT_FILES, digests, strict=True)), TRAIN_IDS: hashlib.sha256(ids).hexdigest()}
+        with _writing(folder, version, train, evals, ids) as writer:  # the manifest is made while files are written
+            man = manifest(version, train, evals, sel, cfg, fp, files, store_root, since)
             final = folder / f"v{version}"
             row = DatasetRow(version, man["created_at"], str(final), fp, man["content_hash"], len(train), len(evals),
                              man)
-            _commit(state, writer, row, new_pins, {"train": list(map(by_cid, train)), "eval": list(map(by_cid, evals))})
+            _commit(state, writer, row, new_pins, {"train": list(map(by_cid, train)), "eval": list(map(by_cid, evals))},
+                    since)
         _log.info(
             "dataset.built", dataset_version=version, path=str(final), train=len(train), eval=len(evals),
             duplicates_removed=sel.duplicates_removed, pii_scrubbed=dict(sel.pii_counts),
         )
         return BuildResult(True, version, final, len(train), len(evals), f"built v{version}", man)
+
+
+def first_seen(previous: dict[str, int], examples: Iterable[Example], version: int) -> dict[str, int]:
+    """Each example's first dataset version: carried forward from the version before, else ``version`` (a chat that
+    left a dataset, say its vote was retracted, and came back with a new vote is new again)."""
+    return {ex.cid: previous.get(ex.cid, version) for ex in examples}
+
+
+def read_train_ids(path: Path) -> list[tuple[str, int]]:
+    """``train_ids.tsv`` of a dataset folder: (conversation id, first version) per line of ``train.jsonl``."""
+    out = []
+    for line in (path / TRAIN_IDS).read_text(encoding="utf-8").splitlines():
+        cid, _, since = line.partition("\t")
+        out.append((cid, int(since)))
+    return out
 
 
 def verify(path: Path) -> list[str]:

@@ -116,6 +116,7 @@ def manifest(
     fp: str,
     file_hashes: dict[str, str],
     store_root: str,
+    since: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     both = [*train, *evals]
     content = hashlib.sha256((file_hashes["train.jsonl"] + file_hashes["eval.jsonl"]).encode()).hexdigest()
@@ -131,6 +132,10 @@ def manifest(
             "by_mode": dict(sorted(Counter(map(_mode, both)).items())),
             "by_model": dict(sorted(_models(both).items())),
             "duplicates_removed": sel.duplicates_removed,
+            # train examples by the dataset version where each first appeared (per example: train_ids.tsv)
+            "train_by_first_version": dict(sorted(
+                ((str(k), v) for k, v in Counter(since[ex.cid] for ex in train).items()), key=lambda kv: int(kv[0])
+            )) if since is not None else {},
         },
         "filters": filters_used(cfg),
         "pii_scrubbed": dict(sorted(sel.pii_counts.items())),

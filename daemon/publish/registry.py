@@ -17,6 +17,7 @@ from daemon.publish.ollama import OllamaError
 from daemon.publish.ollama_client import OllamaClient
 from daemon.settings import Settings
 from daemon.state import ModelRow, State, utcnow
+from daemon.train import lineage as train_lineage
 from daemon.train import templates
 from daemon.train.backoff import retry_delay
 
@@ -177,9 +178,10 @@ def retention(settings: Settings, state: State, client: OllamaClient) -> list[in
 
 
 def rollback(settings: Settings, state: State, to: int | None = None,
-             client: OllamaClient | None = None) -> dict[str, Any]:
+             client: OllamaClient | None = None, *, force: bool = False) -> dict[str, Any]:
     """Move ``latest`` to ``to`` (default: the registered version before the current one). Raises ValueError with a
-    one-line reason when there is nowhere to go, OllamaError when Ollama refuses."""
+    one-line reason when there is nowhere to go, or (without ``force``) when that version learned chats the user
+    has since deleted or un-voted; OllamaError when Ollama refuses."""
     registered = [m.version for m in state.models.all(status="registered")]
     current = state.service.get().latest_model or None
     if to is None:
@@ -195,6 +197,10 @@ def rollback(settings: Settings, state: State, to: int | None = None,
         row = state.models.get(to)
         if row is None:  # listed as registered a moment ago: only a concurrent forget removes it
             raise ValueError(f"v{to} is no longer a model version")
+        gone = train_lineage.forgotten(state, settings.dataset, row.job_id)
+        if gone and not force:
+            raise ValueError(f"v{to} learned {len(gone)} chat(s) that were since deleted or un-voted "
+                             f"(e.g. {gone[0]}); use --force to serve it anyway")
         client.show(row.tag)  # it must still exist in Ollama
         client.copy(row.tag, latest_tag(settings))
     finally:

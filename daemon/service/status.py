@@ -9,6 +9,7 @@ from typing import Any
 from daemon import disk
 from daemon.settings import Settings
 from daemon.state import DB_NAME, State
+from daemon.train import lineage
 
 
 @dataclass
@@ -25,6 +26,7 @@ class StoreStatus:
     latest_model: str | None = None
     pending_registrations: list[dict[str, Any]] | None = None
     disk: dict[str, int] | None = None  # bytes used by state, datasets, jobs, exports; free on the state's disk
+    model: dict[str, Any] | None = None  # the champion: its plan, lineage depth, deleted chats it still holds
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -57,7 +59,29 @@ def store_status(settings: Settings, state: State) -> StoreStatus:
                                 "next_attempt_at": m.next_attempt_at, "last_error": m.last_error}
                                for m in state.models.all(status="pending")],
         disk=disk_usage(state.dir),
+        model=model_status(settings, state),
     )
+
+
+def model_status(settings: Settings, state: State) -> dict[str, Any] | None:
+    """The champion (the model new runs build on): how it was trained, and the deleted or un-voted chats it still
+    holds (warm starts stop until a full retrain from the base leaves them out)."""
+    job_id = state.service.get().champion_job
+    rows = lineage.chain(state, job_id) if job_id else []
+    if not rows:
+        return None
+    gone = lineage.forgotten(state, settings.dataset, rows[0].job_id)
+    p = rows[0].params.get("plan") or {}
+    return {
+        "champion_job": rows[0].job_id,
+        "dataset_version": rows[0].dataset_version,
+        "init": p.get("init"),
+        "plan": p.get("line") or None,
+        "lineage": [r.job_id for r in rows],
+        "deleted_in_model": len(gone),
+        "note": (f"{len(gone)} deleted chat(s) still in the current model: the next run retrains from the base "
+                 "without them") if gone else None,
+    }
 
 
 def disk_usage(state_dir: Path) -> dict[str, int]:

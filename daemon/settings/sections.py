@@ -117,7 +117,12 @@ class TrainingSettings(Section):
             return os.path.normpath(p if p.is_absolute() else (Path.cwd() / p).absolute())
         return v
     chat_template: str = "qwen-2.5"
-    max_steps: int = Field(default=60, ge=1)
+    max_steps: int = Field(default=1000, ge=1)  # a cap: the plan (train.plan) decides the steps
+    new_epochs: int = Field(default=2, ge=1)
+    replay_ratio: float = Field(default=3.0, ge=0.0)
+    warm_lr_scale: float = Field(default=0.5, gt=0.0, le=1.0)
+    full_epochs: int = Field(default=1, ge=1)
+    full_retrain_every: int = Field(default=10, ge=1)
     timeout: Duration = Field(default=4 * 3600.0, gt=0)
     env: dict[str, str] = Field(default_factory=dict)
     config_template: AbsPath | None = None
@@ -126,6 +131,7 @@ class TrainingSettings(Section):
 
 class GateSettings(Section):
     tolerance: float = Field(default=0.0, ge=0.0)
+    min_new_gain: float = Field(default=0.05, ge=0.0, lt=1.0)
 
 
 class ExportSmokeSettings(Section):

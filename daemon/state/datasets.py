@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -47,9 +46,12 @@ class Datasets:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def add(self, row: DatasetRow, splits: Mapping[str, Sequence[str]], manifest_text: str | None = None) -> None:
+    def add(self, row: DatasetRow, splits: Mapping[str, Sequence[str]], manifest_text: str | None = None,
+            since: Mapping[str, int] | None = None) -> None:
         """Record a dataset version and its members (``splits``: split name -> conversation ids); ``manifest_text``:
-        ``row.manifest`` as JSON, when the caller has it already (a 34k-example manifest is slow to encode)."""
+        ``row.manifest`` as JSON, when the caller has it already (a 34k-example manifest is slow to encode);
+        ``since``: the version where each member first appeared (default: this one)."""
+        first = since or {}
         with self._db.transaction():
             self._db.conn.execute(
                 f"INSERT INTO datasets ({_COLS}, manifest) VALUES (?,?,?,?,?,?,?,?)",
@@ -58,13 +60,18 @@ class Datasets:
             )
             for split, cids in splits.items():
                 self._db.conn.executemany(
-                    "INSERT INTO dataset_members (version, cid, split) VALUES (?,?,?)",
-                    zip(itertools.repeat(row.version), cids, itertools.repeat(split)),
+                    "INSERT INTO dataset_members (version, cid, split, since) VALUES (?,?,?,?)",
+                    ((row.version, cid, split, first.get(cid, row.version)) for cid in cids),
                 )
 
     def member_ids(self, version: int) -> set[str]:
         sql = "SELECT cid FROM dataset_members WHERE version = ?"
         return {r[0] for r in self._db.conn.execute(sql, (version,))}
+
+    def since(self, version: int) -> dict[str, int]:
+        """Member id -> the dataset version where it first appeared, for version ``version``."""
+        sql = "SELECT cid, COALESCE(since, version) FROM dataset_members WHERE version = ?"
+        return {r[0]: int(r[1]) for r in self._db.conn.execute(sql, (version,))}
 
     def containing(self, cid: str) -> list[int]:
         """The versions that hold conversation ``cid`` (a scan: members have no cid index, see migration 6)."""

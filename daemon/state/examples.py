@@ -48,6 +48,15 @@ class Examples:
         )
         yield from self._db.conn.execute(sql, (*modes, min_score, include_unrated))
 
+    def no_longer_eligible(self, job_ids: Sequence[str], modes: Sequence[str], min_score: int,
+                           include_unrated: bool) -> list[str]:
+        """Conversations that any of ``job_ids`` trained on and that the dataset filter would not select now:
+        deleted from the store, forgotten, or their vote retracted (or the filter narrowed). Sorted."""
+        marks = ",".join("?" * len(job_ids))
+        sql = (f"SELECT DISTINCT j.cid FROM job_examples j WHERE j.job_id IN ({marks}) AND NOT EXISTS ("
+               + _eligible_sql("SELECT 1", modes) + " AND c.cid = j.cid) ORDER BY j.cid")
+        return [r[0] for r in self._db.conn.execute(sql, (*job_ids, *modes, min_score, include_unrated))]
+
     def eligible_counts(
         self, modes: Sequence[str], min_score: int, include_unrated: bool, since_version: int | None = None
     ) -> dict[str, int]:

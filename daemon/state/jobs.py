@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from daemon.state.db import Database
@@ -46,6 +47,17 @@ class Jobs:
              _encode(job.latest_metrics), _encode(job.result), job.error, job.exit_code, job.started_at,
              job.finished_at),
         )
+
+    def add_trained(self, job_id: str, cids: Iterable[str]) -> None:
+        """The conversations job ``job_id`` trains on (its plan): with its warm-start ancestors', a model's lineage."""
+        self._db.conn.executemany("INSERT OR IGNORE INTO job_examples (job_id, cid) VALUES (?,?)",
+                                  ((job_id, cid) for cid in cids))
+
+    def trained(self, job_ids: Sequence[str]) -> Counter[str]:
+        """How many of ``job_ids`` trained on each conversation."""
+        marks = ",".join("?" * len(job_ids))
+        sql = f"SELECT cid, COUNT(*) FROM job_examples WHERE job_id IN ({marks}) GROUP BY cid"
+        return Counter({r[0]: int(r[1]) for r in self._db.conn.execute(sql, tuple(job_ids))})
 
     def get(self, job_id: str) -> JobRow | None:
         r = self._db.conn.execute(f"SELECT {_COLS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()

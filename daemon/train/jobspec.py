@@ -73,6 +73,11 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+def effective(template: Mapping[str, Any]) -> dict[str, Any]:
+    """The job template with ``training.config_template``'s overrides merged in (batch size, learning rate...)."""
+    return _deep_merge(DEFAULT_TEMPLATE, template)
+
+
 def is_local_model(name: str) -> bool:
     """A local folder (absolute, relative, ``~``) rather than a hub id like ``Qwen/Qwen2.5-0.5B``."""
     return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
@@ -96,9 +101,14 @@ def render_job_config(
     max_steps: int,
     champion_adapter: Path | None,
     base_dir: Path | None = None,
+    init_adapter: Path | None = None,
+    new_path: Path | None = None,
+    learning_rate: float | None = None,
 ) -> dict[str, Any]:
     """The trainer's config, with every path absolute (relative ones resolved against ``base_dir``, default cwd).
 
+    ``init_adapter``: the adapter a warm-started run continues from; ``new_path``: the examples new since the
+    champion's dataset (evaluated before and after training); ``learning_rate``: the plan's (else the template's).
     Raises :class:`templates.UnknownTemplate` for an unknown chat template name.
     """
     base = (base_dir or Path.cwd()).absolute()
@@ -115,9 +125,13 @@ def render_job_config(
     cfg["model"]["name"] = absolute(base_model) if is_local_model(base_model) else base_model
     cfg["model"]["chat_template"] = tmpl.name
     cfg["template"] = templates.trainer_block(tmpl.name)
-    cfg["dataset"] = {"train_path": absolute(train_path), "eval_path": absolute(eval_path)}
+    cfg["dataset"] = {"train_path": absolute(train_path), "eval_path": absolute(eval_path),
+                      "new_path": absolute(new_path) if new_path else None}
+    cfg["init"] = {"adapter": absolute(init_adapter) if init_adapter else None}
     cfg["training"]["output_dir"] = str(job_dir / "output")
     cfg["training"]["max_steps"] = int(max_steps)
+    if learning_rate is not None:
+        cfg["training"]["learning_rate"] = float(learning_rate)
     cfg["metrics"] = {"output_path": str(job_dir / "metrics.jsonl")}
     cfg["result"] = {"output_path": str(job_dir / "result.json")}
     cfg["gate"] = {"champion_adapter": absolute(champion_adapter) if champion_adapter else None}

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,9 +126,12 @@ def start_job(
     env: Mapping[str, str] | None = None,
     script: Path = TRAINER_SCRIPT,
     created_at: str | None = None,
+    plan: dict[str, Any] | None = None,
+    trained: Iterable[str] = (),
 ) -> Job:
     """Create the job folder and config, spawn the trainer, record the job as running. ``created_at`` (ISO 8601,
-    the cycle's clock; now by default) dates the run for the policy's daily limit."""
+    the cycle's clock; now by default) dates the run for the policy's daily limit; ``plan`` (its summary) and
+    ``trained`` (the conversations it trains on) are recorded with the job, for its lineage."""
     job_id = config["job_id"]
     job_dir = private_dir(Path(config["training"]["output_dir"]).parent)
     cfg_path = job_dir / "config.yaml"
@@ -143,12 +146,13 @@ def start_job(
         job_dir=str(job_dir), config_path=str(cfg_path), log_path=str(log_path),
         metrics_path=config["metrics"]["output_path"], result_path=config["result"]["output_path"],
         params={"backend": config["backend"], "model": config["model"], "training": config["training"],
-                "lora": config["lora"]},
+                "lora": config["lora"], **({"plan": plan} if plan is not None else {})},
         created_at=created_at or utcnow(),
     )
     row = new.as_dict()
     with state.transaction():
         state.jobs.add(new)
+        state.jobs.add_trained(job_id, trained)
     _log.info("job.spawn", job_id=job_id, argv=argv, cwd=str(job_dir))
     try:
         proc = spawn_in_session(argv, cwd=job_dir, env=child_env, log_path=log_path)
