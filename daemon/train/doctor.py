@@ -24,7 +24,8 @@ for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "
         out["modules"][name] = getattr(m, "__version__", "?")
     except Exception as exc:
         out["modules"][name] = None
-        out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {first}"
 try:
     import torch
     out["cuda"] = bool(torch.cuda.is_available())

@@ -107,12 +107,12 @@ class Plan:
     def line(self) -> str:
         """One line: ``warm start from j-...: 40 new x 2 + 120 replayed = 200 examples, 25 steps``."""
         if self.init == "champion":
-            what = (f"warm start from {self.parent_job}: {len(self.new)} new x {self.totals.get('new_epochs', 1)}"
-                    f" + {len(self.replay)} replayed")
+            out = (f"warm start from {self.parent_job}: {len(self.new)} new x {self.totals.get('new_epochs', 1)}"
+                   f" + {len(self.replay)} replayed = {len(self.sequence)} examples, {self.steps} steps")
         else:
-            what = f"full retrain from the base ({self.why}): {len(set(self.sequence))} examples" + (
-                f" x {self.totals.get('full_epochs', 1)}" if self.totals.get("full_epochs", 1) != 1 else "")
-        out = f"{what} = {len(self.sequence)} examples, {self.steps} steps"
+            epochs, distinct = self.totals.get("full_epochs", 1), len(set(self.sequence))
+            out = f"full retrain from the base ({self.why}): {distinct} examples" + (
+                f" x {epochs} = {len(self.sequence)}" if epochs != 1 else "") + f", {self.steps} steps"
         if self.lr_note:
             out += f"; {self.lr_note}"
         if self.capped:
@@ -195,5 +195,6 @@ def make(
     sequence = tuple(sorted(everything * s.full_epochs))
     kept = set(everything)
     return Plan("base", why or "", None, champion.dataset_version if champion else None,
-                tuple(i for i in _newest_first(new, since) if i in kept), (), sequence, math.ceil(len(sequence) / s.batch),
+                tuple(i for i in _newest_first(new, since) if i in kept), (), sequence,
+                math.ceil(len(sequence) / s.batch),
                 s.learning_rate, None, capped, {"full_epochs": s.full_epochs, "split": len(train)})

@@ -1,0 +1,123 @@
+"""Every vote is learned (issue 19), for real on the CPU through the CLI: v1 is a full retrain from the base; new
+thumbs-up chats make v2 a warm start from v1 on every new example plus replay, with the learned_new check in its gate;
+a vote retracted on a chat v1 trained on stops warm starts (status says the model still holds it) until a full
+retrain from the base leaves it out of the new model's lineage."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from daemon.dataset.builder import read_train_ids
+from daemon.demo import storegen
+from daemon.state import State
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSWER = "Purple giraffes hum seventeen quiet lullabies."
+
+
+def cli(config: Path, *args: str) -> dict[str, Any]:
+    res = subprocess.run([sys.executable, "-m", "daemon", "--config", str(config), *args, "--json"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    out: dict[str, Any] = json.loads(res.stdout)
+    return out
+
+
+def add_voted_chats(store: Path, n: int) -> list[str]:
+    """``n`` new chats with one distinctive answer, each with a thumbs-up."""
+    when = datetime(2026, 11, 28, 10, 0, 0)
+    ids = []
+    with (store / "logs" / "conversations_2026-11-28.jsonl").open("a") as f, \
+            (store / "feedback" / "feedback_2026-11-28.jsonl").open("a") as g:
+        for i in range(n):
+            cid = f"voted{i:04d}"
+            rec = storegen.full_record(random.Random(i), cid, when + timedelta(seconds=i), assistant_words=(6, 12))
+            rec["messages"][1]["content"] = ANSWER
+            f.write(storegen.line(rec))
+            g.write(json.dumps({"conversation_id": cid, "thumbs_up": True, "feedback": None,
+                                "timestamp": (when + timedelta(minutes=5)).isoformat()}) + "\n")
+            ids.append(cid)
+    return ids
+
+
+def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    store, state_dir = tmp_path / "ChatOS-Memory", tmp_path / "state"
+    storegen.generate_store(store, 160, days=2, seed=31, assistant_words=(6, 20), feedback_fraction=0.6)
+    overrides = tmp_path / "job-overrides.yaml"
+    overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
+    config = tmp_path / "retrain.yaml"
+    config.write_text(yaml.safe_dump({
+        "store": {"root": str(store)}, "state": {"dir": str(state_dir)},
+        "training": {"python": sys.executable, "base_model": str(tiny_models["qwen2"]), "backend": "transformers",
+                     "timeout": "10m", "env": {"OMP_NUM_THREADS": "1"}, "config_template": str(overrides),
+                     "replay_ratio": 1.0, "new_epochs": 2},
+        "policy": {"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 10},
+        "dataset": {"min_train_examples": 4, "min_eval_examples": 4},
+        "gate": {"tolerance": 0.5},
+        "export": {"enabled": False},
+    }))
+
+    first = cli(config, "trigger")
+    plan1 = first["counts"]["plan"]
+    assert first["outcome"] == "promoted", first["reason"]
+    assert plan1["init"] == "base" and plan1["why"] == "no champion yet"
+    assert plan1["examples"] == plan1["split"] and plan1["steps"] == -(-plan1["split"] // 8)
+    j1 = first["job_id"]
+
+    voted = add_voted_chats(store, 12)
+    second = cli(config, "trigger")
+    plan2, gate2 = second["counts"]["plan"], second["counts"]["gate"]
+    assert plan2["init"] == "champion" and plan2["parent_job"] == j1, plan2
+    with State(state_dir) as st:
+        dataset2 = Path(st.datasets.get(second["dataset_version"], manifest=False).path)  # type: ignore[union-attr]
+        trained2 = st.jobs.trained([second["job_id"]])
+        row2 = st.jobs.get(second["job_id"])
+    train2 = dict(read_train_ids(dataset2))  # the version where each training example first appeared
+    voted_train = [cid for cid in voted if cid in train2]
+    assert len(voted_train) >= 8 and all(train2[cid] == second["dataset_version"] for cid in voted_train)
+    assert plan2["new"] == len(voted_train) and all(cid in trained2 for cid in voted_train)  # every one of them
+    assert plan2["replay"] == plan2["new"] and plan2["examples"] == 3 * plan2["new"]
+    assert plan2["learning_rate"] == pytest.approx(0.005) and "warm start" in plan2["lr_note"]
+    cfg2 = yaml.safe_load(Path(row2.config_path).read_text())  # type: ignore[union-attr]
+    assert cfg2["init"]["adapter"].endswith(f"{j1}/output/adapter") and cfg2["dataset"]["new_path"]
+    res2 = row2.result  # type: ignore[union-attr]
+    assert res2["eval_loss_before"] == pytest.approx(res2["champion_eval_loss"])  # it started from the champion
+    assert [c["name"] for c in gate2["checks"]] == ["held_out", "learned_new"]
+    assert gate2["candidate_new_loss"] < gate2["champion_new_loss"] * 0.95, gate2  # it learned the new votes
+    assert second["counts"]["learned"].startswith("learned: new ")
+    assert second["outcome"] == "promoted", second["reason"]
+    status = cli(config, "status")["store"]["model"]
+    assert status["init"] == "champion" and status["lineage"] == [second["job_id"], j1]
+    assert status["deleted_in_model"] == 0
+
+    # the user takes back a vote on a chat v1 trained on (a thumbs-down now)
+    with State(state_dir) as st:
+        trained1 = sorted(st.jobs.trained([j1]))
+    gone = trained1[0]
+    with (store / "feedback" / "feedback_2026-11-29.jsonl").open("a") as g:
+        g.write(json.dumps({"conversation_id": gone, "thumbs_up": False, "feedback": None,
+                            "timestamp": "2026-11-29T10:00:00"}) + "\n")
+    cli(config, "ingest")
+    status = cli(config, "status")["store"]["model"]
+    assert status["deleted_in_model"] == 1 and "deleted chat(s) still in the current model" in status["note"]
+
+    third = cli(config, "trigger")
+    plan3 = third["counts"]["plan"]
+    assert plan3["init"] == "base" and "deleted or their votes retracted" in plan3["why"], plan3
+    assert third["outcome"] == "promoted", third["reason"]
+    with State(state_dir) as st:
+        trained3 = st.jobs.trained([third["job_id"]])
+    assert gone not in trained3 and voted_train[0] in trained3
+    status = cli(config, "status")["store"]["model"]
+    assert status["lineage"] == [third["job_id"]] and status["deleted_in_model"] == 0
