@@ -281,3 +281,29 @@ def test_forget_deletes_for_good_rebuilds_and_names_what_saw_it(store: Path, tmp
     assert cli.main(["--config", str(cfg), "dataset", "build", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["created"] is False
     assert cli.main(["--config", str(cfg), "forget", "nosuchid0000"]) == 3
+
+
+def test_each_training_example_records_the_version_where_it_first_appeared(store: Path, make_settings: Any) -> None:
+    """Issue 19: train_ids.tsv (one line per train.jsonl line) and the members' ``since``: carried forward from the
+    version before; a chat whose vote was retracted and that comes back with a new vote is new again."""
+    s = make_settings(dataset={"eval_fraction": 0.0, "min_eval_examples": 1})
+    write_lines(logs_file(store), [rec(f"c{i:03d}", quality="good", answer=f"answer {i}") for i in range(8)])
+    with State(s.state_dir()) as st:
+        v1 = build(s, st)
+        write_lines(logs_file(store), [rec(f"n{i:03d}", quality="good", answer=f"new {i}") for i in range(3)])
+        write_lines(feedback_file(store), [fb("c001", thumbs_up=False, ts="2026-11-25T10:00:00")])
+        v2 = build(s, st)
+        write_lines(feedback_file(store), [fb("c001", thumbs_up=True, ts="2026-11-25T11:00:00")])
+        v3 = build(s, st)
+        since3 = st.datasets.since(3)
+    assert (v1.version, v2.version, v3.version) == (1, 2, 3)
+    ids2 = dataset.read_train_ids(v2.path)  # type: ignore[arg-type]
+    assert len(ids2) == v2.train_count == len((v2.path / "train.jsonl").read_text().splitlines())  # type: ignore[union-attr]
+    assert "c001" not in dict(ids2)  # its vote was retracted
+    assert all(v == (2 if cid.startswith("n") else 1) for cid, v in ids2)
+    assert dict(dataset.read_train_ids(v3.path))["c001"] == 3 == since3["c001"]  # type: ignore[arg-type]
+    assert since3["c000"] == 1 and since3["n000"] == 2
+    man = json.loads((v2.path / "manifest.json").read_text())  # type: ignore[union-attr]
+    olds = sum(1 for cid, _ in ids2 if cid.startswith("c"))
+    assert man["counts"]["train_by_first_version"] == {"1": olds, "2": len(ids2) - olds}
+    assert man["files"]["train_ids.tsv"] and dataset.verify(v2.path) == []  # type: ignore[arg-type]

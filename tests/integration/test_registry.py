@@ -136,3 +136,22 @@ def test_llama3_template_path(s: Any, state: State, tmp_path: Path, ollama_stand
     assert row["status"] == "registered", row
     show = httpx.post(ollama_standin.url + "/api/show", json={"model": "chatos:v1"}).json()
     assert '"<|eot_id|>"' in show["parameters"]
+
+
+def test_rollback_to_a_version_that_learned_a_deleted_chat_needs_force(
+    s: Any, state: State, tmp_path: Path, ollama_standin: StandinServer
+) -> None:
+    """Issue 19: v1's job trained on a chat the user has since deleted (it is no longer eligible); v2's did not."""
+    from daemon.state import JobRow
+
+    for n in (1, 2):
+        with state.transaction():
+            state.jobs.add(JobRow(job_id=f"j-{n}", dataset_version=n, status="promoted", job_dir="/j",
+                                  config_path="/j/c", log_path="/j/l", metrics_path="/j/m", result_path="/j/r",
+                                  params={"plan": {"init": "base"}}, created_at=f"2026-12-0{n}T00:00:00"))
+            state.jobs.add_trained(f"j-{n}", ["deleted-chat"] if n == 1 else [])
+        registry.register(s, state, add(state, s, tmp_path, n))
+    with pytest.raises(ValueError, match=r"v1 learned 1 chat\(s\) that were since deleted or un-voted .*--force"):
+        registry.rollback(s, state)
+    assert state.service.get().latest_model == 2
+    assert registry.rollback(s, state, force=True)["latest"] == 1
