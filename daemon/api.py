@@ -39,12 +39,15 @@ def give_feedback(
 
 def forget(settings: Settings, state: State, cid: str) -> dict[str, Any]:
     """Mark a conversation deleted for good, rebuild the dataset without it, and say which jobs and model versions
-    were trained on a dataset that contained it (they are not retrained or removed automatically)."""
+    trained on it: exactly, from the jobs' plans, or (jobs from before plans were recorded) those trained on a
+    dataset that held it. The current model stops being built on (the next run is a full retrain without it)."""
     known = state.conversations.get(cid) is not None
     with state.transaction():
         newly = state.conversations.mark_deleted(cid) if known else False
     versions = state.datasets.containing(cid)
-    jobs = [j for j in state.jobs.recent(limit=100000) if j.dataset_version in versions]
+    exact = set(state.jobs.trained_on(cid))
+    jobs = [j for j in state.jobs.recent(limit=100000)
+            if j.job_id in exact or ("plan" not in j.params and j.dataset_version in versions)]
     job_ids = {j.job_id for j in jobs}
     models = [m for m in state.models.all() if m.job_id in job_ids]
     try:

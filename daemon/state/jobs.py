@@ -59,6 +59,11 @@ class Jobs:
         sql = f"SELECT cid, COUNT(*) FROM job_examples WHERE job_id IN ({marks}) GROUP BY cid"
         return Counter({r[0]: int(r[1]) for r in self._db.conn.execute(sql, tuple(job_ids))})
 
+    def trained_on(self, cid: str) -> list[str]:
+        """The jobs whose plan held conversation ``cid`` (a scan: job_examples is keyed by job)."""
+        sql = "SELECT job_id FROM job_examples WHERE cid = ? ORDER BY job_id"
+        return [r[0] for r in self._db.conn.execute(sql, (cid,))]
+
     def get(self, job_id: str) -> JobRow | None:
         r = self._db.conn.execute(f"SELECT {_COLS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return _row(r) if r else None

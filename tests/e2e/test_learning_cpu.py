@@ -101,16 +101,19 @@ def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[s
     assert status["init"] == "champion" and status["lineage"] == [second["job_id"], j1]
     assert status["deleted_in_model"] == 0
 
-    # the user takes back a vote on a chat v1 trained on (a thumbs-down now)
+    # the user deletes one chat v1 trained on (for good) and takes back the vote on another (a thumbs-down now)
     with State(state_dir) as st:
         trained1 = sorted(st.jobs.trained([j1]))
-    gone = trained1[0]
+    deleted, unvoted = trained1[0], trained1[1]
+    forgot = cli(config, "forget", deleted)
+    # exactly the jobs whose plans held it: v1's, and v2's when its replay drew it
+    assert forgot["jobs_trained_on_it"] == sorted([j1, *([second["job_id"]] if deleted in trained2 else [])])
     with (store / "feedback" / "feedback_2026-11-29.jsonl").open("a") as g:
-        g.write(json.dumps({"conversation_id": gone, "thumbs_up": False, "feedback": None,
+        g.write(json.dumps({"conversation_id": unvoted, "thumbs_up": False, "feedback": None,
                             "timestamp": "2026-11-29T10:00:00"}) + "\n")
     cli(config, "ingest")
     status = cli(config, "status")["store"]["model"]
-    assert status["deleted_in_model"] == 1 and "deleted chat(s) still in the current model" in status["note"]
+    assert status["deleted_in_model"] == 2 and "deleted chat(s) still in the current model" in status["note"]
 
     third = cli(config, "trigger")
     plan3 = third["counts"]["plan"]
@@ -118,6 +121,6 @@ def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[s
     assert third["outcome"] == "promoted", third["reason"]
     with State(state_dir) as st:
         trained3 = st.jobs.trained([third["job_id"]])
-    assert gone not in trained3 and voted_train[0] in trained3
+    assert deleted not in trained3 and unvoted not in trained3 and voted_train[0] in trained3
     status = cli(config, "status")["store"]["model"]
     assert status["lineage"] == [third["job_id"]] and status["deleted_in_model"] == 0
