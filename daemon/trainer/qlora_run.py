@@ -132,9 +132,14 @@ def save_adapter(cfg: dict[str, Any], model: Any, tok: Any) -> Path:
     return adapter_dir
 
 
+def loss_on(trainer: Any, dataset: Any = None) -> float | None:
+    """The loss on the eval split (``dataset`` None) or on ``dataset`` (prepared like it, see ``qlora_backends``)."""
+    return num((trainer.evaluate() if dataset is None else trainer.evaluate(eval_dataset=dataset)).get("eval_loss"))
+
+
 def evaluate(trainer: Any, log: MetricsLog, phase: str, dataset: Any = None) -> float | None:
-    """The loss on the eval split (``dataset`` None) or on ``dataset``, logged as an ``evaluated`` line of ``phase``."""
-    loss = num((trainer.evaluate() if dataset is None else trainer.evaluate(eval_dataset=dataset)).get("eval_loss"))
+    """:func:`loss_on`, logged as an ``evaluated`` line of ``phase``."""
+    loss = loss_on(trainer, dataset)
     log.event("evaluated", phase=phase, eval_loss=loss)
     return loss
 
@@ -149,10 +154,13 @@ def evaluate_champion(
     try:
         model.load_adapter(champion, adapter_name="champion")
         model.set_adapter("champion")
-        champion_loss = evaluate(trainer, log, "champion")
-        champion_new = evaluate(trainer, log, "champion_new", new_ds) if new_ds is not None else None
+        champion_loss = loss_on(trainer)
+        champion_new = loss_on(trainer, new_ds) if new_ds is not None else None
         model.set_adapter("default")
         model.delete_adapter("champion")
+        log.event("evaluated", phase="champion", eval_loss=champion_loss)
+        if new_ds is not None:
+            log.event("evaluated", phase="champion_new", eval_loss=champion_new)
         return champion_loss, champion_new, None
     except Exception as e:
         if is_oom(e):

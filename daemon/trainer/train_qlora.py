@@ -135,7 +135,8 @@ def _train(
         new = read_examples(new_path, "dataset.new_path") if new_path is not None else None
         say(f"{len(train)} train / {len(evals)} eval" + (f" / {len(new)} new" if new is not None else "") + " examples")
         outcome = run(cfg, train, evals, new, log, progress)
-        outcome.update(train_examples=len(train), eval_examples=len(evals), new_examples=len(new) if new else None)
+        outcome.update(train_examples=len(train), eval_examples=len(evals),
+                       new_examples=len(new) if new is not None else None)
         return "completed", EXIT_OK, None, outcome
     except Failure as e:
         return "failed", e.exit_code, str(e), None
