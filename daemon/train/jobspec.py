@@ -22,7 +22,7 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "backend": "auto",
     "model": {"name": None, "chat_template": "qwen-2.5", "max_seq_length": 1024, "load_in_4bit": True},
     "template": None,
-    "dataset": {"train_path": None, "eval_path": None},
+    "dataset": {"train_path": None, "eval_path": None, "new_path": None},
     "training": {
         "output_dir": None,
         "learning_rate": 2e-4,
@@ -43,6 +43,7 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
         "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     },
+    "init": {"adapter": None},
     "metrics": {"output_path": None},
     "result": {"output_path": None},
     "gate": {"champion_adapter": None},

@@ -1,7 +1,10 @@
 """The two training backends: each loads the model with its LoRA and builds a TRL SFTTrainer over the examples.
 
-``build(backend)(cfg, train, evals, cuda, recorder)`` returns ``(trainer, model, tokenizer, info)`` where ``info``
-holds ``device``, ``dtype`` and ``load_in_4bit`` for ``result.json``. The heavy imports live inside the functions.
+``build(backend)(cfg, train, evals, new, cuda, recorder)`` returns ``(trainer, model, tokenizer, info, new_ds)``
+where ``info`` holds ``device``, ``dtype`` and ``load_in_4bit`` for ``result.json`` and ``new_ds`` is the new
+examples (``new``, or None) prepared exactly as the eval split, for ``trainer.evaluate(eval_dataset=new_ds)``. With
+``init.adapter`` set, the LoRA starts from that adapter's weights (``qlora_init``). The heavy imports live inside
+the functions.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qlora_init import load_init_adapter
 from trainer_common import one_line, sayer
 
 say = sayer("train_qlora")
 
-Built = tuple[Any, Any, Any, dict[str, Any]]
+Built = tuple[Any, Any, Any, dict[str, Any], Any]
+NEW = "new"  # the new examples' key in the eval datasets handed to SFTTrainer
 
 
-def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], bool, Any], Built]:
+def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], list[Any] | None, bool, Any], Built]:
     """The trainer builder of ``backend`` ("unsloth" or "transformers")."""
     return unsloth_trainer if backend == "unsloth" else transformers_trainer
 
@@ -68,6 +73,28 @@ def lora_args(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def warm_start(cfg: dict[str, Any], model: Any) -> None:
+    """``init.adapter``'s weights into the freshly built LoRA (same shape, checked by the config)."""
+    if cfg["init"]["adapter"] is not None:
+        load_init_adapter(model, cfg["init"]["adapter"])
+
+
+def eval_sets(evals: Any, new: Any) -> Any:
+    """SFTTrainer's ``eval_dataset``: the eval split alone, or a dict with the new examples beside it, so that the
+    trainer prepares both the same way (and Unsloth's ``train_on_responses_only`` masks both)."""
+    return evals if new is None else {"eval": evals, NEW: new}
+
+
+def split_eval_sets(trainer: Any) -> Any:
+    """Undo :func:`eval_sets` once the trainer prepared them: the eval split stays the trainer's (the evaluations
+    during training see it alone, logged as ``eval_loss``); the prepared new examples are returned (or None)."""
+    sets = trainer.eval_dataset
+    if not isinstance(sets, dict):
+        return None
+    trainer.eval_dataset = sets["eval"]
+    return sets[NEW]
+
+
 def _checkpointing(config_cls: Any, on: bool) -> dict[str, bool]:
     """Activation checkpointing on a GPU only (it only costs time on a CPU); transformers 5.24 renamed the field."""
     import dataclasses
@@ -111,7 +138,9 @@ def _load_kwargs(m: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], bool]:
     return kwargs, False
 
 
-def transformers_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any], cuda: bool, recorder: Any) -> Built:
+def transformers_trainer(
+    cfg: dict[str, Any], train: list[Any], evals: list[Any], new: list[Any] | None, cuda: bool, recorder: Any
+) -> Built:
     """TRL SFTTrainer + PEFT LoRA; loss on assistant tokens via the template (TRL-recognised or with markers)."""
     import torch
     from datasets import Dataset
@@ -130,18 +159,24 @@ def transformers_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any]
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(**lora_args(cfg), task_type="CAUSAL_LM"))
+    warm_start(cfg, model)
     args = SFTConfig(**sft_args(cfg, cuda, bf16, assistant_only_loss=True, **_checkpointing(SFTConfig, cuda)))
+
+    def messages(xs: list[Any] | None) -> Any:
+        return None if xs is None else Dataset.from_list([{"messages": x} for x in xs])
+
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list([{"messages": x} for x in train]),
-        eval_dataset=Dataset.from_list([{"messages": x} for x in evals]),
+        train_dataset=messages(train),
+        eval_dataset=eval_sets(messages(evals), messages(new)),
         processing_class=tok,
         callbacks=[recorder],
     )
+    new_ds = split_eval_sets(trainer)
     dtype = "nf4+" + str(kwargs["dtype"]).removeprefix("torch.") if four_bit else str(kwargs["dtype"])
     info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), "load_in_4bit": four_bit}
-    return trainer, model, tok, info
+    return trainer, model, tok, info, new_ds
 
 
 def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
@@ -162,6 +197,7 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
         use_gradient_checkpointing="unsloth" if cuda else False,
         random_state=cfg["training"]["seed"],
     )
+    warm_start(cfg, model)
     tok = get_chat_template(tok, chat_template=m["chat_template"])
     if tok.chat_template != tpl["jinja"]:
         # Same format family, but the table's text is what the GGUF will embed: train on exactly that.
@@ -170,7 +206,9 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
     return model, tok, four_bit
 
 
-def unsloth_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any], cuda: bool, recorder: Any) -> Built:
+def unsloth_trainer(
+    cfg: dict[str, Any], train: list[Any], evals: list[Any], new: list[Any] | None, cuda: bool, recorder: Any
+) -> Built:
     """Unsloth FastLanguageModel + its chat template + ``train_on_responses_only`` + TRL SFTTrainer."""
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     from datasets import Dataset
@@ -184,20 +222,24 @@ def unsloth_trainer(cfg: dict[str, Any], train: list[Any], evals: list[Any], cud
     def to_text(ex: dict[str, Any]) -> dict[str, str]:
         return {"text": tok.apply_chat_template(ex["messages"], tokenize=False)}
 
-    train_ds = Dataset.from_list([{"messages": x} for x in train]).map(to_text, remove_columns=["messages"])
-    eval_ds = Dataset.from_list([{"messages": x} for x in evals]).map(to_text, remove_columns=["messages"])
+    def texts(xs: list[Any] | None) -> Any:
+        if xs is None:
+            return None
+        return Dataset.from_list([{"messages": x} for x in xs]).map(to_text, remove_columns=["messages"])
+
     bf16 = bool(is_bfloat16_supported())
     args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_text_field="text"))
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        train_dataset=texts(train),
+        eval_dataset=eval_sets(texts(evals), texts(new)),
         processing_class=tok,
         callbacks=[recorder],
     )
-    trainer = train_on_responses_only(
+    trainer = train_on_responses_only(  # masks every eval set of the dict too
         trainer, instruction_part=tpl["instruction_part"], response_part=tpl["response_part"]
     )
+    new_ds = split_eval_sets(trainer)
     dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
-    return trainer, model, tok, {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}
+    return trainer, model, tok, {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}, new_ds

@@ -1,7 +1,8 @@
 """The training job's config: a table of its keys (kind, default) and the one function that checks a value's kind.
 
-Pure but for :func:`load_config` (reads the file) and the champion check (a file exists): raw YAML mapping ->
-normalised config dict, or every problem as ``At 'section.key': message``. The contract is documented in
+Pure but for :func:`load_config` (reads the file) and the adapter checks (the champion's and the warm start's files
+exist; the warm start's ``adapter_config.json`` matches ``lora:``, see ``qlora_init``): raw YAML mapping -> normalised
+config dict, or every problem as ``At 'section.key': message``. The contract is documented in
 ``configs/chatos_qlora.yaml``; the service writes it (``daemon.train.jobspec.render_job_config``).
 """
 
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qlora_init import adapter_problem
 from trainer_common import ConfigError
 
 BACKENDS = ("auto", "unsloth", "transformers")
@@ -42,7 +44,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "stop": ("strs", REQUIRED),
         "known_names": ("strs", None),
     },
-    "dataset": {"train_path": ("abs", REQUIRED), "eval_path": ("abs", REQUIRED)},
+    "dataset": {"train_path": ("abs", REQUIRED), "eval_path": ("abs", REQUIRED), "new_path": ("abs?", None)},
     "training": {
         "output_dir": ("abs", REQUIRED),
         "learning_rate": ("(0.0, inf)", 2e-4),
@@ -63,6 +65,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "lora_dropout": ("[0.0, 1.0)", 0.0),
         "target_modules": ("modules", DEFAULT_TARGET_MODULES),
     },
+    "init": {"adapter": ("abs?", None)},
     "metrics": {"output_path": ("abs", REQUIRED)},
     "result": {"output_path": ("abs?", None)},
     "gate": {"champion_adapter": ("abs?", None)},
@@ -148,6 +151,10 @@ def validate(raw: Any) -> tuple[dict[str, Any], list[str]]:
         champion = cfg["gate"]["champion_adapter"]
         if champion is not None and not Path(champion, "adapter_config.json").is_file():
             problems.append(f"At 'gate.champion_adapter': no adapter_config.json in {champion}")
+        init = cfg["init"]["adapter"]
+        why = adapter_problem(init, cfg["lora"]) if init is not None else None
+        if why is not None:
+            problems.append(f"At 'init.adapter': {why}")
     return cfg, problems
 
 

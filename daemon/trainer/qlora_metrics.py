@@ -2,7 +2,8 @@
 
 Line shapes (every line also carries ``job_id`` and ``timestamp``): ``{"event": "job_started", ...}``, step lines
 ``{"step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s"}``,
-``{"event": "evaluated", "phase", "eval_loss"}`` and last ``{"event": "job_finished", ...}``.
+``{"event": "evaluated", "phase", "eval_loss"}`` (phases: see ``train_qlora``) and last
+``{"event": "job_finished", ...}``.
 """
 
 from __future__ import annotations

@@ -8,15 +8,36 @@ It imports nothing from the service package (the chat template arrives rendered 
 block) and keeps torch & co. inside :func:`run`'s callees, so a bad config fails in a fraction of a second.
 The config contract is documented in ``configs/chatos_qlora.yaml``. Its parts, beside it: ``qlora_config`` (the
 config's table and checks), ``qlora_data`` (the examples), ``qlora_metrics`` (``metrics.jsonl`` and the step
-callback), ``qlora_backends`` (model + trainer per backend), ``qlora_run`` (the run) and ``trainer_common``.
+callback), ``qlora_backends`` (model + trainer per backend), ``qlora_init`` (the warm start), ``qlora_run`` (the run)
+and ``trainer_common``.
+
+Optional inputs beside the train and eval splits:
+  * ``init.adapter``: warm start. The LoRA is built from ``lora:`` as usual, then loaded with that adapter's weights
+    (its ``adapter_config.json`` must match ``lora:`` in r, lora_alpha and target_modules, and every LoRA tensor must
+    land: else exit 2, one line naming what differs). "Before" evaluations then score the base + that adapter.
+  * ``dataset.new_path``: the new examples (same JSONL format; missing or empty: exit 3), evaluated like the eval split
+    before and after training and, with ``gate.champion_adapter``, under the champion.
+  * ``gate.champion_adapter``: scored on the same eval split (and new examples). When it is also ``init.adapter``
+    (the same folder), the "before" evaluations are its scores and it is not loaded again.
 
 Outputs, in this order:
   * ``metrics.output_path`` (JSON lines, one complete line per write): ``{"event": "job_started", ...}``, step lines
     ``{"job_id", "step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s", "timestamp"}``,
-    ``{"event": "evaluated", "phase": "base"|"candidate"|"champion", "eval_loss"}``, and last
+    ``{"event": "evaluated", "phase", "eval_loss"}`` with phase, in this order, "base" (the starting weights on the
+    eval split), "new_before"*, then after training "candidate", "new_after"*, "champion"**, "champion_new"*,**
+    (* only with ``dataset.new_path``; ** only with a champion that is not ``init.adapter``; ``eval_loss`` is the
+    loss on that phase's set), and last
     ``{"event": "job_finished", "status", "final_loss", "total_steps", "runtime_seconds", "error"?}``;
   * ``training.output_dir/adapter/`` (PEFT adapter + tokenizer with the inference chat template);
-  * ``result.json`` (``result.output_path``, default next to the metrics file), atomically, only on success.
+  * ``result.json`` (``result.output_path``, default next to the metrics file), atomically, only on success:
+    ``job_id``, ``status``, ``base_model``, ``chat_template``, ``backend``, ``adapter_dir``, ``first_train_loss``,
+    ``final_train_loss``, ``train_loss_mean``, ``eval_loss_before`` (the starting weights on the eval split),
+    ``eval_loss_after``, ``init_adapter`` (path or null), ``new_loss_before``, ``new_loss_after`` (null without new
+    examples), ``champion_adapter``, ``champion_eval_loss``, ``champion_new_loss`` (null without a champion or new
+    examples), ``champion_error``, ``steps``, ``epochs``, ``train_runtime_seconds``, ``tokens_per_s``,
+    ``peak_gpu_memory_bytes``, ``device``, ``dtype``, ``load_in_4bit``, ``train_examples``, ``eval_examples``,
+    ``new_examples`` (count or null), ``runtime_seconds``, ``peak_rss_bytes``, ``versions``, ``python``,
+    ``finished_at``.
 
 Exit codes: 0 ok, 1 anything else, 2 bad config, 3 data problem, 4 out of memory, 143 terminated (SIGTERM).
 """
@@ -110,9 +131,12 @@ def _train(
     try:
         train = read_examples(cfg["dataset"]["train_path"], "dataset.train_path")
         evals = read_examples(cfg["dataset"]["eval_path"], "dataset.eval_path")
-        say(f"{len(train)} train / {len(evals)} eval examples")
-        outcome = run(cfg, train, evals, log, progress)
-        outcome.update(train_examples=len(train), eval_examples=len(evals))
+        new_path = cfg["dataset"]["new_path"]
+        new = read_examples(new_path, "dataset.new_path") if new_path is not None else None
+        say(f"{len(train)} train / {len(evals)} eval" + (f" / {len(new)} new" if new is not None else "") + " examples")
+        outcome = run(cfg, train, evals, new, log, progress)
+        outcome.update(train_examples=len(train), eval_examples=len(evals),
+                       new_examples=len(new) if new is not None else None)
         return "completed", EXIT_OK, None, outcome
     except Failure as e:
         return "failed", e.exit_code, str(e), None

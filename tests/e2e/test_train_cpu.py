@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 from helpers import need
-from trainjobs import TIMEOUT_S, TRAINER, UNSLOTH_PYTHON, Job, make_job, trainer_env
+from trainjobs import TIMEOUT_S, TRAINER, UNSLOTH_PYTHON, Job, conversation, make_job, trainer_env
 
 from daemon.train import templates
 
@@ -28,6 +30,7 @@ RESULT_KEYS = {
     "champion_eval_loss", "champion_error", "steps", "epochs", "runtime_seconds", "train_runtime_seconds",
     "tokens_per_s", "train_examples", "eval_examples", "device", "dtype", "load_in_4bit", "peak_rss_bytes",
     "peak_gpu_memory_bytes", "versions", "python", "finished_at",
+    "init_adapter", "new_examples", "new_loss_before", "new_loss_after", "champion_new_loss",
 }  # fmt: skip
 
 # Loads an adapter onto its base with PEFT, in the training venv, and reports what it found.
@@ -79,7 +82,7 @@ def check_job(job: Job, backend: str) -> tuple[list[dict[str, Any]], dict[str, A
 
     evaluated = {line["phase"]: line["eval_loss"] for line in lines if line.get("event") == "evaluated"}
     phases = [line["phase"] for line in lines if line.get("event") == "evaluated"]
-    assert phases[:2] == ["base", "candidate"]
+    assert [p for p in phases if p in ("base", "candidate")] == ["base", "candidate"]
     first_step = next(i for i, line in enumerate(lines) if "event" not in line)
     assert lines.index(next(x for x in lines if x.get("phase") == "base")) < first_step
 
@@ -138,6 +141,8 @@ def test_transformers_backend_trains_and_reports(qwen_job: Job, tiny_models: dic
     _, result = check_job(qwen_job, "transformers")
     assert result["device"] in ("cpu",) or result["device"].startswith("cuda")
     assert result["champion_adapter"] is None and result["champion_eval_loss"] is None
+    assert result["init_adapter"] is None and result["new_examples"] is None
+    assert result["new_loss_before"] is result["new_loss_after"] is result["champion_new_loss"] is None
     check_adapter_loads(qwen_job, tiny_models["qwen2"])
 
 
@@ -153,6 +158,127 @@ def test_champion_adapter_is_evaluated_on_the_same_split(
     assert result["champion_eval_loss"] == pytest.approx(champion["eval_loss_after"], abs=2e-3)
     assert result["eval_loss_before"] == pytest.approx(champion["eval_loss_before"], abs=2e-3)
     assert [ln["phase"] for ln in job.metrics() if ln.get("event") == "evaluated"] == ["base", "candidate", "champion"]
+
+
+# ------------------------------------------------------------------------- warm start and the new examples
+
+
+def small(job: Job, steps: int = 4) -> Job:
+    """A few steps at the factory's learning rate (0.01, so the weights move), no evaluation during training."""
+    job.config["training"].update(max_steps=steps, logging_steps=1, eval_steps=None)
+    return job
+
+
+def evaluated(job: Job) -> list[tuple[str, float]]:
+    return [(ln["phase"], ln["eval_loss"]) for ln in job.metrics() if ln.get("event") == "evaluated"]
+
+
+def new_examples(job: Job, n: int = 4) -> str:
+    """A file of ``n`` new examples (the same learnable kind, other draws) in the job's data folder."""
+    path = job.dir / "data" / "new.jsonl"
+    rng = random.Random(99)
+    path.write_text("".join(json.dumps(conversation(rng)) + "\n" for _ in range(n)))
+    return str(path)
+
+
+def test_warm_start_continues_from_the_adapter(
+    qwen_job: Job, tiny_models: dict[str, Path], job_factory: Callable[..., Job]
+) -> None:
+    a = qwen_job.result()
+    job = small(job_factory("job-warm", tiny_models["qwen2"], init={"adapter": a["adapter_dir"]},
+                            gate={"champion_adapter": a["adapter_dir"]}))
+    result = run_job(job).result()
+    assert result["init_adapter"] == a["adapter_dir"] and result["champion_adapter"] == a["adapter_dir"]
+    # The starting weights are A's trained ones, not the base's: B starts where A ended, on the same eval split.
+    assert result["eval_loss_before"] == pytest.approx(a["eval_loss_after"], abs=1e-4)
+    assert result["eval_loss_before"] != pytest.approx(a["eval_loss_before"], abs=1e-2)
+    # Warm-started from the champion: its scores are the "before" ones, and it is not loaded a second time.
+    assert result["champion_eval_loss"] == result["eval_loss_before"] and result["champion_error"] is None
+    assert result["champion_new_loss"] is None and result["new_examples"] is None
+    assert [p for p, _ in evaluated(job)] == ["base", "candidate"]
+    assert "LoRA tensors loaded from " + a["adapter_dir"] in job.log
+    assert math.isfinite(result["eval_loss_after"]) and result["steps"] == 4
+
+
+def test_new_examples_are_scored_before_after_and_by_the_champion(
+    qwen_job: Job, tiny_models: dict[str, Path], job_factory: Callable[..., Job]
+) -> None:
+    a = qwen_job.result()
+    job = small(job_factory("job-new", tiny_models["qwen2"], gate={"champion_adapter": a["adapter_dir"]}))
+    new = new_examples(job)
+    job.config["dataset"].update(train_path=new, new_path=new)  # trained on exactly the new examples
+    result = run_job(job).result()
+    assert result["new_examples"] == 4 and result["train_examples"] == 4 and result["init_adapter"] is None
+    before, after, champion_new = result["new_loss_before"], result["new_loss_after"], result["champion_new_loss"]
+    assert all(isinstance(x, float) and math.isfinite(x) for x in (before, after, champion_new))
+    assert after < before  # learnt
+    # A champion that is not the start is loaded and scored on both sets.
+    assert result["champion_eval_loss"] == pytest.approx(a["eval_loss_after"], abs=2e-3)
+    assert evaluated(job) == [
+        ("base", result["eval_loss_before"]), ("new_before", before), ("candidate", result["eval_loss_after"]),
+        ("new_after", after), ("champion", result["champion_eval_loss"]), ("champion_new", champion_new),
+    ]  # fmt: skip
+
+
+def test_warm_start_from_an_adapter_of_another_shape_exits_2(
+    qwen_job: Job, tiny_models: dict[str, Path], job_factory: Callable[..., Job]
+) -> None:
+    adapter = qwen_job.result()["adapter_dir"]
+    job = job_factory("job-r4", tiny_models["qwen2"], init={"adapter": adapter}, lora={"r": 4})
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 2, job.log[-3000:]
+    assert job.proc.stderr.strip().splitlines() == [
+        f"[train_qlora] bad config: {job.config_path}: At 'init.adapter': {adapter} does not match 'lora:': "
+        "r is 8 in the adapter but lora.r is 4"
+    ]
+    assert job.metrics()[-1]["exit_code"] == 2 and not job.result_path.exists()
+
+    gone = job_factory("job-gone", tiny_models["qwen2"], init={"adapter": adapter + "-gone"})
+    gone.run()
+    assert gone.proc is not None and gone.proc.returncode == 2
+    assert f"At 'init.adapter': {adapter}-gone is not a directory" in gone.proc.stderr
+
+
+def test_warm_start_tensors_that_do_not_land_exit_2(
+    qwen_job: Job, tiny_models: dict[str, Path], job_factory: Callable[..., Job], tmp_path: Path
+) -> None:
+    """The same config but tensors named for layers the model lacks: caught by the load check, not ignored."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = Path(qwen_job.result()["adapter_dir"])
+    moved = tmp_path / "moved-adapter"
+    shutil.copytree(adapter, moved)
+    weights = load_file(str(moved / "adapter_model.safetensors"))
+    save_file({k.replace("layers.0.", "layers.77."): v for k, v in weights.items()},
+              str(moved / "adapter_model.safetensors"))
+    job = job_factory("job-moved", tiny_models["qwen2"], init={"adapter": str(moved)})
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 2, job.log[-3000:]
+    error = job.metrics()[-1]["error"]
+    assert f"At 'init.adapter': {moved} does not fit the model" in error and "layers.77." in error
+    assert "have no place in the model" in error and "are not in it" in error
+
+
+def test_unsloth_warm_start_equals_loading_the_adapter(
+    qwen_job: Job, tiny_models: dict[str, Path], job_factory: Callable[..., Job], tmp_path: Path
+) -> None:
+    """Unsloth: warm-started from A, with a copy of A as the champion (so it is loaded the usual way): the "before"
+    losses and the champion's are the same weights' scores, on the eval split and on the new examples."""
+    need(UNSLOTH_PYTHON.exists(), f"no Unsloth trainer venv at {UNSLOTH_PYTHON}: run .ci/train-setup.sh")
+    adapter = qwen_job.result()["adapter_dir"]
+    champion = tmp_path / "champion-copy"
+    shutil.copytree(adapter, champion)
+    job = small(job_factory("job-unsloth-warm", tiny_models["qwen2"], backend="unsloth", init={"adapter": adapter},
+                            gate={"champion_adapter": str(champion)}), steps=2)
+    job.config["dataset"]["new_path"] = new_examples(job)
+    result = run_job(job, UNSLOTH_PYTHON).result()
+    assert result["backend"] == "unsloth" and result["init_adapter"] == adapter and result["new_examples"] == 4
+    assert result["champion_error"] is None
+    assert result["champion_eval_loss"] == pytest.approx(result["eval_loss_before"], abs=1e-4)
+    assert result["champion_new_loss"] == pytest.approx(result["new_loss_before"], abs=1e-4)
+    assert math.isfinite(result["new_loss_after"])
+    assert [p for p, _ in evaluated(job)] == ["base", "new_before", "candidate", "new_after", "champion",
+                                              "champion_new"]
 
 
 def test_llama_3_template_trains(tiny_models: dict[str, Path], job_factory: Callable[..., Job]) -> None:

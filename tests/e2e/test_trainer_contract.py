@@ -125,6 +125,27 @@ def test_missing_dataset_exits_3(job: Job) -> None:
     assert "Traceback" not in job.log
 
 
+@pytest.mark.parametrize(("content", "message"), [(None, "not found"), ("", "holds no examples")])
+def test_missing_or_empty_new_examples_exit_3(job: Job, content: str | None, message: str) -> None:
+    new = Path(job.config["dataset"]["train_path"]).with_name("new.jsonl")
+    if content is not None:
+        new.write_text(content)
+    job.config["dataset"]["new_path"] = str(new)
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 3, job.log
+    end = finished(job)
+    assert end["exit_code"] == 3 and end["error"] == f"At 'dataset.new_path': {new} {message}"
+    assert not job.result_path.exists() and "Traceback" not in job.log
+
+
+def test_missing_warm_start_adapter_exits_2(job: Job, tmp_path: Path) -> None:
+    job.config["init"] = {"adapter": str(tmp_path / "no-such-adapter")}
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 2
+    assert job.proc.stderr.count("\n") == 1 and "At 'init.adapter':" in job.proc.stderr
+    assert f"{tmp_path / 'no-such-adapter'} is not a directory" in finished(job)["error"]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

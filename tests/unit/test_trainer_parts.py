@@ -132,6 +132,7 @@ def test_validate_fills_the_defaults(tmp_path: Path) -> None:
     assert cfg["training"]["learning_rate"] == 2e-4 and cfg["training"]["max_steps"] == -1
     assert cfg["training"]["eval_steps"] is None and cfg["lora"]["target_modules"][0] == "q_proj"
     assert cfg["result"] == {"output_path": None} and cfg["gate"] == {"champion_adapter": None}
+    assert cfg["init"] == {"adapter": None} and cfg["dataset"]["new_path"] is None
 
 
 def test_validate_lists_every_problem_in_order(tmp_path: Path) -> None:
@@ -167,6 +168,46 @@ def test_a_champion_without_its_adapter_config_is_a_problem(tmp_path: Path) -> N
     assert qlora_config.validate(raw)[1] == [f"At 'gate.champion_adapter': no adapter_config.json in {tmp_path}"]
     (tmp_path / "adapter_config.json").write_text("{}")
     assert qlora_config.validate(raw)[1] == []
+
+
+def adapter(folder: Path, weights: bool = True, **config: Any) -> Path:
+    """A warm-start adapter folder as PEFT saves it (the weights file is only looked for here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"r": 16, "lora_alpha": 16, "target_modules": list(qlora_config.DEFAULT_TARGET_MODULES)[::-1], **config}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    if weights:
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_a_warm_start_adapter_must_exist_and_match_the_lora(tmp_path: Path) -> None:
+    raw = minimal(tmp_path)
+    good = adapter(tmp_path / "good")  # the same modules in another order: a set
+    raw["init"] = {"adapter": str(good)}
+    cfg, problems = qlora_config.validate(raw)
+    assert problems == [] and cfg["init"]["adapter"] == str(good)
+    cases = {
+        tmp_path / "none": "is not a directory",
+        adapter(tmp_path / "no-weights", weights=False): "no adapter_model.safetensors or adapter_model.bin in",
+        adapter(tmp_path / "r8", r=8): "does not match 'lora:': r is 8 in the adapter but lora.r is 16",
+        adapter(tmp_path / "a32", lora_alpha=32): "lora_alpha is 32 in the adapter but lora.lora_alpha is 16.0",
+        adapter(tmp_path / "qv", target_modules=["q_proj", "v_proj"]): "target_modules are ['q_proj', 'v_proj'] in",
+    }
+    (tmp_path / "bad-json").mkdir()
+    (tmp_path / "bad-json" / "adapter_config.json").write_text("{")
+    cases[tmp_path / "bad-json"] = "cannot read"
+    for folder, message in cases.items():
+        raw["init"] = {"adapter": str(folder)}
+        problems = qlora_config.validate(raw)[1]
+        assert len(problems) == 1 and problems[0].startswith("At 'init.adapter': ") and str(folder) in problems[0]
+        assert message in problems[0], problems
+    raw["init"] = {"adapter": str(adapter(tmp_path / "two", r=8, lora_alpha=8))}
+    assert "r is 8 in the adapter but lora.r is 16; lora_alpha is 8" in qlora_config.validate(raw)[1][0]
+    raw["init"], raw["lora"] = {"adapter": str(adapter(tmp_path / "qv2", target_modules=["q_proj"]))}, {
+        "target_modules": "all-linear"}
+    assert qlora_config.validate(raw)[1] == []  # resolved against the model: the tensor check decides
+    raw["init"] = {"adapter": "rel/adapter"}
+    assert qlora_config.validate(raw)[1] == ["At 'init.adapter': must be an absolute path, got 'rel/adapter'"]
 
 
 # ---------------------------------------------------------------------------------------------- step lines
