@@ -69,6 +69,8 @@ def _print_store(status: api.StoreStatus) -> None:
               + (f": {champ['plan']}" if champ.get("plan") else ""))
         if champ.get("note"):
             print(f"           {champ['note']}")
+        if champ.get("next_plan"):
+            print(f"next run:  {champ['next_plan']} (on the latest dataset)")
     print(f"as of:     last ingest {status.last_ingest_at or 'never'} (chatos-retrain ingest reads what is new)")
 
 

@@ -38,9 +38,11 @@ def _decide(cycle: Cycle, job_id: str, config_path: str | None, res: dict[str, A
         _log.warning("gate.champion_unavailable", job_id=job_id, reason=res.get("champion_error"))
         champ_loss, name = res.get("eval_loss_before"), "the base model (champion could not be evaluated)"
         champ_new = res.get("new_loss_before")
-    new = (res.get("new_loss_after"), champ_new) if res.get("new_examples") else None
+    first_model = cycle.state.service.get().champion_job is None
+    new = (res.get("new_loss_after"), champ_new) if res.get("new_examples") and not first_model else None
     return gate.decide(res.get("eval_loss_after"), champ_loss, cycle.settings.gate.tolerance, champion_name=name,
-                       new=new, min_new_gain=cycle.settings.gate.min_new_gain)
+                       new=new, min_new_gain=cycle.settings.gate.min_new_gain,
+                       skipped="no champion yet (a first model)" if first_model else "no new examples")
 
 
 def learned_line(numbers: dict[str, Any]) -> str:

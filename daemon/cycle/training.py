@@ -12,6 +12,7 @@ from daemon import disk, log
 from daemon.cycle import deciding, gating
 from daemon.cycle.context import Cycle, Outcome
 from daemon.dataset.builder import read_train_ids
+from daemon.settings import Settings
 from daemon.state import State, private_dir
 from daemon.train import jobspec, lineage, plan, runner, templates
 
@@ -31,7 +32,28 @@ def champion(state: State) -> tuple[str | None, Path | None, float | None]:
 NEW_EVAL_MAX = 256  # the newest new examples the learned_new check evaluates on (evaluation costs time too)
 
 
-def _train_ids(cycle: Cycle, dataset_path: Path, version: int) -> list[tuple[str, int]]:
+def _template(settings: Settings) -> dict[str, Any]:
+    """``training.config_template`` (the overrides of the job template), or {}."""
+    path = settings.training.config_template
+    return (yaml.safe_load(path.read_text()) or {}) if path is not None else {}
+
+
+def preview(settings: Settings, state: State) -> dict[str, Any] | None:
+    """The plan a run on the latest dataset version would get now (nothing written), as ``status`` shows it; None
+    when there is no dataset yet or its plan cannot be made (the run itself will say why)."""
+    version = state.datasets.latest_version()
+    row = state.datasets.get(version, manifest=False) if version is not None else None
+    if row is None:
+        return None
+    try:
+        train = read_train_ids(Path(row.path))
+        p = _plan(settings, _template(settings), train, lineage.champion(state, settings.dataset), seed=row.version)
+    except (OSError, ValueError, yaml.YAMLError, templates.UnknownTemplate):
+        return None
+    return {**p.summary(), "line": p.line(), "dataset_version": row.version}
+
+
+def _train_ids(dataset_path: Path, version: int) -> list[tuple[str, int]]:
     """(conversation id, first dataset version) per line of the split's ``train.jsonl``. A dataset built before
     versions recorded it has no ``train_ids.tsv``: its lines count as new (a full retrain), under ids of their own."""
     try:
@@ -42,20 +64,20 @@ def _train_ids(cycle: Cycle, dataset_path: Path, version: int) -> list[tuple[str
             return [(f"v{version}#{i}", version) for i, _ in enumerate(f)]
 
 
-def _plan(cycle: Cycle, template: dict[str, Any], train: list[tuple[str, int]],
-          champ: lineage.ChampionLineage | None) -> plan.Plan:
-    t, eff = cycle.settings.training, jobspec.effective(template)["training"]
-    settings = plan.PlanSettings(
+def _plan(settings: Settings, template: dict[str, Any], train: list[tuple[str, int]],
+          champ: lineage.ChampionLineage | None, seed: int) -> plan.Plan:
+    t, job = settings.training, jobspec.effective(template)
+    eff = job["training"]
+    knobs = plan.PlanSettings(
         new_epochs=t.new_epochs, replay_ratio=t.replay_ratio, full_epochs=t.full_epochs,
         full_retrain_every=t.full_retrain_every, max_steps=t.max_steps,
         batch=int(eff["per_device_train_batch_size"]) * int(eff["gradient_accumulation_steps"]),
         learning_rate=float(eff["learning_rate"]), warm_lr_scale=t.warm_lr_scale,
     )
-    eff_all = jobspec.effective(template)
     shape = plan.Shape.of({"name": _model_name(t.base_model), "chat_template": templates.get(t.chat_template).name},
-                          eff_all["lora"])
-    return plan.make(train, champ.champion if champ else None, shape, settings,
-                     rehearsed=champ.rehearsed if champ else None, seed=cycle.result.dataset_version or 0)
+                          job["lora"])
+    return plan.make(train, champ.champion if champ else None, shape, knobs,
+                     rehearsed=champ.rehearsed if champ else None, seed=seed)
 
 
 def _model_name(base_model: str) -> str:
@@ -84,12 +106,10 @@ def _job_config(cycle: Cycle, job_id: str, dataset_path: Path, version: int) -> 
     if champ_adapter is not None and not champ_adapter.is_dir():
         _log.warning("gate.champion_missing", job_id=champ_id, adapter=str(champ_adapter))
         champ_adapter = None
-    overrides: dict[str, Any] = {}
-    if t.config_template is not None:
-        overrides = yaml.safe_load(t.config_template.read_text()) or {}
-    train = _train_ids(cycle, dataset_path, version)
+    overrides = _template(cycle.settings)
+    train = _train_ids(dataset_path, version)
     champ = lineage.champion(cycle.state, cycle.settings.dataset)
-    p = _plan(cycle, overrides, train, champ)
+    p = _plan(cycle.settings, overrides, train, champ, seed=version)
     job_dir = cycle.state.dir / "jobs" / job_id
     train_path, new_path = _write_plan(job_dir, dataset_path, p)
     cfg = jobspec.render_job_config(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import disk
+from daemon.cycle import training
 from daemon.settings import Settings
 from daemon.state import DB_NAME, State
 from daemon.train import lineage
@@ -72,6 +73,7 @@ def model_status(settings: Settings, state: State) -> dict[str, Any] | None:
         return None
     gone = lineage.forgotten(state, settings.dataset, rows[0].job_id)
     p = rows[0].params.get("plan") or {}
+    upcoming = training.preview(settings, state)
     return {
         "champion_job": rows[0].job_id,
         "dataset_version": rows[0].dataset_version,
@@ -79,6 +81,7 @@ def model_status(settings: Settings, state: State) -> dict[str, Any] | None:
         "plan": p.get("line") or None,
         "lineage": [r.job_id for r in rows],
         "deleted_in_model": len(gone),
+        "next_plan": upcoming.get("line") if upcoming else None,
         "note": (f"{len(gone)} deleted chat(s) still in the current model: the next run retrains from the base "
                  "without them") if gone else None,
     }

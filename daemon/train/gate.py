@@ -3,7 +3,8 @@
 * ``held_out``: its eval loss on the held-out split is not worse than the champion's beyond a tolerance (did it
   keep the rest?);
 * ``learned_new``: its loss on the examples new since the champion's dataset is at least ``min_new_gain`` below the
-  champion's (did it learn what was just taught?); skipped when there are no new examples.
+  champion's (did it learn what was just taught?); skipped when there are no new examples, or no champion yet (a
+  first model has only the base to beat, and ``held_out`` says that).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ def _ok(x: Any) -> TypeGuard[float]:
 
 
 def decide(candidate: float | None, champion: float | None, tolerance: float, *, champion_name: str,
-           new: tuple[Any, Any] | None = None, min_new_gain: float = 0.0) -> GateDecision:
+           new: tuple[Any, Any] | None = None, min_new_gain: float = 0.0,
+           skipped: str = "no new examples") -> GateDecision:
     """:func:`held_out`, then (``new`` = (candidate, champion) losses on the new examples) ``learned_new``."""
     first = held_out(candidate, champion, tolerance, champion_name=champion_name)
     checks = [{"name": "held_out", "passed": first.promote, "detail": first.reason}]
     numbers = {**first.numbers, "checks": checks}
     if new is None:
-        checks.append({"name": "learned_new", "passed": True, "detail": "skipped: no new examples"})
+        checks.append({"name": "learned_new", "passed": True, "detail": f"skipped: {skipped}"})
         return GateDecision(first.promote, first.reason, numbers)
     ok, detail = learned_new(new[0], new[1], min_new_gain, champion_name=champion_name)
     checks.append({"name": "learned_new", "passed": ok, "detail": detail})

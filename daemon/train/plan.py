@@ -5,7 +5,8 @@ shape, its adapter still on disk, nothing it learned since deleted, fewer than `
 row built that way) starts from the champion's adapter and trains on every example that is new since the champion's
 dataset, ``new_epochs`` times, plus ``replay_ratio`` older examples per new one, chosen among those the champion's
 lineage rehearsed least (so old votes keep coming round). Any other run is a full retrain: from the base, over the
-whole training split, ``full_epochs`` times. ``max_steps`` caps either; a capped plan keeps the newest examples
+whole training split, ``full_epochs`` times (what is new since the champion's dataset, if there is a champion, still
+``new_epochs`` times in all). ``max_steps`` caps either; a capped plan keeps the newest examples
 (and, warm, the replay ratio) and says so in one line.
 """
 
@@ -111,8 +112,11 @@ class Plan:
                    f" + {len(self.replay)} replayed = {len(self.sequence)} examples, {self.steps} steps")
         else:
             epochs, distinct = self.totals.get("full_epochs", 1), len(set(self.sequence))
+            extra = self.totals.get("new_extra_passes", 0) if self.new else 0
             out = f"full retrain from the base ({self.why}): {distinct} examples" + (
-                f" x {epochs} = {len(self.sequence)}" if epochs != 1 else "") + f", {self.steps} steps"
+                f" x {epochs}" if epochs != 1 else "") + (
+                f" + {len(self.new)} new x {extra} more" if extra else "") + (
+                f" = {len(self.sequence)}" if epochs != 1 or extra else "") + f", {self.steps} steps"
         if self.lr_note:
             out += f"; {self.lr_note}"
         if self.capped:
@@ -185,16 +189,25 @@ def make(
         return Plan("champion", "builds on the champion", champion.job_id, champion.dataset_version, tuple(new),
                     tuple(sorted(replay)), sequence, math.ceil(len(sequence) / s.batch), lr, note, capped,
                     {"new_epochs": s.new_epochs, "split": len(train)})
-    everything = _newest_first(range(len(train)), since)
+    everything = _newest_first(range(len(train)), since)  # the new examples (with a champion) come first
+    # With a champion, what is new since its dataset is still seen new_epochs times in all: extra passes over it.
+    extra = max(0, s.new_epochs - s.full_epochs) if champion is not None else 0
+    n_new = len(new)
+    need = len(everything) * s.full_epochs + n_new * extra
     capped = None
-    if len(everything) * s.full_epochs > cap:
-        keep = max(1, cap // s.full_epochs)
-        capped = (f"capped by training.max_steps={s.max_steps}: {len(everything)} examples x {s.full_epochs} need "
-                  f"{math.ceil(len(everything) * s.full_epochs / s.batch)} steps; training the newest {keep}")
+    if need > cap:
+        per_new = s.full_epochs + extra
+        keep = cap // per_new if n_new * per_new >= cap else n_new + (cap - n_new * per_new) // s.full_epochs
+        keep = max(1, keep)
+        capped = (f"capped by training.max_steps={s.max_steps}: {len(everything)} examples x {s.full_epochs}"
+                  + (f" (+{extra} more pass(es) over {n_new} new)" if extra and n_new else "")
+                  + f" need {math.ceil(need / s.batch)} steps; training the newest {keep}")
         everything = everything[:keep]
-    sequence = tuple(sorted(everything * s.full_epochs))
     kept = set(everything)
+    kept_new = [i for i in _newest_first(new, since) if i in kept]
+    sequence = tuple(sorted(everything * s.full_epochs + kept_new * extra))
     return Plan("base", why or "", None, champion.dataset_version if champion else None,
-                tuple(i for i in _newest_first(new, since) if i in kept), (), sequence,
+                tuple(kept_new), (), sequence,
                 math.ceil(len(sequence) / s.batch),
-                s.learning_rate, None, capped, {"full_epochs": s.full_epochs, "split": len(train)})
+                s.learning_rate, None, capped, {"full_epochs": s.full_epochs, "new_extra_passes": extra,
+                                                "split": len(train)})

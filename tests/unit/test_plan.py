@@ -68,8 +68,12 @@ def test_full_retrain_and_why(champion: plan.Champion | None, shape: plan.Shape,
     train = split(100, 10)
     p = plan.make(train, champion, shape, settings)
     assert p.init == "base" and why in p.why and p.parent_job is None
-    assert sorted(p.sequence) == list(range(len(train)))  # the whole split, once (full_epochs 1)
-    assert p.learning_rate == settings.learning_rate and p.steps == 14  # ceil(110 / 8)
+    counts = Counter(p.sequence)
+    assert set(counts) == set(range(len(train)))  # the whole split (full_epochs 1) ...
+    new = {i for i, (cid, _) in enumerate(train) if cid.startswith("new")}
+    extra = 1 if champion is not None else 0  # ... and what is new since a champion still new_epochs (2) times
+    assert all(counts[i] == (1 + extra if i in new else 1) for i in counts)
+    assert p.learning_rate == settings.learning_rate and p.steps == -(-(110 + 10 * extra) // 8)
     assert "full retrain from the base" in p.line()
 
 
