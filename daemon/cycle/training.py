@@ -3,6 +3,8 @@ hand the outcome to the gate. A job re-attached after a restart joins here too."
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,10 @@ import yaml
 from daemon import disk, log
 from daemon.cycle import deciding, gating
 from daemon.cycle.context import Cycle, Outcome
-from daemon.dataset.builder import read_train_ids
+from daemon.dataset.builder import TRAIN_IDS, read_train_ids
 from daemon.settings import Settings
 from daemon.state import State, private_dir
-from daemon.train import jobspec, lineage, plan, runner, templates
+from daemon.train import jobspec, lineage, objective, plan, runner, templates
 
 _log = log.get("daemon.cycle")
 
@@ -46,11 +48,14 @@ def preview(settings: Settings, state: State) -> dict[str, Any] | None:
     if row is None:
         return None
     try:
-        train = read_train_ids(Path(row.path))
+        choice = _choice(settings, state, row.version)
+        kind = PREF_KIND.get(choice.objective)
+        train = read_train_ids(Path(row.path), f"{kind}_train_ids.tsv" if kind else TRAIN_IDS)
         p = _plan(settings, _template(settings), train, lineage.champion(state, settings.dataset), seed=row.version)
     except (OSError, ValueError, yaml.YAMLError, templates.UnknownTemplate):
         return None
-    return {**p.summary(), "line": p.line(), "dataset_version": row.version}
+    return {**p.summary(), "objective": choice.objective, "objective_why": choice.why,
+            "line": f"{choice.objective} ({choice.why}); {p.line()}", "dataset_version": row.version}
 
 
 def _train_ids(dataset_path: Path, version: int) -> list[tuple[str, int]]:
@@ -85,42 +90,80 @@ def _model_name(base_model: str) -> str:
     return str(Path(base_model).expanduser().absolute()) if jobspec.is_local_model(base_model) else base_model
 
 
-def _write_plan(job_dir: Path, dataset_path: Path, p: plan.Plan) -> tuple[Path, Path | None]:
-    """The job's own files: ``plan/train.jsonl`` (the plan's sequence of the split's lines) and ``plan/new.jsonl``
-    (the newest new examples, for the learned_new check; None when there are none)."""
-    folder = private_dir(private_dir(job_dir) / "plan")
-    lines = (dataset_path / "train.jsonl").read_bytes().splitlines(keepends=True)
-    train_path, new_path = folder / "train.jsonl", folder / "new.jsonl"
-    train_path.write_bytes(b"".join(lines[i] for i in p.sequence))
-    if not p.new:
-        return train_path, None
-    new_path.write_bytes(b"".join(lines[i] for i in sorted(p.new[:NEW_EVAL_MAX])))
-    return train_path, new_path
+PREF_KIND = {"kto": "prefs", "dpo": "pairs"}  # objective -> the dataset's preference files (prefs_*, pairs_*)
 
 
-def _job_config(cycle: Cycle, job_id: str, dataset_path: Path, version: int) -> tuple[dict[str, Any], plan.Plan,
-                                                                                     list[str]]:
-    """The trainer's config for this job, its plan, and the conversations it trains on."""
+def _choice(settings: Settings, state: State, version: int) -> objective.Choice:
+    """The objective this run trains, from ``training.objective`` and the dataset's preference counts."""
+    row = state.datasets.get(version)
+    counts = ((row.manifest if row else {}).get("counts") or {}).get("preference") or {}
+    t = settings.training
+    return objective.choose(t.objective, counts,
+                            objective.Minimums(t.kto_min_desirable, t.kto_min_undesirable, t.dpo_min_pairs))
+
+
+def _copy_lines(src: Path, dst: Path, indices: Sequence[int]) -> list[bytes]:
+    """Write ``src``'s lines ``indices`` (in that order, repeats included) to ``dst``; returns the lines written."""
+    lines = src.read_bytes().splitlines(keepends=True)
+    picked = [lines[i] for i in indices]
+    dst.write_bytes(b"".join(picked))
+    return picked
+
+
+def _trained(choice: str, ids: list[tuple[str, int]], p: plan.Plan, lines: list[bytes]) -> list[tuple[str, int]]:
+    """(conversation id, the sign of the vote the job learns) for each conversation of the plan: a good answer for
+    SFT, a thumbs-down for a DPO pair, the example's label for KTO."""
+    out: dict[str, int] = {}
+    for i, line in zip(p.sequence, lines, strict=True):
+        if choice == "kto":
+            try:
+                score = 1 if json.loads(line).get("label") else -1
+            except (ValueError, AttributeError):
+                score = -1
+        else:
+            score = -1 if choice == "dpo" else 1
+        out[ids[i][0]] = score
+    return sorted(out.items())
+
+
+def _job_config(cycle: Cycle, job_id: str, dataset_path: Path, version: int
+                ) -> tuple[dict[str, Any], plan.Plan, objective.Choice, list[tuple[str, int]]]:
+    """The trainer's config for this job, its plan and objective, and the conversations it trains on."""
     t = cycle.settings.training
     champ_id, champ_adapter, _ = champion(cycle.state)
     if champ_adapter is not None and not champ_adapter.is_dir():
         _log.warning("gate.champion_missing", job_id=champ_id, adapter=str(champ_adapter))
         champ_adapter = None
     overrides = _template(cycle.settings)
-    train = _train_ids(dataset_path, version)
+    choice = _choice(cycle.settings, cycle.state, version)
+    sft_ids = _train_ids(dataset_path, version)
+    kind = PREF_KIND.get(choice.objective)
+    ids = read_train_ids(dataset_path, f"{kind}_train_ids.tsv") if kind else sft_ids
     champ = lineage.champion(cycle.state, cycle.settings.dataset)
-    p = _plan(cycle.settings, overrides, train, champ, seed=version)
+    p = _plan(cycle.settings, overrides, ids, champ, seed=version)
     job_dir = cycle.state.dir / "jobs" / job_id
-    train_path, new_path = _write_plan(job_dir, dataset_path, p)
+    folder = private_dir(private_dir(job_dir) / "plan")
+    planned = folder / (f"{kind}_train.jsonl" if kind else "train.jsonl")
+    lines = _copy_lines(dataset_path / planned.name, planned, p.sequence)
+    new_path = None
+    if champ is not None:  # the learned_new check: the newest good answers new since the champion's dataset
+        floor = champ.champion.dataset_version
+        new = sorted((i for i, (_, v) in enumerate(sft_ids) if v > floor), key=lambda i: (-sft_ids[i][1], i))
+        if new:
+            new_path = folder / "new.jsonl"
+            _copy_lines(dataset_path / "train.jsonl", new_path, sorted(new[:NEW_EVAL_MAX]))
     cfg = jobspec.render_job_config(
         overrides, job_id=job_id, job_dir=job_dir, base_model=t.base_model,
-        chat_template=t.chat_template, backend=t.backend, train_path=train_path,
+        chat_template=t.chat_template, backend=t.backend,
+        train_path=dataset_path / "train.jsonl" if kind else planned,
         eval_path=dataset_path / "eval.jsonl", max_steps=p.steps, champion_adapter=champ_adapter,
         init_adapter=champ.adapter if p.init == "champion" and champ else None, new_path=new_path,
-        learning_rate=p.learning_rate,
+        learning_rate=p.learning_rate, objective=choice.objective,
+        pref_train_path=planned if kind else None,
+        pref_eval_path=dataset_path / f"{kind}_eval.jsonl" if kind else None,
     )
     cfg["training"]["num_train_epochs"] = 1  # the plan's file holds the epochs; max_steps covers it exactly
-    return cfg, p, sorted({train[i][0] for i in p.sequence})
+    return cfg, p, choice, _trained(choice.objective, ids, p, lines)
 
 
 def run(cycle: Cycle) -> bool:
@@ -131,19 +174,24 @@ def run(cycle: Cycle) -> bool:
         raise RuntimeError("the training stage runs only after a dataset was built")
     job_id = jobspec.new_job_id()
     try:
-        cfg, p, trained = _job_config(cycle, job_id, dataset_path, version)
+        cfg, p, choice, trained = _job_config(cycle, job_id, dataset_path, version)
     except templates.UnknownTemplate as exc:
         result.end(Outcome.ERROR, f"training.chat_template: {exc}")
         return False
-    summary = result.counts["plan"] = {**p.summary(), "line": p.line()}
-    _log.info("training.plan", job_id=job_id, dataset_version=version, line=p.line(), **p.summary())
+    except (OSError, ValueError) as exc:  # the dataset's files are unreadable: a one-line reason, never a crash
+        result.end(Outcome.ERROR, f"cannot plan the run on dataset v{version}: {exc}")
+        return False
+    line = f"{choice.objective} ({choice.why}); {p.line()}"
+    summary = result.counts["plan"] = {**p.summary(), "objective": choice.objective, "objective_why": choice.why,
+                                       "line": line}
+    _log.info("training.plan", job_id=job_id, dataset_version=version, **summary)
     short = disk.check(f"training job {job_id}", state.dir / "jobs",
                        disk.training_needs(disk.tree_bytes(dataset_path), jobspec.base_weights(t.base_model)))
     if short is not None:
         _log.warning("training.no_space", job_id=job_id, needed=short.needed, free=short.free)
         result.end(Outcome.NO_SPACE, str(short))
         return False
-    cycle.step("training", f"job {job_id} on dataset v{version}: {p.line()}")
+    cycle.step("training", f"job {job_id} on dataset v{version}: {line}")
     with state.transaction():
         state.service.set_last_run_at(cycle.now().isoformat())
     result.job_id = job_id

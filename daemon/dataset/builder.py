@@ -248,10 +248,11 @@ def first_seen(previous: dict[str, int], examples: Iterable[Example], version: i
     return {ex.cid: previous.get(ex.cid, version) for ex in examples}
 
 
-def read_train_ids(path: Path) -> list[tuple[str, int]]:
-    """``train_ids.tsv`` of a dataset folder: (conversation id, first version) per line of ``train.jsonl``."""
+def read_train_ids(path: Path, name: str = TRAIN_IDS) -> list[tuple[str, int]]:
+    """``train_ids.tsv`` (or the ids file ``name``) of a dataset folder: (conversation id, first version) per line of
+    its training file."""
     out = []
-    for line in (path / TRAIN_IDS).read_text(encoding="utf-8").splitlines():
+    for line in (path / name).read_text(encoding="utf-8").splitlines():
         cid, _, since = line.partition("\t")
         out.append((cid, int(since)))
     return out

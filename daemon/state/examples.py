@@ -50,12 +50,31 @@ class Examples:
 
     def no_longer_eligible(self, job_ids: Sequence[str], modes: Sequence[str], min_score: int,
                            include_unrated: bool) -> list[str]:
-        """Conversations that any of ``job_ids`` trained on and that the dataset filter would not select now:
-        deleted from the store, forgotten, or their vote retracted (or the filter narrowed). Sorted."""
-        marks = ",".join("?" * len(job_ids))
-        sql = (f"SELECT DISTINCT j.cid FROM job_examples j WHERE j.job_id IN ({marks}) AND NOT EXISTS ("
-               + _eligible_sql("SELECT 1", modes) + " AND c.cid = j.cid) ORDER BY j.cid")
+        """Conversations that any of ``job_ids`` trained on and that the user has since taken back: deleted from the
+        store or forgotten, a good answer the dataset filter would no longer select (vote retracted, filter
+        narrowed), or a thumbs-down whose vote was retracted or reversed. Sorted."""
+        marks, mode_marks = ",".join("?" * len(job_ids)), ",".join("?" * len(modes))
+        score = "COALESCE(l.score, c.inline_score)"
+        sql = (
+            "SELECT DISTINCT j.cid FROM job_examples j LEFT JOIN conversations c ON c.cid = j.cid"
+            " LEFT JOIN labels l ON l.cid = j.cid"
+            f" WHERE j.job_id IN ({marks}) AND (c.cid IS NULL OR c.deleted = 1 OR c.usable = 0"
+            f" OR c.mode NOT IN ({mode_marks})"
+            f" OR (j.score > 0 AND NOT ({score} >= ? AND (l.cid IS NOT NULL OR c.inline_rated = 1 OR ?)))"
+            f" OR (j.score < 0 AND {score} >= 0)) ORDER BY j.cid"
+        )
         return [r[0] for r in self._db.conn.execute(sql, (*job_ids, *modes, min_score, include_unrated))]
+
+    def new_thumbs_down(self, modes: Sequence[str], since_version: int) -> int:
+        """Rated conversations with a negative score (thumbs-down, poor/failed) that dataset ``since_version`` does
+        not hold (in any split): new feedback for the preference objectives."""
+        sql = (
+            "SELECT COUNT(*) FROM conversations c LEFT JOIN labels l ON l.cid = c.cid"
+            f" WHERE c.deleted = 0 AND c.usable = 1 AND c.mode IN ({','.join('?' * len(modes))})"
+            " AND COALESCE(l.score, c.inline_score) < 0 AND (l.cid IS NOT NULL OR c.inline_rated = 1)"
+            " AND NOT EXISTS (SELECT 1 FROM dataset_members m WHERE m.version = ? AND m.cid = c.cid)"
+        )
+        return int(self._db.conn.execute(sql, (*modes, since_version)).fetchone()[0] or 0)
 
     def eligible_counts(
         self, modes: Sequence[str], min_score: int, include_unrated: bool, since_version: int | None = None

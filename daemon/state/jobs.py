@@ -48,10 +48,11 @@ class Jobs:
              job.finished_at),
         )
 
-    def add_trained(self, job_id: str, cids: Iterable[str]) -> None:
-        """The conversations job ``job_id`` trains on (its plan): with its warm-start ancestors', a model's lineage."""
-        self._db.conn.executemany("INSERT OR IGNORE INTO job_examples (job_id, cid) VALUES (?,?)",
-                                  ((job_id, cid) for cid in cids))
+    def add_trained(self, job_id: str, cids: Iterable[str | tuple[str, int]]) -> None:
+        """The conversations job ``job_id`` trains on (its plan), each a conversation id or (id, the sign of the vote
+        it learns: 1 a good answer, -1 a thumbs-down); with its warm-start ancestors', a model's lineage."""
+        rows = ((job_id, c, 1) if isinstance(c, str) else (job_id, c[0], 1 if c[1] > 0 else -1) for c in cids)
+        self._db.conn.executemany("INSERT OR IGNORE INTO job_examples (job_id, cid, score) VALUES (?,?,?)", rows)
 
     def trained(self, job_ids: Sequence[str]) -> Counter[str]:
         """How many of ``job_ids`` trained on each conversation."""

@@ -143,13 +143,16 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     """,
     # 9: every vote is learned (issue 19). A dataset member records the version where its conversation first
-    # appeared (carried forward from the version before); a job records the conversations it trained on (its plan),
-    # so a model's lineage (its own and its warm-start ancestors') is exact.
+    # appeared (carried forward from the version before); a job records the conversations it trained on (its plan)
+    # and the sign of the vote it learned (1 a good answer, -1 a thumbs-down), so a model's lineage (its own and its
+    # warm-start ancestors') is exact and a retracted or reversed vote is noticed.
     """
     ALTER TABLE dataset_members ADD COLUMN since INTEGER;
     CREATE TEMP TABLE first_seen AS SELECT cid, MIN(version) AS v FROM dataset_members GROUP BY cid;
     UPDATE dataset_members SET since = first_seen.v FROM first_seen WHERE first_seen.cid = dataset_members.cid;
     DROP TABLE first_seen;
-    CREATE TABLE job_examples (job_id TEXT NOT NULL, cid TEXT NOT NULL, PRIMARY KEY (job_id, cid)) WITHOUT ROWID;
+    CREATE TABLE job_examples (
+        job_id TEXT NOT NULL, cid TEXT NOT NULL, score INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (job_id, cid)
+    ) WITHOUT ROWID;
     """,
 ]

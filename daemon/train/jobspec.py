@@ -105,11 +105,15 @@ def render_job_config(
     init_adapter: Path | None = None,
     new_path: Path | None = None,
     learning_rate: float | None = None,
+    objective: str = "sft",
+    pref_train_path: Path | None = None,
+    pref_eval_path: Path | None = None,
 ) -> dict[str, Any]:
     """The trainer's config, with every path absolute (relative ones resolved against ``base_dir``, default cwd).
 
     ``init_adapter``: the adapter a warm-started run continues from; ``new_path``: the examples new since the
-    champion's dataset (evaluated before and after training); ``learning_rate``: the plan's (else the template's).
+    champion's dataset (evaluated before and after training); ``learning_rate``: the plan's (else the template's);
+    ``objective`` sft, kto or dpo, the last two with their preference files ``pref_train_path``/``pref_eval_path``.
     Raises :class:`templates.UnknownTemplate` for an unknown chat template name.
     """
     base = (base_dir or Path.cwd()).absolute()
@@ -128,6 +132,10 @@ def render_job_config(
     cfg["template"] = templates.trainer_block(tmpl.name)
     cfg["dataset"] = {"train_path": absolute(train_path), "eval_path": absolute(eval_path),
                       "new_path": absolute(new_path) if new_path else None}
+    if objective != "sft" or pref_train_path or pref_eval_path:
+        cfg["objective"] = objective
+        cfg["dataset"]["pref_train_path"] = absolute(pref_train_path) if pref_train_path else None
+        cfg["dataset"]["pref_eval_path"] = absolute(pref_eval_path) if pref_eval_path else None
     cfg["init"] = {"adapter": absolute(init_adapter) if init_adapter else None}
     cfg["training"]["output_dir"] = str(job_dir / "output")
     cfg["training"]["max_steps"] = int(max_steps)

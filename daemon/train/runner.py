@@ -127,7 +127,7 @@ def start_job(
     script: Path = TRAINER_SCRIPT,
     created_at: str | None = None,
     plan: dict[str, Any] | None = None,
-    trained: Iterable[str] = (),
+    trained: Iterable[str | tuple[str, int]] = (),
 ) -> Job:
     """Create the job folder and config, spawn the trainer, record the job as running. ``created_at`` (ISO 8601,
     the cycle's clock; now by default) dates the run for the policy's daily limit; ``plan`` (its summary) and
