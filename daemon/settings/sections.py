@@ -118,9 +118,9 @@ class TrainingSettings(Section):
         return v
     chat_template: str = "qwen-2.5"
     max_steps: int = Field(default=1000, ge=1)  # a cap: the plan (train.plan) decides the steps
-    new_epochs: int = Field(default=2, ge=1)
+    new_epochs: int = Field(default=4, ge=1)
     replay_ratio: float = Field(default=3.0, ge=0.0)
-    warm_lr_scale: float = Field(default=0.5, gt=0.0, le=1.0)
+    warm_lr_scale: float = Field(default=1.0, gt=0.0, le=1.0)
     full_epochs: int = Field(default=1, ge=1)
     full_retrain_every: int = Field(default=10, ge=1)
     objective: Literal["sft", "kto", "dpo", "auto"] = "auto"

@@ -67,14 +67,14 @@ class Champion:
 
 @dataclass(frozen=True, slots=True)
 class PlanSettings:
-    new_epochs: int = 2
+    new_epochs: int = 4
     replay_ratio: float = 3.0
     full_epochs: int = 1
     full_retrain_every: int = 10
     max_steps: int = 1000
     batch: int = 8  # examples per optimizer step (per-device batch x gradient accumulation)
     learning_rate: float = 2e-4
-    warm_lr_scale: float = 0.5
+    warm_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[s
         "store": {"root": str(store)}, "state": {"dir": str(state_dir)},
         "training": {"python": sys.executable, "base_model": str(tiny_models["qwen2"]), "backend": "transformers",
                      "timeout": "10m", "env": {"OMP_NUM_THREADS": "1"}, "config_template": str(overrides),
-                     "replay_ratio": 1.0, "new_epochs": 2},
+                     "replay_ratio": 1.0, "new_epochs": 2, "warm_lr_scale": 0.5},
         "policy": {"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 10},
         "dataset": {"min_train_examples": 4, "min_eval_examples": 4},
         "gate": {"tolerance": 0.5, "min_new_gain": 0.005},  # a tiny random model moves little in 4 steps
