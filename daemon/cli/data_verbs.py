@@ -38,8 +38,19 @@ def config_show(args: argparse.Namespace) -> int:
 def feedback(args: argparse.Namespace) -> int:
     s = load(args)
     thumbs = True if args.up else False if args.down else None
+    better = args.better
     try:
-        path = api.give_feedback(s, args.conversation_id, thumbs_up=thumbs, quality=args.quality, note=args.note)
+        if args.better_file is not None:
+            better = Path(args.better_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"feedback not recorded: {args.better_file} is not UTF-8 (byte {exc.start})",
+                       EXIT_CONFIG) from None
+    except OSError as exc:
+        raise CliError(f"feedback not recorded: cannot read {args.better_file}: {exc.strerror or exc}",
+                       EXIT_CONFIG) from None
+    try:
+        path = api.give_feedback(s, args.conversation_id, thumbs_up=thumbs, quality=args.quality, note=args.note,
+                                 better=better)
     except ValueError as exc:
         raise CliError(f"feedback not recorded: {exc}", EXIT_CONFIG) from None
     except OSError as exc:
