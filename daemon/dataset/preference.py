@@ -97,6 +97,8 @@ def trimmed(ex: Example) -> Example | None:
     when no message comes before that turn."""
     line = example_line(ex)
     if _cut(line) > 0:
+        if not ex.key and not ex.messages:  # dedup needs one of them (cached examples have their key)
+            return ex._replace(messages=tuple(examples.line_messages(line)), line=line)
         return ex if ex.line else ex._replace(line=line)
     msgs = list(ex.messages or examples.line_messages(line))
     last = max((i for i, (role, _) in enumerate(msgs) if role == "assistant"), default=-1)
