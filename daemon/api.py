@@ -31,9 +31,12 @@ def build_dataset(settings: Settings, state: State, *, ingest_first: bool = True
 
 def give_feedback(
     settings: Settings, cid: str, *, thumbs_up: bool | None, quality: str | None, note: str | None,
-    now: datetime | None = None,
+    better: str | None = None, now: datetime | None = None,
 ) -> Path:
-    event = feedback.make_event(cid, thumbs_up=thumbs_up, quality=quality, note=note, now=now)
+    """Append one feedback event; ``better``: a corrected answer, with a thumbs-down only (ValueError otherwise,
+    and for an event line over store.max_line_bytes)."""
+    event = feedback.make_event(cid, thumbs_up=thumbs_up, quality=quality, note=note, better=better, now=now,
+                                max_line_bytes=settings.store.max_line_bytes)
     return feedback.append_event(settings.store.root, event, now=now)
 
 

@@ -31,7 +31,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 @dataclass(frozen=True)
 class Arg:
-    """One argument: ``add_argument(*flags, **options)``; ``group`` names a required mutually exclusive group."""
+    """One argument: ``add_argument(*flags, **options)``; ``group`` names a mutually exclusive group, required
+    unless its name starts with ``?``."""
 
     flags: tuple[str, ...]
     options: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +73,10 @@ VERBS: tuple[Verb, ...] = (
         arg("--up", group="vote", action="store_true", help="thumbs up (score 1)"),
         arg("--down", group="vote", action="store_true", help="thumbs down (score -1)"),
         arg("--quality", group="vote", choices=QUALITIES, help="a ChatOS quality rating"),
-        arg("--note", help="free-text feedback kept with the event"), JSON)),
+        arg("--note", help="free-text feedback kept with the event"),
+        arg("--better", group="?correction", metavar="TEXT",
+            help="with --down: the answer that should have been given (a preference pair for training)"),
+        arg("--better-file", group="?correction", metavar="PATH", help="--better, read from a UTF-8 file"), JSON)),
     Verb("ingest", "read what is new in the ChatOS store into state", data.ingest, (JSON,)),
     Verb("dataset build", "ingest, then write the next dataset version if the eligible set changed",
          data.dataset_build, (JSON,)),
@@ -124,7 +128,7 @@ def _add_args(p: argparse.ArgumentParser, args: Sequence[Arg]) -> None:
         target: Any = p
         if a.group is not None:
             if a.group not in groups:
-                groups[a.group] = p.add_mutually_exclusive_group(required=True)
+                groups[a.group] = p.add_mutually_exclusive_group(required=not a.group.startswith("?"))
             target = groups[a.group]
         target.add_argument(*a.flags, **a.options)
     p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (same as the global --config)")

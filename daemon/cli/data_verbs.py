@@ -38,8 +38,19 @@ def config_show(args: argparse.Namespace) -> int:
 def feedback(args: argparse.Namespace) -> int:
     s = load(args)
     thumbs = True if args.up else False if args.down else None
+    better = args.better
     try:
-        path = api.give_feedback(s, args.conversation_id, thumbs_up=thumbs, quality=args.quality, note=args.note)
+        if args.better_file is not None:
+            better = Path(args.better_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"feedback not recorded: {args.better_file} is not UTF-8 (byte {exc.start})",
+                       EXIT_CONFIG) from None
+    except OSError as exc:
+        raise CliError(f"feedback not recorded: cannot read {args.better_file}: {exc.strerror or exc}",
+                       EXIT_CONFIG) from None
+    try:
+        path = api.give_feedback(s, args.conversation_id, thumbs_up=thumbs, quality=args.quality, note=args.note,
+                                 better=better)
     except ValueError as exc:
         raise CliError(f"feedback not recorded: {exc}", EXIT_CONFIG) from None
     except OSError as exc:
@@ -71,12 +82,14 @@ def dataset_build(args: argparse.Namespace) -> int:
         except DatasetError as exc:
             if args.json:
                 print_json({"created": False, "version": None, "path": None, "train_count": 0, "eval_count": 0,
-                            "message": str(exc)})
+                            "desirable": 0, "undesirable": 0, "pairs": 0, "message": str(exc)})
             raise CliError(f"no dataset built: {exc}", EXIT_DATA) from None
     if args.json:
         print_json(result.as_json())
     else:
         print(f"{result.message}: {result.path} ({result.train_count} train, {result.eval_count} eval)")
+        print(f"preference examples: {result.desirable} desirable, {result.undesirable} undesirable, "
+              f"{result.pairs} pairs (train + eval)")
     return EXIT_OK
 
 
@@ -116,6 +129,9 @@ def dataset_show(args: argparse.Namespace) -> int:
     print(f"  train {c['train']}, eval {c['eval']}, duplicates removed {c['duplicates_removed']}")
     print(f"  by score: {c['by_score']}  by mode: {c['by_mode']}")
     print(f"  by model: {c['by_model']}")
+    if "preference" in c:
+        p = c["preference"]
+        print(f"  preference: train {p['train']}, eval {p['eval']}; rejected {c.get('rejections_by_reason') or 'none'}")
     print(f"  PII scrubbed: {man['pii_scrubbed'] or 'none'}")
     print(f"  filters: {json.dumps(man['filters'])}")
     print(f"  content hash: {man['content_hash']}")

@@ -151,10 +151,11 @@ def cache_entry(cid: str, stored: str | bytes, cfg: Shaping, pairs: Iterable[tup
 
 
 def expected(spec: Spec, row: Sequence[Any], label: int | None) -> bool:
-    """Whether a build under ``spec`` will likely want this ingested conversation (a records.ConvTuple), given the
-    score of its latest feedback event as far as the caller knows (None: none seen). A guess only: a wrong guess
-    costs a wasted entry or a miss the build fills in, never a wrong example."""
+    """Whether a build under ``spec`` will likely want this ingested conversation (a records.ConvTuple) for its SFT
+    or its preference files, given the score of its latest feedback event as far as the caller knows (None: none
+    seen). A guess only: a wrong guess costs a wasted entry or a miss the build fills in, never a wrong example."""
     _, _, mode, _, _, _, inline_score, inline_rated, usable, _ = row
     score = inline_score if label is None else label
-    return bool(usable) and mode in spec.modes and score >= spec.min_score and (
-        label is not None or inline_rated or spec.include_unrated)
+    # A rated conversation (score other than 0) is wanted for the preference files, whatever min_score says.
+    return bool(usable) and mode in spec.modes and (score != 0 or (score >= spec.min_score and (
+        label is not None or inline_rated or spec.include_unrated)))

@@ -51,15 +51,19 @@ def file_digest(examples: Sequence[Example]) -> str:
 
 def fingerprint(
     train: Sequence[Example], evals: Sequence[Example], cfg: DatasetSettings,
-    digests: tuple[str, str] | None = None,
+    digests: tuple[str, str] | None = None, more: Sequence[tuple[str, str, Sequence[str]]] = (),
 ) -> str:
     """Identity of a dataset's content: same eligible set, same filters, same split -> same fingerprint. Made of
-    the two files' sha256 (``digests``, when already known) and the ids in each, so the lines are hashed once."""
+    the two files' sha256 (``digests``, when already known) and the ids in each, so the lines are hashed once;
+    ``more``: the other files (the preference files) as (name, sha256, ids)."""
     train_digest, eval_digest = digests or (file_digest(train), file_digest(evals))
     h = hashlib.sha256(json.dumps(filters_used(cfg), sort_keys=True).encode())
     for tag, part, digest in (("train", train, train_digest), ("eval", evals, eval_digest)):
         h.update(f"{tag}\0{digest}\0".encode())
         h.update("\0".join([ex.cid for ex in part]).encode())
+    for name, digest, ids in more:
+        h.update(f"\0{name}\0{digest}\0".encode())
+        h.update("\0".join(ids).encode())
     return h.hexdigest()
 
 
@@ -117,8 +121,11 @@ def manifest(
     file_hashes: dict[str, str],
     store_root: str,
     since: dict[str, int] | None = None,
+    preference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``preference``: preference.Preferences.manifest_part() (counts.preference, ..., rejections)."""
     both = [*train, *evals]
+    pref = preference or {}
     content = hashlib.sha256((file_hashes["train.jsonl"] + file_hashes["eval.jsonl"]).encode()).hexdigest()
     return {
         "version": version,
@@ -136,6 +143,8 @@ def manifest(
             "train_by_first_version": dict(sorted(
                 ((str(k), v) for k, v in Counter(since[ex.cid] for ex in train).items()), key=lambda kv: int(kv[0])
             )) if since is not None else {},
+            **{k: pref[k] for k in ("preference", "preference_duplicates_removed", "rejections_by_reason")
+               if k in pref},
         },
         "filters": filters_used(cfg),
         "pii_scrubbed": dict(sorted(sel.pii_counts.items())),
@@ -144,6 +153,7 @@ def manifest(
         "files": file_hashes,
         "eval_ids_hash": hashlib.sha256("\n".join(e.cid for e in evals).encode()).hexdigest(),
         "sources": _ranges(both),
+        **({"rejections": pref["rejections"]} if "rejections" in pref else {}),
     }
 
 

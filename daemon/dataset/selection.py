@@ -42,6 +42,7 @@ class Selection:
     examples: list[Example]
     duplicates_removed: int = 0
     pii_counts: Counter[str] = field(default_factory=Counter)
+    candidates: list[Example] = field(default_factory=list)  # every example before dedup (select_cached)
 
 
 split_bucket = examples.split_bucket
@@ -137,11 +138,11 @@ CacheRow = tuple[str, int, str, bytes, str | None, bytes | None, float]
 
 def select_cached(
     rows: Iterable[Sequence[Any]], cached: dict[str, tuple[str, int, bytes, str | None, bytes | None, float]],
-    cfg: DatasetSettings, keep_first: set[str] | Callable[[], set[str]], cfg_key: str,
+    cfg: DatasetSettings, keep_first: set[str] | Callable[[], set[str]], cfg_key: str, dedup: bool | None = None,
 ) -> tuple[Selection, list[CacheRow]]:
     """:func:`select` over ``state.examples.eligible_rows`` rows and ``state.examples.cached``: a valid cache entry is
     used as it is, the other rows are made and returned as new cache entries. Same examples, lines, PII counts and
-    duplicates as :func:`select`."""
+    duplicates as :func:`select`. ``dedup``: overrides ``cfg.dedup``."""
     sel = Selection([])
     counts = sel.pii_counts
     candidates: list[Example] = []
@@ -163,7 +164,8 @@ def select_cached(
         if line is None:
             line = b"".join((_LINE_HEAD, msgs, _LINE_TAIL))
         candidates.append(Example(cid, (), mode, model, score, src_path, src_offset, src_len, line, key, bucket))
-    if cfg.dedup:
+    sel.candidates = candidates
+    if cfg.dedup if dedup is None else dedup:
         _dedup(candidates, keep_first, sel)
     else:
         sel.examples = sorted(candidates, key=by_cid)

@@ -44,7 +44,7 @@ def parse_block(
                 out.append(Rejected(ev.reason, line_hash(data)))
             else:
                 ts = ev.timestamp or datetime.now().isoformat(timespec="microseconds")
-                out.append((ev.conversation_id, ev.thumbs_up, ev.quality, ev.note, ts, ev.score))
+                out.append((ev.conversation_id, ev.thumbs_up, ev.quality, ev.note, ts, ev.score, ev.better))
         return out
     skip = known if kind == "training" else frozenset()
     for data in lines:

@@ -137,11 +137,13 @@ def fast_feedback(raw: bytes) -> FeedbackTuple | None:
         return None
     if type(obj) is not dict:
         return None
-    cid, thumbs, quality, note, ts = (obj.get("conversation_id"), obj.get("thumbs_up"), obj.get("quality"),
-                                      obj.get("feedback"), obj.get("timestamp"))
+    cid, thumbs, quality, note, ts, better = (obj.get("conversation_id"), obj.get("thumbs_up"), obj.get("quality"),
+                                              obj.get("feedback"), obj.get("timestamp"), obj.get("better"))
     if type(cid) is not str or not CID_RE.match(cid) or not (thumbs is None or type(thumbs) is bool):
         return None
     if (note is not None and type(note) is not str) or type(ts) is not str or not _CANONICAL_TS.fullmatch(ts):
+        return None
+    if better is not None and type(better) is not str:
         return None
     try:
         datetime.fromisoformat(ts)  # a real date and time (month 13 is not)
@@ -155,7 +157,7 @@ def fast_feedback(raw: bytes) -> FeedbackTuple | None:
             return None
     if thumbs is None and quality is None:
         return None
-    return (cid, thumbs, quality, note, ts, score(thumbs, quality))
+    return (cid, thumbs, quality, note, ts, score(thumbs, quality), better)
 
 
 def fast_feedback_parser() -> Callable[[bytes], FeedbackTuple | None] | None:

@@ -22,9 +22,19 @@ def make_event(
     thumbs_up: bool | None = None,
     quality: str | None = None,
     note: str | None = None,
+    better: str | None = None,
     now: datetime | None = None,
+    max_line_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Build one event (pure). Raises ValueError with a one-line reason when it would be rejected on ingest."""
+    """Build one event (pure). Raises ValueError with a one-line reason when it would be rejected on ingest, or
+    when its correction (``better``, the answer that should have been given) would be: one needs a thumbs-down and
+    some text, and the event's line must fit ``max_line_bytes`` (store.max_line_bytes: ingest rejects longer
+    lines)."""
+    if better is not None:
+        if thumbs_up is not False:
+            raise ValueError("a correction (--better) goes with a thumbs-down (--down) only")
+        if not better.strip():
+            raise ValueError("the correction (--better) is empty")
     event: dict[str, Any] = {"conversation_id": conversation_id}
     if thumbs_up is not None:
         event["thumbs_up"] = thumbs_up
@@ -32,10 +42,16 @@ def make_event(
         event["quality"] = quality
     if note is not None:
         event["feedback"] = note
+    if better is not None:
+        event["better"] = better
     event["timestamp"] = (now or datetime.now()).isoformat(timespec="microseconds")
-    checked = parse_feedback(json.dumps(event).encode())
+    line = json.dumps(event).encode()
+    checked = parse_feedback(line)
     if isinstance(checked, Rejection):
         raise ValueError(checked.reason)
+    if max_line_bytes is not None and len(line) + 1 > max_line_bytes:
+        raise ValueError(f"the event would be a {len(line) + 1}-byte line, over store.max_line_bytes "
+                         f"({max_line_bytes}), which ingest rejects")
     return event
 
 

@@ -68,6 +68,7 @@ class FeedbackEvent:
     quality: str | None
     note: str | None
     timestamp: str | None
+    better: str | None = None  # a corrected answer (meant for a thumbs-down; the dataset build checks that)
 
     @property
     def score(self) -> int:
@@ -325,13 +326,14 @@ def parse_feedback(raw: bytes) -> FeedbackEvent | Rejection:
     if isinstance(obj, Rejection):
         return obj
     cid = _cid(obj.get("conversation_id"), "conversation_id")
-    thumbs, quality, note, ts = (
+    thumbs, quality, note, ts, better = (
         _opt_bool(obj, "thumbs_up"),
         _quality(obj, "quality"),
         _opt_str(obj, "feedback"),
         _opt_str(obj, "timestamp"),
+        _opt_str(obj, "better"),
     )
-    for f in (cid, thumbs, quality, note, ts):
+    for f in (cid, thumbs, quality, note, ts, better):
         if isinstance(f, Rejection):
             return f
     if thumbs is None and quality is None:
@@ -343,7 +345,7 @@ def parse_feedback(raw: bytes) -> FeedbackEvent | Rejection:
         norm_ts = normalise_timestamp(str(ts))
         if norm_ts is None:
             return Rejection(f"field 'timestamp' is not an ISO 8601 time: {ts!r:.40}")
-    return FeedbackEvent(str(cid), thumbs, quality, note, norm_ts)  # type: ignore[arg-type]
+    return FeedbackEvent(str(cid), thumbs, quality, note, norm_ts, better)  # type: ignore[arg-type]
 
 
 # -- what ingest stores per line ---------------------------------------------------------------------------------
@@ -351,9 +353,9 @@ def parse_feedback(raw: bytes) -> FeedbackEvent | Rejection:
 
 # One accepted conversation line, as stored: (cid, messages JSON or None, mode, model, quality, thumbs_up,
 # inline_score, inline_rated, usable, started_at). One accepted feedback line: (cid, thumbs_up, quality, note,
-# timestamp, score).
+# timestamp, score, better).
 ConvTuple = tuple[str, str | None, str, str | None, str | None, bool | None, int, bool, bool, str | None]
-FeedbackTuple = tuple[str, bool | None, str | None, str | None, str, int]
+FeedbackTuple = tuple[str, bool | None, str | None, str | None, str, int, str | None]
 
 
 class Rejected(NamedTuple):

@@ -18,7 +18,7 @@ def _row(r: Sequence[Any]) -> DatasetRow:
 
 
 class Datasets:
-    """The ``datasets``, ``dataset_members`` and ``eval_pins`` tables."""
+    """The ``datasets``, ``dataset_members``, ``preference_members`` and ``eval_pins`` tables."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -64,6 +64,21 @@ class Datasets:
                     ((row.version, cid, split, first.get(cid, row.version)) for cid in cids),
                 )
 
+    def add_preference_members(self, version: int, rows: Iterable[tuple[str, str, str, int]]) -> None:
+        """Record the preference examples of dataset ``version``: ``(split, cid, variant, since)`` with split one of
+        prefs_train, prefs_eval, pairs_train, pairs_eval (call it inside the transaction that adds the version)."""
+        self._db.conn.executemany(
+            "INSERT INTO preference_members (version, split, cid, variant, since) VALUES (?,?,?,?,?)",
+            ((version, *r) for r in rows),
+        )
+
+    def preference_members(self, version: int, kind: str) -> dict[str, tuple[str, int]]:
+        """The preference examples of ``kind`` ("prefs" or "pairs", train and eval) in ``version``: conversation id
+        -> (variant, the version where it first appeared)."""
+        sql = "SELECT cid, variant, since FROM preference_members WHERE version = ? AND split IN (?, ?)"
+        return {r[0]: (r[1], int(r[2])) for r in self._db.conn.execute(sql, (version, f"{kind}_train",
+                                                                              f"{kind}_eval"))}
+
     def member_ids(self, version: int) -> set[str]:
         sql = "SELECT cid FROM dataset_members WHERE version = ?"
         return {r[0] for r in self._db.conn.execute(sql, (version,))}
@@ -74,9 +89,11 @@ class Datasets:
         return {r[0]: int(r[1]) for r in self._db.conn.execute(sql, (version,))}
 
     def containing(self, cid: str) -> list[int]:
-        """The versions that hold conversation ``cid`` (a scan: members have no cid index, see migration 6)."""
-        sql = "SELECT version FROM dataset_members WHERE cid = ? ORDER BY version"
-        return [int(r[0]) for r in self._db.conn.execute(sql, (cid,))]
+        """The versions that hold conversation ``cid``, in any file (a scan: members have no cid index, see
+        migration 6)."""
+        sql = ("SELECT version FROM dataset_members WHERE cid = ?"
+               " UNION SELECT version FROM preference_members WHERE cid = ? ORDER BY version")
+        return [int(r[0]) for r in self._db.conn.execute(sql, (cid, cid))]
 
     def eval_pins(self) -> set[str]:
         return {r[0] for r in self._db.conn.execute("SELECT cid FROM eval_pins")}

@@ -48,6 +48,16 @@ class Examples:
         )
         yield from self._db.conn.execute(sql, (*modes, min_score, include_unrated))
 
+    def preference_only_rows(self, modes: Sequence[str], min_score: int) -> Iterator[tuple[Any, ...]]:
+        """Rows as :meth:`eligible_rows` gives them, of the rated conversations that preference data wants (score
+        other than 0) and the dataset filter does not select (score below ``min_score``): the down-voted ones,
+        unless min_score takes them too. (A score other than 0 is a rating, so no other eligibility term differs.)"""
+        sql = ("SELECT c.cid, c.rev, c.mode, c.model, COALESCE(l.score, c.inline_score), c.src_path, c.src_offset,"
+               " c.src_len, CAST(c.messages AS BLOB) FROM conversations c LEFT JOIN labels l ON l.cid = c.cid"
+               f" WHERE c.deleted = 0 AND c.usable = 1 AND c.mode IN ({','.join('?' * len(modes))})"
+               " AND COALESCE(l.score, c.inline_score) != 0 AND COALESCE(l.score, c.inline_score) < ?")
+        yield from self._db.conn.execute(sql, (*modes, min_score))
+
     def no_longer_eligible(self, job_ids: Sequence[str], modes: Sequence[str], min_score: int,
                            include_unrated: bool) -> list[str]:
         """Conversations that any of ``job_ids`` trained on and that the user has since taken back: deleted from the
@@ -73,8 +83,9 @@ class Examples:
             f" WHERE c.deleted = 0 AND c.usable = 1 AND c.mode IN ({','.join('?' * len(modes))})"
             " AND COALESCE(l.score, c.inline_score) < 0 AND (l.cid IS NOT NULL OR c.inline_rated = 1)"
             " AND NOT EXISTS (SELECT 1 FROM dataset_members m WHERE m.version = ? AND m.cid = c.cid)"
+            " AND NOT EXISTS (SELECT 1 FROM preference_members p WHERE p.version = ? AND p.cid = c.cid)"
         )
-        return int(self._db.conn.execute(sql, (*modes, since_version)).fetchone()[0] or 0)
+        return int(self._db.conn.execute(sql, (*modes, since_version, since_version)).fetchone()[0] or 0)
 
     def eligible_counts(
         self, modes: Sequence[str], min_score: int, include_unrated: bool, since_version: int | None = None

@@ -155,4 +155,18 @@ MIGRATIONS: list[str] = [
         job_id TEXT NOT NULL, cid TEXT NOT NULL, score INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (job_id, cid)
     ) WITHOUT ROWID;
     """,
+    # 10: learning from thumbs-down (issue 12). A feedback event may carry a corrected answer ('better'); a label
+    # keeps the correction of its latest thumbs vote when that vote is down. Preference examples (prefs_*.jsonl,
+    # pairs_*.jsonl) have members of their own: a conversation is in train.jsonl and prefs_train.jsonl of the same
+    # version, which dataset_members' key (version, cid) cannot hold. 'variant' names what the example says
+    # (desirable/undesirable, or a digest of the correction): 'since' carries forward only while it stays the same.
+    """
+    ALTER TABLE feedback ADD COLUMN better TEXT;
+    CREATE INDEX feedback_better ON feedback (cid) WHERE better IS NOT NULL;
+    ALTER TABLE labels ADD COLUMN better TEXT;
+    CREATE TABLE preference_members (
+        version INTEGER NOT NULL, split TEXT NOT NULL, cid TEXT NOT NULL, variant TEXT NOT NULL,
+        since INTEGER NOT NULL, PRIMARY KEY (version, split, cid)
+    ) WITHOUT ROWID;
+    """,
 ]

@@ -26,6 +26,9 @@ def test_chatos_patch_writes_events_the_service_accepts(store: Path, state: Stat
     report = Ingestor(state, store).scan()
     assert report.feedback_events == 2 and report.rejected == 0
     assert {e.cid for e in state.examples.eligible(["normal", "code"], 1, False)} == {"a1b2c3d4e5f6", "b1b2c3d4e5f6"}
+    append("b1b2c3d4e5f6", thumbs_up=False, better="the answer I wanted", root=store)  # a correction (issue 12)
+    assert Ingestor(state, store).scan().rejected == 0
+    assert state.feedback.corrections() == {"b1b2c3d4e5f6": "the answer I wanted"}
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -76,6 +76,8 @@ def feedback_line(rng: random.Random) -> bytes:
     ev: dict[str, Any] = {"conversation_id": "a1b2c3d4e5f6", "thumbs_up": rng.choice([True, False, None]),
                           "quality": rng.choice(["good", " Poor ", None]), "feedback": rng.choice([None, "note"]),
                           "timestamp": rng.choice(["2026-11-25T10:00:00.000000", "2026-11-25T10:00:00"])}
+    if rng.random() < 0.3:
+        ev["better"] = rng.choice(["the right answer", "", 5, None, ["x"], "é😀"])
     _damage(rng, [ev])
     return _encode(rng, ev)
 
@@ -94,6 +96,7 @@ def test_parse_block_matches_the_careful_parser(decoder: str) -> None:
             else:
                 assert type(got) is tuple and got[:4] == (ev.conversation_id, ev.thumbs_up, ev.quality, ev.note), raw
                 assert got[5] == ev.score and (ev.timestamp is None or got[4] == ev.timestamp), raw
+                assert got[6] == ev.better, raw
             continue
         want = records.parse_conversation(raw, kind)  # type: ignore[arg-type]
         if isinstance(want, records.Rejection):

@@ -180,11 +180,23 @@ def test_feedback_event() -> None:
         ({"conversation_id": "a1b2c3d4e5f6", "thumbs_up": True, "timestamp": "yesterday"}, "timestamp"),
         ({"conversation_id": "a1b2c3d4e5f6", "thumbs_up": True, "timestamp": 5}, "timestamp"),
         ({"thumbs_up": True}, "missing 'conversation_id'"),
+        ({"conversation_id": "a1b2c3d4e5f6", "thumbs_up": False, "better": 3}, "field 'better' must be a string"),
+        ({"conversation_id": "a1b2c3d4e5f6", "thumbs_up": False, "better": "\ud800"}, "field 'better' holds a lone"),
     ],
 )
 def test_bad_feedback_events(obj: dict[str, Any], reason: str) -> None:
     out = parse_feedback(enc(obj))
     assert isinstance(out, Rejection) and reason in out.reason
+
+
+def test_feedback_event_keeps_a_correction_whatever_the_vote() -> None:
+    """A correction is kept on any event: the dataset build decides whether it counts (a thumbs-down only)."""
+    for thumbs in (False, True, None):
+        ev = parse_feedback(enc({"conversation_id": "a1b2c3d4e5f6", "thumbs_up": thumbs, "quality": "poor",
+                                 "better": "Use reversed(xs)."}))
+        assert isinstance(ev, FeedbackEvent) and ev.better == "Use reversed(xs)."
+    ev = parse_feedback(enc({"conversation_id": "a1b2c3d4e5f6", "thumbs_up": False}))
+    assert isinstance(ev, FeedbackEvent) and ev.better is None
 
 
 def test_feedback_timestamp_with_timezone_is_normalised_to_naive() -> None:

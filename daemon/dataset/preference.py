@@ -1,0 +1,194 @@
+"""Preference data of a dataset version (pure; issue 12): what thumbs-down votes and corrections teach, beside the
+SFT files, for a trainer that learns from them (TRL's KTO and DPO trainers read these formats as they are).
+
+- ``prefs_{train,eval}.jsonl``, KTO conversational, one line per rated conversation (score > 0 desirable, < 0
+  undesirable; 0 never): ``{"prompt": [messages before the last assistant turn], "completion": [that turn],
+  "label": true|false}``.
+- ``pairs_{train,eval}.jsonl``, DPO conversational, one line per down-voted conversation with a correction:
+  ``{"prompt": [...], "chosen": [{"role": "assistant", "content": correction}], "rejected": [the original turn]}``.
+
+The examples are the SFT examples' own (same filters, PII scrub, deletion rule), cut after their last assistant
+turn, deduplicated by the SFT dedup key over prompt + completion, and split by the SFT rule (eval pins, then the
+id's bucket), so a conversation is in eval for every kind or for none. Lines are cut out of the SFT line's bytes
+(no decode and re-encode per example: a build makes tens of thousands) and are byte for byte
+``json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\\n"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.codec import messages_json
+from daemon.dataset import examples, pii
+from daemon.dataset.selection import Example, Selection, _dedup, by_cid, example_line, split_bucket
+from daemon.settings import DatasetSettings
+
+PREFS_FILES = ("prefs_train.jsonl", "prefs_eval.jsonl")
+PAIRS_FILES = ("pairs_train.jsonl", "pairs_eval.jsonl")
+# One line per line of the train file, in its order: "<conversation id>\t<dataset version where it first appeared>".
+PREFS_IDS, PAIRS_IDS = "prefs_train_ids.tsv", "pairs_train_ids.tsv"
+DESIRABLE, UNDESIRABLE = "desirable", "undesirable"
+
+MISPLACED = "correction without a thumbs-down"
+IDENTICAL = "chosen and rejected are identical after normalisation"
+EMPTY = "the correction is empty"
+NO_PROMPT = "no prompt before the last assistant turn"
+
+_HEAD = b'{"messages":['  # an SFT line: _HEAD + messages + _TAIL
+_TAIL = b"]}\n"
+_LAST = b',{"role":"assistant","content":'  # never inside a JSON string: there every '"' is escaped
+_NEXT = b',{"role":'
+
+
+@dataclass
+class Preferences:
+    """The preference examples of a version, split, with their lines, and what was rejected."""
+
+    prefs_train: list[Example] = field(default_factory=list)  # line: the KTO line
+    prefs_eval: list[Example] = field(default_factory=list)
+    pairs_train: list[Example] = field(default_factory=list)  # line: the DPO line
+    pairs_eval: list[Example] = field(default_factory=list)
+    variants: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, cid) -> variant
+    rejections: list[tuple[str, str]] = field(default_factory=list)  # (cid, reason), sorted
+    duplicates_removed: int = 0
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        def part(prefs: list[Example], pairs: list[Example]) -> dict[str, int]:
+            up = sum(1 for ex in prefs if ex.score > 0)
+            return {DESIRABLE: up, UNDESIRABLE: len(prefs) - up, "pairs": len(pairs)}
+
+        return {"train": part(self.prefs_train, self.pairs_train), "eval": part(self.prefs_eval, self.pairs_eval)}
+
+    def totals(self) -> dict[str, int]:
+        c = self.counts()
+        return {k: c["train"][k] + c["eval"][k] for k in (DESIRABLE, UNDESIRABLE, "pairs")}
+
+    def manifest_part(self) -> dict[str, Any]:
+        """What the manifest records: counts.preference, counts.preference_duplicates_removed,
+        counts.rejections_by_reason, rejections."""
+        return {
+            "preference": self.counts(),
+            "preference_duplicates_removed": self.duplicates_removed,
+            "rejections_by_reason": dict(sorted(Counter(r for _, r in self.rejections).items())),
+            "rejections": [{"conversation_id": cid, "reason": reason} for cid, reason in self.rejections],
+        }
+
+
+def normalised(text: str) -> str:
+    """Whitespace stripped and collapsed, case folded (what makes a correction the same as the answer)."""
+    return " ".join(text.split()).casefold()
+
+
+def _cut(line: bytes) -> int:
+    """Where the last message of an SFT line starts (the offset of its leading comma), when the line is in the
+    canonical compact form and that message is an assistant turn after at least one other; else -1."""
+    idx = line.rfind(_LAST)
+    if idx <= len(_HEAD) or not line.startswith(_HEAD) or not line.endswith(_TAIL):
+        return -1
+    return idx if line.find(_NEXT, idx + 1) == -1 else -1
+
+
+def trimmed(ex: Example) -> Example | None:
+    """``ex`` cut after its last assistant turn, its line canonical (the example itself when it already is); None
+    when no message comes before that turn."""
+    line = example_line(ex)
+    if _cut(line) > 0:
+        if not ex.key and not ex.messages:  # dedup needs one of them (cached examples have their key)
+            return ex._replace(messages=tuple(examples.line_messages(line)), line=line)
+        return ex if ex.line else ex._replace(line=line)
+    msgs = list(ex.messages or examples.line_messages(line))
+    last = max((i for i, (role, _) in enumerate(msgs) if role == "assistant"), default=-1)
+    if last <= 0:
+        return None
+    kept = tuple(msgs[:last + 1])
+    return ex._replace(messages=kept, line=examples.encode_line(kept), key=b"")
+
+
+def kto_line(line: bytes, desirable: bool) -> bytes:
+    """The KTO line of a trimmed example's SFT line."""
+    idx = _cut(line)
+    return b"".join((b'{"prompt":', line[len(_HEAD) - 1:idx], b'],"completion":[', line[idx + 1:-len(_TAIL)],
+                     b'],"label":true}\n' if desirable else b'],"label":false}\n'))
+
+
+def pair_line(line: bytes, chosen: str) -> bytes:
+    """The DPO line of a trimmed example's SFT line and a correction."""
+    idx = _cut(line)
+    return b"".join((b'{"prompt":', line[len(_HEAD) - 1:idx], b'],"chosen":',
+                     messages_json([("assistant", chosen)]).encode(), b',"rejected":[', line[idx + 1:-len(_TAIL)],
+                     b"]}\n"))
+
+
+def select(
+    candidates: Iterable[Example], corrections: dict[str, str], misplaced: Iterable[str], cfg: DatasetSettings,
+    pins: set[str], keep_prefs: Callable[[], set[str]], keep_pairs: Callable[[], set[str]],
+) -> Preferences:
+    """Preference examples from ``candidates`` (the rated conversations' examples, before SFT dedup; those scored 0
+    are skipped), ``corrections`` (conversation id -> the correction that counts) and ``misplaced`` (ids with a
+    correction but no thumbs-down). ``pins``: the eval pins, the SFT split's new ones included. ``keep_*``: the
+    previous version's members of each kind, which win among duplicates (as SFT's)."""
+    out = Preferences()
+    rejections = [(cid, MISPLACED) for cid in misplaced]
+    prefs: list[Example] = []
+    pairs: list[Example] = []
+    for ex in candidates:
+        if ex.score == 0:
+            continue
+        cut = trimmed(ex)
+        if cut is None:
+            rejections.append((ex.cid, NO_PROMPT))
+            continue
+        prefs.append(cut)
+        better = corrections.get(ex.cid) if ex.score < 0 else None
+        if better is None:
+            continue
+        if cfg.pii_scrub and pii.may_contain(better, cfg.pii_kinds):
+            better = pii.scrub(better, cfg.pii_kinds, Counter())
+        msgs = cut.messages or tuple(examples.line_messages(cut.line))
+        if not better.strip():
+            rejections.append((ex.cid, EMPTY))
+        elif normalised(better) == normalised(msgs[-1][1]):
+            rejections.append((ex.cid, IDENTICAL))
+        else:
+            pairs.append(cut._replace(messages=(*msgs, ("assistant", better)), line=pair_line(cut.line, better),
+                                      key=b""))
+            out.variants["pairs", ex.cid] = hashlib.blake2b(better.encode(), digest_size=8).hexdigest()
+    if cfg.dedup:
+        kept = Selection([])
+        _dedup(prefs, keep_prefs, kept)
+        prefs = kept.examples
+        out.duplicates_removed = kept.duplicates_removed
+        kept = Selection([])
+        _dedup(pairs, keep_pairs, kept)
+        pairs = kept.examples
+        out.duplicates_removed += kept.duplicates_removed
+    else:
+        prefs.sort(key=by_cid)
+        pairs.sort(key=by_cid)
+    fraction = cfg.eval_fraction
+    for ex in prefs:
+        up = ex.score > 0
+        out.variants["prefs", ex.cid] = DESIRABLE if up else UNDESIRABLE
+        in_eval = ex.cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)) < fraction
+        (out.prefs_eval if in_eval else out.prefs_train).append(ex._replace(line=kto_line(ex.line, up)))
+    for ex in pairs:
+        in_eval = ex.cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)) < fraction
+        (out.pairs_eval if in_eval else out.pairs_train).append(ex)
+    out.rejections = sorted(set(rejections))
+    return out
+
+
+def chunks(part: Sequence[Example], size: int = 1024) -> list[bytes]:
+    """A file's bytes as chunks of ``size`` lines."""
+    return [b"".join([ex.line for ex in part[i:i + size]]) for i in range(0, len(part), size)]
+
+
+def digest(chunked: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunked:
+        h.update(chunk)
+    return h.hexdigest()
