@@ -123,7 +123,7 @@ class TrainingSettings(Section):
     warm_lr_scale: float = Field(default=1.0, gt=0.0, le=1.0)
     full_epochs: int = Field(default=1, ge=1)
     full_retrain_every: int = Field(default=10, ge=1)
-    objective: Literal["sft", "kto", "dpo", "auto"] = "auto"
+    objective: Literal["sft", "kto", "dpo", "auto"] = "sft"
     kto_min_desirable: int = Field(default=4, ge=1)
     kto_min_undesirable: int = Field(default=4, ge=1)
     dpo_min_pairs: int = Field(default=4, ge=1)
