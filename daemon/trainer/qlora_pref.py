@@ -94,9 +94,22 @@ def build_trainer(
     )
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # the reference is the base: TRL disables the adapter when there is no "ref"
+    _fused_head_for_both(model)
     info = {"pref_desirable_weight": weights[0] if weights else None,
             "pref_undesirable_weight": weights[1] if weights else None}
     return trainer, info
+
+
+def _fused_head_for_both(model: Any) -> None:
+    """SFTTrainer and KTO/DPOTrainer each patch the base model's forward with TRL's fused LM head, each computing
+    only the per-token fields it reads (SFT: ``is_top1``; KTO: ``mean_logits``): the later patch would starve the
+    SFT evaluation. A last patch computing every field serves both trainers."""
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:  # a TRL without the fused head: nothing was patched
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
 
 
 def _encode(tok: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]], max_length: int

@@ -33,6 +33,7 @@ def quiet_offline_env(model: str) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference log-prob precompute bar
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
