@@ -20,9 +20,11 @@ from daemon.train import templates
 DEFAULT_TEMPLATE: dict[str, Any] = {
     "job_id": None,
     "backend": "auto",
+    "objective": "sft",
     "model": {"name": None, "chat_template": "qwen-2.5", "max_seq_length": 1024, "load_in_4bit": True},
     "template": None,
-    "dataset": {"train_path": None, "eval_path": None, "new_path": None},
+    "dataset": {"train_path": None, "eval_path": None, "new_path": None, "pref_train_path": None,
+                "pref_eval_path": None},
     "training": {
         "output_dir": None,
         "learning_rate": 2e-4,
@@ -47,6 +49,7 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "metrics": {"output_path": None},
     "result": {"output_path": None},
     "gate": {"champion_adapter": None},
+    "preference": {"beta": 0.1, "desirable_weight": None, "undesirable_weight": 1.0, "precompute_ref_log_probs": True},
 }
 
 # Exit codes of train_qlora.py -> (job status, what it means).

@@ -1,16 +1,18 @@
 """The two training backends: each loads the model with its LoRA and builds a TRL SFTTrainer over the examples.
 
-``build(backend)(cfg, train, evals, new, cuda, recorder)`` returns ``(trainer, model, tokenizer, info, new_ds)``
-where ``info`` holds ``device``, ``dtype`` and ``load_in_4bit`` for ``result.json`` and ``new_ds`` is the new
-examples (``new``, or None) prepared exactly as the eval split, for ``trainer.evaluate(eval_dataset=new_ds)``. With
-``init.adapter`` set, the LoRA starts from that adapter's weights (``qlora_init``). The heavy imports live inside
-the functions.
+``build(backend)(cfg, train, evals, new, cuda, recorder)`` returns a :class:`Built`: the SFTTrainer (it trains when
+the objective is sft and evaluates the SFT loss for every objective), the model, the tokenizer, ``info`` (``device``,
+``dtype`` and ``load_in_4bit`` for ``result.json``), ``new_ds`` (the new examples, or None, prepared exactly as the eval
+split, for ``trainer.evaluate(eval_dataset=new_ds)``) and ``args``, the trainer arguments a preference trainer shares
+(``qlora_pref``). ``recorder`` (the step-line callback) is None when another trainer trains. The LoRA is fresh: the
+caller warm-starts it (:func:`warm_start`) once every trainer is built. The heavy imports live inside the functions.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,17 @@ from trainer_common import one_line, sayer
 
 say = sayer("train_qlora")
 
-Built = tuple[Any, Any, Any, dict[str, Any], Any]
 NEW = "new"  # the new examples' key in the eval datasets handed to SFTTrainer
+
+
+@dataclass
+class Built:
+    trainer: Any
+    model: Any
+    tok: Any
+    info: dict[str, Any]
+    new_ds: Any
+    args: dict[str, Any]
 
 
 def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], list[Any] | None, bool, Any], Built]:
@@ -29,7 +40,13 @@ def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], list[
 
 
 def sft_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[str, Any]:
-    """SFTConfig keyword arguments shared by both backends (TRL 1.15 and 1.16 spell them the same)."""
+    """SFTConfig keyword arguments shared by both backends."""
+    return {**train_args(cfg, cuda, bf16), "packing": False, **extra}
+
+
+def train_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[str, Any]:
+    """The trainer keyword arguments SFTConfig, KTOConfig and DPOConfig share (TRL 1.15 and 1.16 spell them the
+    same)."""
     t = cfg["training"]
     evals_every = t["eval_steps"]
     return {
@@ -56,7 +73,6 @@ def sft_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[
         "report_to": "none",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
-        "packing": False,
         **extra,
     }
 
@@ -159,7 +175,7 @@ def transformers_trainer(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(**lora_args(cfg), task_type="CAUSAL_LM"))
-    warm_start(cfg, model)
+    shared = train_args(cfg, cuda, bf16, **_checkpointing(SFTConfig, cuda))
     args = SFTConfig(**sft_args(cfg, cuda, bf16, assistant_only_loss=True, **_checkpointing(SFTConfig, cuda)))
 
     def messages(xs: list[Any] | None) -> Any:
@@ -171,12 +187,12 @@ def transformers_trainer(
         train_dataset=messages(train),
         eval_dataset=eval_sets(messages(evals), messages(new)),
         processing_class=tok,
-        callbacks=[recorder],
+        callbacks=[recorder] if recorder is not None else None,
     )
     new_ds = split_eval_sets(trainer)
     dtype = "nf4+" + str(kwargs["dtype"]).removeprefix("torch.") if four_bit else str(kwargs["dtype"])
     info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), "load_in_4bit": four_bit}
-    return trainer, model, tok, info, new_ds
+    return Built(trainer, model, tok, info, new_ds, shared)
 
 
 def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
@@ -197,7 +213,6 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
         use_gradient_checkpointing="unsloth" if cuda else False,
         random_state=cfg["training"]["seed"],
     )
-    warm_start(cfg, model)
     tok = get_chat_template(tok, chat_template=m["chat_template"])
     if tok.chat_template != tpl["jinja"]:
         # Same format family, but the table's text is what the GGUF will embed: train on exactly that.
@@ -235,11 +250,12 @@ def unsloth_trainer(
         train_dataset=texts(train),
         eval_dataset=eval_sets(texts(evals), texts(new)),
         processing_class=tok,
-        callbacks=[recorder],
+        callbacks=[recorder] if recorder is not None else None,
     )
     trainer = train_on_responses_only(  # masks every eval set of the dict too
         trainer, instruction_part=tpl["instruction_part"], response_part=tpl["response_part"]
     )
     new_ds = split_eval_sets(trainer)
     dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
-    return trainer, model, tok, {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}, new_ds
+    info = {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}
+    return Built(trainer, model, tok, info, new_ds, train_args(cfg, cuda, bf16))

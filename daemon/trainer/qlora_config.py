@@ -17,6 +17,7 @@ from qlora_init import adapter_problem
 from trainer_common import ConfigError
 
 BACKENDS = ("auto", "unsloth", "transformers")
+OBJECTIVES = ("sft", "kto", "dpo")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REQUIRED = object()
 
@@ -28,7 +29,7 @@ Kind = str | tuple[str, ...]
 
 # section -> key -> (kind, default); a None section name holds the top-level scalars.
 SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
-    None: {"job_id": ("str", None), "backend": (BACKENDS, "auto")},
+    None: {"job_id": ("str", None), "backend": (BACKENDS, "auto"), "objective": (OBJECTIVES, "sft")},
     "model": {
         "name": ("model", REQUIRED),
         "chat_template": ("str", REQUIRED),
@@ -44,7 +45,13 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "stop": ("strs", REQUIRED),
         "known_names": ("strs", None),
     },
-    "dataset": {"train_path": ("abs", REQUIRED), "eval_path": ("abs", REQUIRED), "new_path": ("abs?", None)},
+    "dataset": {
+        "train_path": ("abs", REQUIRED),
+        "eval_path": ("abs", REQUIRED),
+        "new_path": ("abs?", None),
+        "pref_train_path": ("abs?", None),
+        "pref_eval_path": ("abs?", None),
+    },
     "training": {
         "output_dir": ("abs", REQUIRED),
         "learning_rate": ("(0.0, inf)", 2e-4),
@@ -69,7 +76,14 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
     "metrics": {"output_path": ("abs", REQUIRED)},
     "result": {"output_path": ("abs?", None)},
     "gate": {"champion_adapter": ("abs?", None)},
+    "preference": {
+        "beta": ("(0.0, inf)", 0.1),
+        "desirable_weight": ("(0.0, inf)", None),  # None: chosen from the counts (qlora_pref.kto_weights)
+        "undesirable_weight": ("(0.0, inf)", 1.0),
+        "precompute_ref_log_probs": ("bool", True),
+    },
 }
+PREF_PATHS = ("pref_train_path", "pref_eval_path")
 
 
 def check(kind: Kind, v: Any) -> Any:
@@ -147,6 +161,7 @@ def validate(raw: Any) -> tuple[dict[str, Any], list[str]]:
         problems += [f"At '{section}.{key}': unknown key" for key in src if key not in fields]
         _fill(src, fields, f"{section}.", into, problems)
     problems.extend(_check_template(raw, cfg))
+    problems.extend(_check_objective(cfg))
     if not problems:
         champion = cfg["gate"]["champion_adapter"]
         if champion is not None and not Path(champion, "adapter_config.json").is_file():
@@ -190,6 +205,18 @@ def _check_template(raw: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         known = cfg["template"].get("known_names") or [have]
         return [f"At 'model.chat_template': unknown chat template {wanted!r}; known: {', '.join(known)}"]
     return []
+
+
+def _check_objective(cfg: dict[str, Any]) -> list[str]:
+    """kto and dpo need both preference files; sft takes none (they would silently do nothing)."""
+    objective, dataset = cfg.get("objective"), cfg.get("dataset", {})
+    if objective is None:  # itself a problem, already listed
+        return []
+    if objective == "sft":
+        return [f"At 'dataset.{key}': only with objective kto or dpo (objective is {objective!r})"
+                for key in PREF_PATHS if dataset.get(key) is not None]
+    return [f"At 'dataset.{key}': required with objective {objective!r}" for key in PREF_PATHS
+            if key in dataset and dataset[key] is None]
 
 
 def load_config(path: str) -> dict[str, Any]:

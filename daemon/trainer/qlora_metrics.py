@@ -3,7 +3,10 @@
 Line shapes (every line also carries ``job_id`` and ``timestamp``): ``{"event": "job_started", ...}``, step lines
 ``{"step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s"}``,
 ``{"event": "evaluated", "phase", "eval_loss"}`` (phases: see ``train_qlora``) and last
-``{"event": "job_finished", ...}``.
+``{"event": "job_finished", ...}``. With ``extra`` (the kto and dpo objectives) a step line also carries every other
+number the trainer logged, flat, under TRL's own names (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``kl``, ``logps/chosen``, ``logits/chosen``, ``entropy``, ``grad_norm``...; an in-training evaluation's with TRL's
+``eval_`` prefix: ``eval_rewards/chosen``...).
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ class StepRecorder:
     failed or cancelled run still reports them.
     """
 
-    def __init__(self, log: MetricsLog, progress: dict[str, Any]) -> None:
+    def __init__(self, log: MetricsLog, progress: dict[str, Any], extra: bool = False) -> None:
         self.log = log
+        self.extra = extra
         self.progress = progress
         self.training = False
         self.pending: dict[str, Any] | None = None
@@ -115,12 +119,15 @@ class StepRecorder:
             "learning_rate": num(logs.get("learning_rate")),
             "tokens_per_s": round(tps, 1) if tps is not None else None,
         }
+        if self.extra:
+            self.pending.update(_others(logs, MAPPED))
 
     def _eval_line(self, step: int, logs: dict[str, Any]) -> None:
         """An eval joins the pending line of its step, else gets a line of its own with the last train loss."""
         eval_loss = num(logs["eval_loss"])
+        others = _others(logs, EVAL_MAPPED) if self.extra else {}
         if self.pending is not None and self.pending["step"] == step:
-            self.pending["eval_loss"] = eval_loss
+            self.pending.update(eval_loss=eval_loss, **others)
             self.flush()
             return
         self.flush()
@@ -132,15 +139,29 @@ class StepRecorder:
                 "epoch": num(logs.get("epoch")),
                 "learning_rate": None,
                 "tokens_per_s": None,
+                **others,
             }
         )
 
 
-def make_callback(log: MetricsLog, progress: dict[str, Any]) -> Any:
+# What a step line holds under its own names, or leaves out (timings), of a train log and of an eval log.
+MAPPED = frozenset({"loss", "epoch", "learning_rate", "num_tokens", "total_flos", "train_runtime",
+                    "train_samples_per_second", "train_steps_per_second", "train_loss"})
+EVAL_MAPPED = frozenset({"eval_loss", "epoch", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+                         "eval_num_tokens"})
+
+
+def _others(logs: dict[str, Any], mapped: frozenset[str]) -> dict[str, float | None]:
+    """The logged numbers a step line does not map itself, under their own names."""
+    return {k: num(v) for k, v in logs.items()
+            if k not in mapped and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def make_callback(log: MetricsLog, progress: dict[str, Any], extra: bool = False) -> Any:
     """A TrainerCallback writing ChatOS step lines (import it after ``unsloth``: this imports transformers)."""
     from transformers import TrainerCallback
 
     class MetricsCallback(StepRecorder, TrainerCallback):
         """:class:`StepRecorder`'s hooks first in the MRO: TrainerCallback's own are no-ops."""
 
-    return MetricsCallback(log, progress)
+    return MetricsCallback(log, progress, extra)

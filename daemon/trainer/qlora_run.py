@@ -1,6 +1,9 @@
 """One training run: load (warm-started from ``init.adapter`` if set), evaluate the starting weights on the eval split
 and the new examples, train, evaluate both again, save the adapter, evaluate the champion on both.
 
+The SFT trainer computes every ``eval_loss`` whatever the objective; with ``objective`` kto or dpo a KTO/DPO trainer
+(``qlora_pref``) trains instead, and each evaluation of the eval split also scores the preference eval split.
+
 :func:`run` returns the run's part of ``result.json``; torch & co. are imported inside it, after the config and the
 data were checked.
 """
@@ -11,10 +14,12 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import qlora_backends
+import qlora_pref
 from qlora_metrics import MetricsLog, make_callback, num
 from trainer_common import ConfigError, is_oom, one_line, sayer
 
@@ -28,6 +33,7 @@ def quiet_offline_env(model: str) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference log-prob precompute bar
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -57,11 +63,13 @@ def run(
     new: list[Any] | None,
     log: MetricsLog,
     progress: dict[str, Any],
+    prefs: tuple[list[Any], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Load, evaluate the start, train, evaluate, save the adapter, evaluate the champion. Heavy imports live here.
 
-    ``new`` are the new examples (``dataset.new_path``) or None. ``progress`` (last step and train loss) is kept
-    current so that a failed or cancelled run still reports them.
+    ``new`` are the new examples (``dataset.new_path``) or None; ``prefs`` the preference train and eval examples
+    (objective kto or dpo) or None. ``progress`` (last step and train loss) is kept current so that a failed or
+    cancelled run still reports them.
     """
     name = cfg["model"]["name"]
     quiet_offline_env(name)
@@ -69,15 +77,23 @@ def run(
 
     cuda = torch.cuda.is_available()
     backend = pick_backend(cfg["backend"], cuda)
-    say(f"backend {backend} on {'cuda' if cuda else 'cpu'}; model {name}; template {cfg['model']['chat_template']}")
+    objective = cfg["objective"]
+    say(f"backend {backend} on {'cuda' if cuda else 'cpu'}; model {name}; template {cfg['model']['chat_template']}; "
+        f"objective {objective}")
 
-    recorder = make_callback(log, progress)  # after `import unsloth`: it imports transformers
-    trainer, model, tok, info, new_ds = qlora_backends.build(backend)(cfg, train, evals, new, cuda, recorder)
+    recorder = make_callback(log, progress, extra=prefs is not None)  # after `import unsloth`: it imports transformers
+    built = qlora_backends.build(backend)(cfg, train, evals, new, cuda, recorder if prefs is None else None)
+    sft, model, tok, new_ds = built.trainer, built.model, built.tok, built.new_ds
+    trainer, pref_info, scorer = sft, {}, None
+    if prefs is not None:  # the SFT trainer only evaluates; built before the warm start (see qlora_pref)
+        trainer, pref_info = qlora_pref.build_trainer(cfg, model, tok, prefs[0], prefs[1], built.args, recorder)
+        scorer = qlora_pref.PreferenceScorer(tok, prefs[1], objective, cfg["model"]["max_seq_length"])
+    qlora_backends.warm_start(cfg, model)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    base_loss = evaluate(trainer, log, "base")  # the starting weights: the base, or the base + init.adapter
-    new_before = evaluate(trainer, log, "new_before", new_ds) if new_ds is not None else None
+    base_loss = evaluate(sft, log, "base", scorer=scorer, model=model)  # the starting weights (+ init.adapter)
+    new_before = evaluate(sft, log, "new_before", new_ds) if new_ds is not None else None
 
     started = time.monotonic()
     try:
@@ -86,37 +102,56 @@ def run(
         recorder.flush()  # a cancelled or crashed run still reports its last logged step
     train_seconds = time.monotonic() - started
 
-    after_loss = evaluate(trainer, log, "candidate")
-    new_after = evaluate(trainer, log, "new_after", new_ds) if new_ds is not None else None
+    after_loss = evaluate(sft, log, "candidate", scorer=scorer, model=model)
+    new_after = evaluate(sft, log, "new_after", new_ds) if new_ds is not None else None
     adapter_dir = save_adapter(cfg, model, tok)
     champion, init = cfg["gate"]["champion_adapter"], cfg["init"]["adapter"]
     if champion is not None and init is not None and os.path.realpath(champion) == os.path.realpath(init):
         # Warm-started from the champion: the "before" evaluations were the champion's; no second load.
         champion_loss, champion_new, champion_error = base_loss, new_before, None
+        champion_pref = base_loss.pref
     else:
-        champion_loss, champion_new, champion_error = evaluate_champion(champion, model, trainer, log, new_ds)
+        champion_loss, champion_new, champion_error, champion_pref = evaluate_champion(
+            champion, model, sft, log, new_ds, scorer)
+    before, after = base_loss.pref, after_loss.pref
     return {
         "backend": backend,
+        "objective": objective,
         "adapter_dir": str(adapter_dir),
         "first_train_loss": recorder.first_loss,
         "final_train_loss": recorder.last_loss,
         "train_loss_mean": num(out.training_loss),
-        "eval_loss_before": base_loss,
-        "eval_loss_after": after_loss,
+        "eval_loss_before": base_loss.loss,
+        "eval_loss_after": after_loss.loss,
         "init_adapter": init,
-        "new_loss_before": new_before,
-        "new_loss_after": new_after,
+        "new_loss_before": new_before.loss if new_before is not None else None,
+        "new_loss_after": new_after.loss if new_after is not None else None,
         "champion_adapter": champion,
-        "champion_eval_loss": champion_loss,
-        "champion_new_loss": champion_new,
+        "champion_eval_loss": champion_loss.loss if champion_loss is not None else None,
+        "champion_new_loss": champion_new.loss if champion_new is not None else None,
         "champion_error": champion_error,
+        "pref_train_examples": len(prefs[0]) if prefs is not None else None,
+        "pref_eval_examples": len(prefs[1]) if prefs is not None else None,
+        "pref_accuracy_before": _pref(before, "accuracy"),
+        "pref_accuracy_after": _pref(after, "accuracy"),
+        "champion_pref_accuracy": _pref(champion_pref, "accuracy"),
+        "pref_reward_desirable_before": _pref(before, "reward_desirable"),
+        "pref_reward_desirable_after": _pref(after, "reward_desirable"),
+        "pref_reward_undesirable_before": _pref(before, "reward_undesirable"),
+        "pref_reward_undesirable_after": _pref(after, "reward_undesirable"),
+        "pref_desirable_weight": pref_info.get("pref_desirable_weight"),
+        "pref_undesirable_weight": pref_info.get("pref_undesirable_weight"),
         "steps": int(trainer.state.global_step),
         "epochs": num(trainer.state.epoch),
         "train_runtime_seconds": round(train_seconds, 3),
         "tokens_per_s": num(recorder.tokens / train_seconds) if recorder.tokens and train_seconds > 0 else None,
         "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
-        **info,
+        **built.info,
     }
+
+
+def _pref(scores: dict[str, Any] | None, key: str) -> Any:
+    return num(scores[key]) if scores is not None else None
 
 
 def save_adapter(cfg: dict[str, Any], model: Any, tok: Any) -> Path:
@@ -132,39 +167,58 @@ def save_adapter(cfg: dict[str, Any], model: Any, tok: Any) -> Path:
     return adapter_dir
 
 
+@dataclass
+class Scores:
+    """One evaluation: the SFT loss and, with a preference objective, the preference scores (``qlora_pref``)."""
+
+    loss: float | None
+    pref: dict[str, Any] | None = None
+
+
 def loss_on(trainer: Any, dataset: Any = None) -> float | None:
     """The loss on the eval split (``dataset`` None) or on ``dataset`` (prepared like it, see ``qlora_backends``)."""
     return num((trainer.evaluate() if dataset is None else trainer.evaluate(eval_dataset=dataset)).get("eval_loss"))
 
 
-def evaluate(trainer: Any, log: MetricsLog, phase: str, dataset: Any = None) -> float | None:
-    """:func:`loss_on`, logged as an ``evaluated`` line of ``phase``."""
-    loss = loss_on(trainer, dataset)
-    log.event("evaluated", phase=phase, eval_loss=loss)
-    return loss
+def scores_of(trainer: Any, dataset: Any = None, scorer: Any = None, model: Any = None) -> Scores:
+    """:func:`loss_on` and, with a ``scorer``, the preference scores of ``model`` as it is."""
+    return Scores(loss_on(trainer, dataset), scorer.score(model) if scorer is not None else None)
+
+
+def evaluate(trainer: Any, log: MetricsLog, phase: str, dataset: Any = None, *, scorer: Any = None,
+             model: Any = None) -> Scores:
+    """:func:`scores_of`, logged as an ``evaluated`` line of ``phase`` (with ``pref_accuracy`` under a scorer)."""
+    scores = scores_of(trainer, dataset, scorer, model)
+    _log_scores(log, phase, scores)
+    return scores
+
+
+def _log_scores(log: MetricsLog, phase: str, scores: Scores) -> None:
+    extra = {"pref_accuracy": num(scores.pref["accuracy"])} if scores.pref is not None else {}
+    log.event("evaluated", phase=phase, eval_loss=scores.loss, **extra)
 
 
 def evaluate_champion(
-    champion: str | None, model: Any, trainer: Any, log: MetricsLog, new_ds: Any = None
-) -> tuple[Any, Any, str | None]:
-    """The champion adapter's losses on the same eval split and new examples: (eval loss, new loss or None, None),
-    or (None, None, why not); OOM propagates."""
+    champion: str | None, model: Any, trainer: Any, log: MetricsLog, new_ds: Any = None, scorer: Any = None
+) -> tuple[Scores | None, Scores | None, str | None, dict[str, Any] | None]:
+    """The champion adapter's scores on the same eval split and new examples: (eval scores, new scores or None, None,
+    preference scores or None), or (None, None, why not, None); OOM propagates."""
     if champion is None:
-        return None, None, None
+        return None, None, None, None
     try:
         model.load_adapter(champion, adapter_name="champion")
         model.set_adapter("champion")
-        champion_loss = loss_on(trainer)
-        champion_new = loss_on(trainer, new_ds) if new_ds is not None else None
+        champion_scores = scores_of(trainer, None, scorer, model)
+        champion_new = scores_of(trainer, new_ds) if new_ds is not None else None
         model.set_adapter("default")
         model.delete_adapter("champion")
-        log.event("evaluated", phase="champion", eval_loss=champion_loss)
-        if new_ds is not None:
-            log.event("evaluated", phase="champion_new", eval_loss=champion_new)
-        return champion_loss, champion_new, None
+        _log_scores(log, "champion", champion_scores)
+        if champion_new is not None:
+            _log_scores(log, "champion_new", champion_new)
+        return champion_scores, champion_new, None, champion_scores.pref
     except Exception as e:
         if is_oom(e):
             raise
         champion_error = one_line(e)
         say(f"champion adapter could not be evaluated: {champion_error}")
-        return None, None, champion_error
+        return None, None, champion_error, None

@@ -8,8 +8,16 @@ It imports nothing from the service package (the chat template arrives rendered 
 block) and keeps torch & co. inside :func:`run`'s callees, so a bad config fails in a fraction of a second.
 The config contract is documented in ``configs/chatos_qlora.yaml``. Its parts, beside it: ``qlora_config`` (the
 config's table and checks), ``qlora_data`` (the examples), ``qlora_metrics`` (``metrics.jsonl`` and the step
-callback), ``qlora_backends`` (model + trainer per backend), ``qlora_init`` (the warm start), ``qlora_run`` (the run)
-and ``trainer_common``.
+callback), ``qlora_backends`` (model + trainer per backend), ``qlora_pref`` (the preference objectives),
+``qlora_init`` (the warm start), ``qlora_run`` (the run) and ``trainer_common``.
+
+``objective``: ``sft`` (default) trains the SFT split with TRL's SFTTrainer. ``kto`` / ``dpo`` train
+``dataset.pref_train_path`` with TRL's KTOTrainer / DPOTrainer on the same PEFT model (the reference is the base with
+the adapter disabled; details in ``qlora_pref``), ``preference:`` giving beta, the kto weights and whether the
+reference log-probs are precomputed. The SFT splits stay required: every ``eval_loss`` of the ``evaluated`` lines and
+of ``result.json`` is the SFT loss on them, computed by an SFTTrainer built for evaluation only, so the gate compares
+the same number whatever the objective. Each evaluation of the eval split (base, candidate, champion) also scores
+``dataset.pref_eval_path``: the share of its examples the implicit reward classifies correctly (``qlora_pref``).
 
 Optional inputs beside the train and eval splits:
   * ``init.adapter``: warm start. The LoRA is built from ``lora:`` as usual, then loaded with that adapter's weights
@@ -26,15 +34,25 @@ Outputs, in this order:
     ``{"event": "evaluated", "phase", "eval_loss"}`` with phase, in this order, "base" (the starting weights on the
     eval split), "new_before"*, then after training "candidate", "new_after"*, "champion"**, "champion_new"*,**
     (* only with ``dataset.new_path``; ** only with a champion that is not ``init.adapter``; ``eval_loss`` is the
-    loss on that phase's set), and last
-    ``{"event": "job_finished", "status", "final_loss", "total_steps", "runtime_seconds", "error"?}``;
+    loss on that phase's set; kto/dpo add ``pref_accuracy`` to base, candidate and champion), and last
+    ``{"event": "job_finished", "status", "final_loss", "total_steps", "runtime_seconds", "error"?}``. With kto or
+    dpo, a step line's ``train_loss`` / ``eval_loss`` are the KTO/DPO loss (train split / preference eval split)
+    and it also carries every other number TRL logs, flat under TRL's names (``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins``, ``kl``, ``logps/chosen``..., ``eval_rewards/chosen``... at an
+    evaluation; see ``qlora_metrics``);
   * ``training.output_dir/adapter/`` (PEFT adapter + tokenizer with the inference chat template);
   * ``result.json`` (``result.output_path``, default next to the metrics file), atomically, only on success:
     ``job_id``, ``status``, ``base_model``, ``chat_template``, ``backend``, ``adapter_dir``, ``first_train_loss``,
     ``final_train_loss``, ``train_loss_mean``, ``eval_loss_before`` (the starting weights on the eval split),
     ``eval_loss_after``, ``init_adapter`` (path or null), ``new_loss_before``, ``new_loss_after`` (null without new
     examples), ``champion_adapter``, ``champion_eval_loss``, ``champion_new_loss`` (null without a champion or new
-    examples), ``champion_error``, ``steps``, ``epochs``, ``train_runtime_seconds``, ``tokens_per_s``,
+    examples), ``champion_error``, ``objective``, ``pref_train_examples``, ``pref_eval_examples``,
+    ``pref_accuracy_before`` (the starting weights), ``pref_accuracy_after`` (the candidate),
+    ``champion_pref_accuracy``, ``pref_reward_desirable_before`` / ``_after`` and ``pref_reward_undesirable_before``
+    / ``_after`` (mean implicit reward log π − log π_ref of the desirable (kto label true, dpo chosen) and undesirable
+    completions of the preference eval split), ``pref_desirable_weight``, ``pref_undesirable_weight`` (the kto
+    weights used) (every pref_* null for sft; the weights null for dpo), ``steps``, ``epochs``,
+    ``train_runtime_seconds``, ``tokens_per_s``,
     ``peak_gpu_memory_bytes``, ``device``, ``dtype``, ``load_in_4bit``, ``train_examples``, ``eval_examples``,
     ``new_examples`` (count or null), ``runtime_seconds``, ``peak_rss_bytes``, ``versions``, ``python``,
     ``finished_at``.
@@ -55,7 +73,7 @@ if sys.path[:1] != [_HERE]:  # imported by file path or as daemon.trainer.train_
     sys.path.insert(0, _HERE)  # first: the parts below are this folder's files, whatever else is installed
 
 from qlora_config import load_config, result_path  # noqa: E402
-from qlora_data import read_examples  # noqa: E402
+from qlora_data import read_examples, read_preferences  # noqa: E402
 from qlora_metrics import MetricsLog, utcnow  # noqa: E402
 from qlora_run import run  # noqa: E402
 from trainer_common import (  # noqa: E402
@@ -134,7 +152,8 @@ def _train(
         new_path = cfg["dataset"]["new_path"]
         new = read_examples(new_path, "dataset.new_path") if new_path is not None else None
         say(f"{len(train)} train / {len(evals)} eval" + (f" / {len(new)} new" if new is not None else "") + " examples")
-        outcome = run(cfg, train, evals, new, log, progress)
+        prefs = _read_preferences(cfg)
+        outcome = run(cfg, train, evals, new, log, progress, prefs)
         outcome.update(train_examples=len(train), eval_examples=len(evals),
                        new_examples=len(new) if new is not None else None)
         return "completed", EXIT_OK, None, outcome
@@ -146,6 +165,18 @@ def _train(
         traceback.print_exc()
         code = EXIT_OOM if is_oom(e) else EXIT_FAILED
         return "failed", code, ("out of memory: " if code == EXIT_OOM else "") + one_line(e), None
+
+
+def _read_preferences(cfg: dict[str, Any]) -> tuple[list[Any], list[Any]] | None:
+    """The preference train and eval examples (objective kto or dpo), else None."""
+    objective, dataset = cfg["objective"], cfg["dataset"]
+    if objective == "sft":
+        return None
+    train = read_preferences(dataset["pref_train_path"], "dataset.pref_train_path", objective,
+                             both_labels=objective == "kto")
+    evals = read_preferences(dataset["pref_eval_path"], "dataset.pref_eval_path", objective)
+    say(f"{objective}: {len(train)} train / {len(evals)} eval preference examples")
+    return train, evals
 
 
 def _write_result(cfg: dict[str, Any], status: str, outcome: dict[str, Any], runtime: float) -> None:

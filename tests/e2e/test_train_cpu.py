@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from helpers import need
-from trainjobs import TIMEOUT_S, TRAINER, UNSLOTH_PYTHON, Job, conversation, make_job, trainer_env
+from trainjobs import TIMEOUT_S, TRAINER, UNSLOTH_PYTHON, Job, conversation, make_job, make_pref_job, trainer_env
 
 from daemon.train import templates
 
@@ -31,7 +31,12 @@ RESULT_KEYS = {
     "tokens_per_s", "train_examples", "eval_examples", "device", "dtype", "load_in_4bit", "peak_rss_bytes",
     "peak_gpu_memory_bytes", "versions", "python", "finished_at",
     "init_adapter", "new_examples", "new_loss_before", "new_loss_after", "champion_new_loss",
+    "objective", "pref_train_examples", "pref_eval_examples", "pref_accuracy_before", "pref_accuracy_after",
+    "champion_pref_accuracy", "pref_reward_desirable_before", "pref_reward_desirable_after",
+    "pref_reward_undesirable_before", "pref_reward_undesirable_after", "pref_desirable_weight",
+    "pref_undesirable_weight",
 }  # fmt: skip
+PREF_KEYS = {k for k in RESULT_KEYS if k.startswith(("pref_", "champion_pref_"))}
 
 # Loads an adapter onto its base with PEFT, in the training venv, and reports what it found.
 PEFT_CHECK = r"""
@@ -143,6 +148,7 @@ def test_transformers_backend_trains_and_reports(qwen_job: Job, tiny_models: dic
     assert result["champion_adapter"] is None and result["champion_eval_loss"] is None
     assert result["init_adapter"] is None and result["new_examples"] is None
     assert result["new_loss_before"] is result["new_loss_after"] is result["champion_new_loss"] is None
+    assert result["objective"] == "sft" and all(result[k] is None for k in PREF_KEYS)
     check_adapter_loads(qwen_job, tiny_models["qwen2"])
 
 
@@ -297,6 +303,117 @@ def test_unsloth_backend_trains_for_real(tiny_models: dict[str, Path], job_facto
     assert result["python"] == str(UNSLOTH_PYTHON)
     assert result["load_in_4bit"] == result["device"].startswith("cuda")
     check_adapter_loads(job, tiny_models["qwen2"])  # an Unsloth adapter loads with plain PEFT in the other venv
+
+
+# ------------------------------------------------------------------------------- preference objectives
+
+
+def check_pref_job(job: Job, backend: str = "transformers") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The contract of a kto/dpo job: step lines with TRL's preference metrics, the SFT losses and the preference
+    scores in the evaluated lines and in result.json; returns (step lines, result)."""
+    lines = job.metrics()
+    cfg = job.config
+    objective, max_steps = cfg["objective"], cfg["training"]["max_steps"]
+    assert lines[0]["event"] == "job_started" and lines[-1]["event"] == "job_finished"
+    steps = [line for line in lines if "event" not in line]
+    assert [s["step"] for s in steps] == list(range(1, max_steps + 1))
+    # A kto batch may hold one kind of example only: TRL then logs that kind's metrics alone.
+    assert all(set(s) >= STEP_KEYS | {"grad_norm"} and {"rewards/chosen", "rewards/rejected"} & set(s)
+               for s in steps)
+    logged = set().union(*steps)
+    assert logged >= {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"}
+    assert all(math.isfinite(s["train_loss"]) and s["learning_rate"] > 0 for s in steps)
+    assert all(("kl" in s) == (objective == "kto") for s in steps)
+    assert all("rewards/accuracies" in s and "rewards/margins" in s for s in steps if objective == "dpo")
+    with_eval = [s for s in steps if "eval_loss" in s]
+    assert [s["step"] for s in with_eval] == list(range(cfg["training"]["eval_steps"], max_steps + 1,
+                                                         cfg["training"]["eval_steps"]))
+    assert all(math.isfinite(s["eval_loss"]) and "eval_rewards/chosen" in s for s in with_eval)
+
+    result = job.result()
+    assert set(result) == RESULT_KEYS
+    assert result["objective"] == objective and result["backend"] == backend and result["steps"] == max_steps
+    assert result["pref_train_examples"] == 16 and result["pref_eval_examples"] == 8
+    assert result["train_examples"] == 32 and result["eval_examples"] == 4  # the SFT splits, evaluated as for sft
+    evaluated = {ln["phase"]: ln for ln in lines if ln.get("event") == "evaluated"}
+    assert evaluated["base"]["eval_loss"] == result["eval_loss_before"]
+    assert evaluated["candidate"]["eval_loss"] == result["eval_loss_after"]
+    assert evaluated["base"]["pref_accuracy"] == result["pref_accuracy_before"]
+    assert evaluated["candidate"]["pref_accuracy"] == result["pref_accuracy_after"]
+    numbers = [result[k] for k in PREF_KEYS if k.startswith(("pref_accuracy", "pref_reward"))]
+    assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), result
+    assert 0.0 <= result["pref_accuracy_before"] <= 1.0 and 0.0 <= result["pref_accuracy_after"] <= 1.0
+    assert (result["pref_desirable_weight"] is None) == (objective == "dpo")
+    assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    return steps, result
+
+
+def fresh_start(result: dict[str, Any]) -> None:
+    """A fresh LoRA equals the base: every implicit reward is 0 before training, a tie, which is not correct."""
+    assert result["pref_accuracy_before"] == 0.0
+    assert result["pref_reward_desirable_before"] == result["pref_reward_undesirable_before"] == 0.0
+
+
+def test_kto_job_pushes_the_undesirable_completions_down(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    job = run_job(make_pref_job(tmp_path / "job-kto", tiny_models["qwen2"], "kto"))
+    steps, result = check_pref_job(job)
+    fresh_start(result)
+    # The weird sentence lost probability against the reference (the base), the sorted answers gained it.
+    assert result["pref_reward_undesirable_after"] < 0.0
+    assert result["pref_reward_undesirable_after"] < result["pref_reward_undesirable_before"]
+    assert result["pref_reward_desirable_after"] > result["pref_reward_undesirable_after"]
+    assert result["pref_accuracy_after"] > result["pref_accuracy_before"]
+    assert result["pref_desirable_weight"] == result["pref_undesirable_weight"] == 1.0  # 8 / 8: balanced
+    assert "kto: desirable_weight 1.0, undesirable_weight 1.0 (8 desirable / 8 undesirable)" in job.log
+    assert all(s["kl"] >= 0.0 for s in steps)
+
+
+def test_dpo_job_learns_the_pairs(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    job = run_job(make_pref_job(tmp_path / "job-dpo", tiny_models["qwen2"], "dpo"))
+    steps, result = check_pref_job(job)
+    fresh_start(result)
+    assert result["pref_accuracy_after"] >= result["pref_accuracy_before"]
+    assert result["pref_accuracy_after"] > 0.5
+    assert steps[-1]["rewards/margins"] > 0.0 and "rewards/accuracies" in steps[-1]
+
+
+def test_kto_warm_start_and_champion_are_scored_like_sft(
+    qwen_job: Job, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Warm-started from an SFT adapter A with A as the champion: A's preference accuracy is the "before" one (no
+    second load); a copy of A as the champion is loaded and scores the same."""
+    a = qwen_job.result()["adapter_dir"]
+    job = run_job(make_pref_job(tmp_path / "job-kto-warm", tiny_models["qwen2"], "kto",
+                                init={"adapter": a}, gate={"champion_adapter": a}, training={"max_steps": 4}))
+    _, result = check_pref_job(job)
+    assert result["init_adapter"] == a and result["champion_error"] is None
+    assert result["eval_loss_before"] == pytest.approx(qwen_job.result()["eval_loss_after"], abs=1e-4)
+    assert result["champion_pref_accuracy"] == result["pref_accuracy_before"]
+    assert result["pref_reward_desirable_before"] != 0.0  # A's weights, not a fresh LoRA: rewards are not ties
+    assert [ln["phase"] for ln in job.metrics() if ln.get("event") == "evaluated"] == ["base", "candidate"]
+
+    copy = tmp_path / "champion-copy"
+    shutil.copytree(a, copy)
+    job2 = run_job(make_pref_job(tmp_path / "job-kto-champion", tiny_models["qwen2"],
+                                 "kto", init={"adapter": a}, gate={"champion_adapter": str(copy)},
+                                 training={"max_steps": 2, "eval_steps": 2}))
+    _, result2 = check_pref_job(job2)
+    assert result2["champion_error"] is None
+    assert result2["champion_pref_accuracy"] == result2["pref_accuracy_before"] == result["pref_accuracy_before"]
+    assert result2["champion_eval_loss"] == pytest.approx(result2["eval_loss_before"], abs=1e-4)
+    champion_line = next(ln for ln in job2.metrics() if ln.get("phase") == "champion")
+    assert champion_line["pref_accuracy"] == result2["champion_pref_accuracy"]
+
+
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_unsloth_preference_job_trains(objective: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    need(UNSLOTH_PYTHON.exists(), f"no Unsloth trainer venv at {UNSLOTH_PYTHON}: run .ci/train-setup.sh")
+    job = make_pref_job(tmp_path / f"job-unsloth-{objective}", tiny_models["qwen2"],
+                        objective, backend="unsloth")
+    _, result = check_pref_job(run_job(job, UNSLOTH_PYTHON), "unsloth")
+    fresh_start(result)
+    assert result["pref_accuracy_after"] > result["pref_accuracy_before"]
+    assert result["pref_reward_undesirable_after"] < result["pref_reward_undesirable_before"]
 
 
 def step_lines(path: Path) -> list[dict[str, Any]]:

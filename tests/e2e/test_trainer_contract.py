@@ -4,6 +4,7 @@ data, and the exit-code mapping of :func:`main` for errors that need a real run 
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from trainjobs import CONFIG_TEMPLATE, TRAINER, Job
+from trainjobs import CONFIG_TEMPLATE, TRAINER, WEIRD, Job, write_preferences
 
 from daemon.train import templates
 
@@ -163,6 +164,96 @@ def test_bad_dataset_exits_3(job: Job, content: str, message: str) -> None:
     job.run()
     assert job.proc is not None and job.proc.returncode == 3
     assert message in finished(job)["error"]
+
+
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_a_preference_objective_without_its_files_exits_2(job: Job, objective: str) -> None:
+    job.config["objective"] = objective
+    job.config["dataset"]["pref_eval_path"] = job.config["dataset"]["eval_path"]
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 2
+    assert job.proc.stderr.count("\n") == 1
+    assert f"At 'dataset.pref_train_path': required with objective '{objective}'" in job.proc.stderr
+    assert "pref_eval_path" not in job.proc.stderr and finished(job)["exit_code"] == 2
+
+
+def test_preference_files_without_a_preference_objective_and_a_bad_objective_exit_2(job: Job) -> None:
+    job.config["dataset"]["pref_train_path"] = job.config["dataset"]["train_path"]
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 2
+    assert "At 'dataset.pref_train_path': only with objective kto or dpo (objective is 'sft')" in job.proc.stderr
+    job.config["objective"] = "orpo"
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 2
+    assert "At 'objective': must be one of sft, kto, dpo, got 'orpo'" in job.proc.stderr
+
+
+def pref_job(job: Job, objective: str) -> tuple[Path, Path]:
+    train, evals = write_preferences(Path(job.config["dataset"]["train_path"]).parent, objective)
+    job.config["objective"] = objective
+    job.config["dataset"].update(pref_train_path=str(train), pref_eval_path=str(evals))
+    return train, evals
+
+
+def one_failure_line(job: Job) -> bool:
+    """The data problem is said once, on the last stderr line (after the split sizes)."""
+    assert job.proc is not None
+    lines = job.proc.stderr.splitlines()
+    return lines[-1].startswith("[train_qlora] failed: ") and sum("failed" in x for x in lines) == 1
+
+
+def test_kto_with_one_kind_of_label_exits_3_in_one_line(job: Job) -> None:
+    train, _ = pref_job(job, "kto")
+    lines = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps({**x, "label": True}) + "\n" for x in lines))
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 3, job.log
+    end = finished(job)
+    assert end["error"] == (f"At 'dataset.pref_train_path': {train}: KTO needs both desirable and undesirable "
+                            f"examples ({len(lines)} desirable, 0 undesirable)")
+    assert one_failure_line(job) and not job.result_path.exists() and "Traceback" not in job.log
+
+
+KTO_OK = {"prompt": [{"role": "user", "content": "Sort: b a"}],
+          "completion": [{"role": "assistant", "content": "Sorted: a b."}], "label": True}
+DPO_OK = {"prompt": KTO_OK["prompt"], "chosen": KTO_OK["completion"],
+          "rejected": [{"role": "assistant", "content": WEIRD}]}
+
+
+@pytest.mark.parametrize(
+    ("objective", "which", "line", "message"),
+    [
+        ("kto", "train", "not json", ":1: not JSON"),
+        ("kto", "train", "[1, 2]", ":1: not a JSON object"),
+        ("kto", "eval", {**KTO_OK, "label": "yes"}, ":1: 'label' must be true or false"),
+        ("kto", "train", {**KTO_OK, "completion": []}, ":1: 'completion' must be a non-empty list of messages"),
+        ("kto", "train", {**KTO_OK, "completion": [{"role": "user", "content": "x"}]},
+         ":1: 'completion': each message needs a role in ('assistant',)"),
+        ("kto", "eval", {**KTO_OK, "prompt": KTO_OK["completion"]}, ":1: 'prompt' must end with a user message"),
+        ("dpo", "train", {**DPO_OK, "rejected": None}, ":1: 'rejected' must be a non-empty list of messages"),
+        ("dpo", "eval", {**DPO_OK, "chosen": [{"role": "assistant", "content": " "}]}, ":1: 'chosen': no content"),
+        ("dpo", "train", {k: v for k, v in DPO_OK.items() if k != "prompt"}, ":1: 'prompt' must be a non-empty"),
+        ("dpo", "eval", "", "holds no examples"),
+    ],
+)
+def test_bad_preference_file_exits_3_naming_file_and_line(
+    job: Job, objective: str, which: str, line: Any, message: str
+) -> None:
+    paths = dict(zip(("train", "eval"), pref_job(job, objective), strict=True))
+    paths[which].write_text(line if isinstance(line, str) else json.dumps(line) + "\n")
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 3, job.log
+    error = finished(job)["error"]
+    assert message in error and str(paths[which]) in error, error
+    assert one_failure_line(job) and "Traceback" not in job.log
+
+
+def test_missing_preference_file_exits_3(job: Job) -> None:
+    _, evals = pref_job(job, "dpo")
+    evals.unlink()
+    job.run()
+    assert job.proc is not None and job.proc.returncode == 3
+    assert finished(job)["error"] == f"At 'dataset.pref_eval_path': {evals} not found"
 
 
 # ---------------------------------------------------------------------------------------- exit-code mapping

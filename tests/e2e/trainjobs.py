@@ -158,3 +158,41 @@ def make_job(folder: Path, model: Path | str, *, template: str = "qwen-2.5", **o
         },
     )
     return Job(folder, merge(cfg, over))
+
+
+# -- preference jobs (objective kto / dpo) ---------------------------------------------------------------------------
+
+WEIRD = "Purple elephants quietly juggle seven moons."  # the undesirable answer: one fixed, unrelated sentence
+
+
+def preference_example(rng: random.Random, objective: str, desirable: bool = True) -> dict[str, Any]:
+    """A sorting prompt; desirable answers sort its words, the undesirable one is always :data:`WEIRD`."""
+    messages = conversation(rng)["messages"]
+    prompt, good = messages[:1], messages[1:]
+    bad = [{"role": "assistant", "content": WEIRD}]
+    if objective == "dpo":
+        return {"prompt": prompt, "chosen": good, "rejected": bad}
+    return {"prompt": prompt, "completion": good if desirable else bad, "label": desirable}
+
+
+def write_preferences(folder: Path, objective: str, n_train: int = 16, n_eval: int = 8, seed: int = 1
+                      ) -> tuple[Path, Path]:
+    """kto: alternating desirable / undesirable examples; dpo: pairs. Returns (train, eval) paths."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / f"{objective}-train.jsonl", folder / f"{objective}-eval.jsonl"
+    for path, n in zip(paths, (n_train, n_eval), strict=True):
+        path.write_text("".join(json.dumps(preference_example(rng, objective, i % 2 == 0)) + "\n" for i in range(n)))
+    return paths
+
+
+def make_pref_job(folder: Path, model: Path | str, objective: str, **over: Any) -> Job:
+    """A :func:`make_job` training ``objective`` on :func:`write_preferences`' files: few steps, a high rate."""
+    train, evals = write_preferences(folder / "data", objective)
+    pref = {
+        "objective": objective,
+        "dataset": {"pref_train_path": str(train), "pref_eval_path": str(evals)},
+        "training": {"max_steps": 8, "learning_rate": 2e-2, "logging_steps": 1, "eval_steps": 4, "warmup_ratio": 0.0},
+        "preference": {"beta": 0.1},
+    }
+    return make_job(folder, model, **merge(pref, over))

@@ -24,7 +24,9 @@ if str(TRAINER) not in sys.path:
     sys.path.insert(0, str(TRAINER))  # as each script does before importing its parts
 
 import qlora_config  # noqa: E402
+import qlora_data  # noqa: E402
 import qlora_metrics  # noqa: E402
+import qlora_pref  # noqa: E402
 import trainer_common  # noqa: E402
 from qlora_metrics import StepRecorder  # noqa: E402
 
@@ -133,6 +135,31 @@ def test_validate_fills_the_defaults(tmp_path: Path) -> None:
     assert cfg["training"]["eval_steps"] is None and cfg["lora"]["target_modules"][0] == "q_proj"
     assert cfg["result"] == {"output_path": None} and cfg["gate"] == {"champion_adapter": None}
     assert cfg["init"] == {"adapter": None} and cfg["dataset"]["new_path"] is None
+    assert cfg["objective"] == "sft" and cfg["dataset"]["pref_train_path"] is cfg["dataset"]["pref_eval_path"] is None
+    assert cfg["preference"] == {"beta": 0.1, "desirable_weight": None, "undesirable_weight": 1.0,
+                                 "precompute_ref_log_probs": True}
+
+
+def test_a_preference_objective_needs_both_files_and_sft_takes_none(tmp_path: Path) -> None:
+    raw = minimal(tmp_path)
+    raw["objective"] = "kto"
+    raw["dataset"]["pref_eval_path"] = "/d/kto-eval.jsonl"
+    raw["preference"] = {"beta": 0, "desirable_weight": 2, "nope": 1}
+    _, problems = qlora_config.validate(raw)
+    assert problems == [
+        "At 'preference.nope': unknown key",
+        "At 'preference.beta': must be in (0.0, inf)",
+        "At 'dataset.pref_train_path': required with objective 'kto'",
+    ]
+    raw["dataset"]["pref_train_path"] = "/d/kto-train.jsonl"
+    raw["preference"] = {"desirable_weight": 2}
+    cfg, problems = qlora_config.validate(raw)
+    assert problems == [] and cfg["preference"]["desirable_weight"] == 2.0
+    raw["objective"] = "sft"
+    assert qlora_config.validate(raw)[1] == [
+        f"At 'dataset.{key}': only with objective kto or dpo (objective is 'sft')"
+        for key in ("pref_train_path", "pref_eval_path")
+    ]
 
 
 def test_validate_lists_every_problem_in_order(tmp_path: Path) -> None:
@@ -247,6 +274,68 @@ def test_step_recorder_merges_an_eval_into_its_step_and_keeps_progress(monkeypat
     assert third == {"step": 2, "train_loss": None, "eval_loss": 1.25, "epoch": 1.0, "learning_rate": None,
                      "tokens_per_s": None}
     assert (rec.first_loss, rec.last_loss, rec.tokens, rec.training) == (2.0, None, 100.0, False)
+
+
+def test_step_recorder_with_extra_keeps_every_trl_number_under_its_name() -> None:
+    log, progress = Lines(), {"step": 0, "loss": None}
+    rec = StepRecorder(log, progress, extra=True)  # type: ignore[arg-type]
+    state = SimpleNamespace(global_step=4)
+    rec.on_train_begin(None, state, None)
+    rec.on_log(None, state, None, logs={"loss": 0.5, "epoch": 1.0, "learning_rate": 1e-3, "grad_norm": 2.0,
+                                        "rewards/chosen": 0.25, "kl": 0.0, "logps/rejected": -30.0, "flag": True})
+    rec.on_log(None, state, None, logs={"eval_loss": 0.4, "eval_rewards/margins": 1.5, "eval_runtime": 3.0,
+                                        "epoch": 1.0})
+    rec.on_train_end(None, state, None)
+    [line] = log.records
+    assert line == {"step": 4, "train_loss": 0.5, "epoch": 1.0, "learning_rate": 1e-3, "tokens_per_s": None,
+                    "grad_norm": 2.0, "rewards/chosen": 0.25, "kl": 0.0, "logps/rejected": -30.0,
+                    "eval_loss": 0.4, "eval_rewards/margins": 1.5}
+
+
+# ----------------------------------------------------------------------------------------- preference parts
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "desirable", "undesirable", "expected"),
+    [
+        (10, 10, None, 1.0, (1.0, 1.0)),  # ratio 1: in [1, 4/3], kept
+        (12, 10, None, 1.0, (1.0, 1.0)),  # ratio 1.2: kept
+        (10, 30, None, 1.0, (3.5, 1.0)),  # ratio 1/3: desirable_weight puts it at 7/6 (3.5 * 10 / 30)
+        (40, 10, None, 2.0, (round(7 / 6 * 2 * 10 / 40, 6), 2.0)),  # ratio 2: pulled down to 7/6
+        (10, 30, 0.5, 1.0, (0.5, 1.0)),  # an explicit weight is used as given
+    ],
+)
+def test_kto_weights_balance_the_labels_as_eq_8_asks(
+    good: int, bad: int, desirable: float | None, undesirable: float, expected: tuple[float, float]
+) -> None:
+    examples = [{"label": True}] * good + [{"label": False}] * bad
+    weights = qlora_pref.kto_weights({"desirable_weight": desirable, "undesirable_weight": undesirable}, examples)
+    assert weights == pytest.approx(expected)
+    if desirable is None:
+        assert 1.0 <= weights[0] * good / (weights[1] * bad) <= 4 / 3
+
+
+def test_kto_args_raise_a_batch_of_one_to_two() -> None:
+    cfg = {"objective": "kto", "preference": {"beta": 0.2, "precompute_ref_log_probs": False}}
+    args = qlora_pref.pref_args(cfg, {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1}, (1.5, 1.0))
+    assert args == {"per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "beta": 0.2,
+                    "precompute_ref_log_probs": False, "desirable_weight": 1.5, "undesirable_weight": 1.0}
+    dpo = qlora_pref.pref_args({**cfg, "objective": "dpo"}, {"per_device_train_batch_size": 1}, None)
+    assert dpo == {"per_device_train_batch_size": 1, "beta": 0.2, "precompute_ref_log_probs": False}
+
+
+def test_preference_lines_are_reduced_to_trl_fields(tmp_path: Path) -> None:
+    path = tmp_path / "kto.jsonl"
+    prompt = [{"role": "system", "content": "s", "name": "x"}, {"role": "user", "content": "q"}]
+    path.write_text(json.dumps({"prompt": prompt, "completion": [{"role": "assistant", "content": "a"}],
+                                "label": False, "chat_id": 7}) + "\n\n")
+    assert qlora_data.read_preferences(str(path), "dataset.pref_eval_path", "kto") == [
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+         "completion": [{"role": "assistant", "content": "a"}], "label": False}]
+    with pytest.raises(qlora_data.DataError, match="KTO needs both desirable and undesirable examples"):
+        qlora_data.read_preferences(str(path), "dataset.pref_train_path", "kto", both_labels=True)
+    with pytest.raises(qlora_data.DataError, match=r":1: 'chosen' must be a non-empty list of messages"):
+        qlora_data.read_preferences(str(path), "dataset.pref_train_path", "dpo")
 
 
 # ------------------------------------------------------------------------------------------- shared helpers
