@@ -255,7 +255,7 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
         chunked = {name: preference.chunks(part) for name, part in parts.items()}
         pref_digests = {name: preference.digest(chunks) for name, chunks in chunked.items()}
         fp = fingerprint(train, evals, cfg, digests,
-                         [(name, pref_digests[name], [ex.cid for ex in part]) for name, part in parts.items()])
+                         [(name, pref_digests[name], [p[0] for p in part]) for name, part in parts.items()])
         if latest is not None and latest.fingerprint == fp:
             man = state.datasets.get(latest.version).manifest  # type: ignore[union-attr]
             return BuildResult(
@@ -297,13 +297,13 @@ def _preference_members(state: State, latest: DatasetRow | None, version: int, p
         before = state.datasets.preference_members(latest.version, kind) if latest else {}
         lines = []
         for split_name, part in ((f"{kind}_train", train), (f"{kind}_eval", evals)):
-            for ex in part:
-                variant = prefs.variants[kind, ex.cid]
-                old = before.get(ex.cid)
+            for p in part:
+                cid, variant = p[0], prefs.variant(kind, p)
+                old = before.get(cid)
                 first = old[1] if old is not None and old[0] == variant else version
-                rows.append((split_name, ex.cid, variant, first))
+                rows.append((split_name, cid, variant, first))
                 if part is train:
-                    lines.append(f"{ex.cid}\t{first}\n")
+                    lines.append(f"{cid}\t{first}\n")
         ids[ids_name] = "".join(lines).encode()
     return rows, ids
 

@@ -44,24 +44,34 @@ _LAST = b',{"role":"assistant","content":'  # never inside a JSON string: there 
 _NEXT = b',{"role":'
 
 
+# One line of a preference file: (conversation id, score, the line). A plain tuple: a build makes tens of thousands.
+PrefLine = tuple[str, int, bytes]
+
+
 @dataclass
 class Preferences:
     """The preference examples of a version, split, with their lines, and what was rejected."""
 
-    prefs_train: list[Example] = field(default_factory=list)  # line: the KTO line
-    prefs_eval: list[Example] = field(default_factory=list)
-    pairs_train: list[Example] = field(default_factory=list)  # line: the DPO line
-    pairs_eval: list[Example] = field(default_factory=list)
-    variants: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, cid) -> variant
+    prefs_train: list[PrefLine] = field(default_factory=list)  # KTO lines
+    prefs_eval: list[PrefLine] = field(default_factory=list)
+    pairs_train: list[PrefLine] = field(default_factory=list)  # DPO lines
+    pairs_eval: list[PrefLine] = field(default_factory=list)
+    variants: dict[str, str] = field(default_factory=dict)  # pair's conversation id -> digest of its correction
     rejections: list[tuple[str, str]] = field(default_factory=list)  # (cid, reason), sorted
     duplicates_removed: int = 0
 
     def counts(self) -> dict[str, dict[str, int]]:
-        def part(prefs: list[Example], pairs: list[Example]) -> dict[str, int]:
-            up = sum(1 for ex in prefs if ex.score > 0)
+        def part(prefs: list[PrefLine], pairs: list[PrefLine]) -> dict[str, int]:
+            up = sum(1 for p in prefs if p[1] > 0)
             return {DESIRABLE: up, UNDESIRABLE: len(prefs) - up, "pairs": len(pairs)}
 
         return {"train": part(self.prefs_train, self.pairs_train), "eval": part(self.prefs_eval, self.pairs_eval)}
+
+    def variant(self, kind: str, line: PrefLine) -> str:
+        """What a member's example says: its label (prefs), or its correction's digest (pairs)."""
+        if kind == "pairs":
+            return self.variants[line[0]]
+        return DESIRABLE if line[1] > 0 else UNDESIRABLE
 
     def totals(self) -> dict[str, int]:
         c = self.counts()
@@ -135,28 +145,44 @@ def select(
     rejections = [(cid, MISPLACED) for cid in misplaced]
     prefs: list[Example] = []
     pairs: list[Example] = []
+    kto: dict[str, bytes] = {}
+    head, tail = len(_HEAD), len(_TAIL)
+    # Flat on purpose: this runs once per rated conversation (tens of thousands).
     for ex in candidates:
-        if ex.score == 0:
+        score = ex.score
+        if score == 0:
             continue
-        cut = trimmed(ex)
-        if cut is None:
-            rejections.append((ex.cid, NO_PROMPT))
-            continue
+        line = ex.line
+        idx = line.rfind(_LAST)
+        if idx > head and (ex.key or ex.messages) and line.startswith(_HEAD) and line.endswith(_TAIL) and line.find(
+                _NEXT, idx + 1) == -1:
+            cut = ex  # the common case: a cached example, already cut after its last assistant turn
+        else:
+            trim = trimmed(ex)
+            if trim is None:
+                rejections.append((ex.cid, NO_PROMPT))
+                continue
+            cut, line = trim, trim.line
+            idx = _cut(line)
+        kto[cut.cid] = b"".join((b'{"prompt":', line[head - 1:idx], b'],"completion":[', line[idx + 1:-tail],
+                                 b'],"label":true}\n' if score > 0 else b'],"label":false}\n'))
         prefs.append(cut)
-        better = corrections.get(ex.cid) if ex.score < 0 else None
+        if score > 0:
+            continue
+        better = corrections.get(ex.cid)
         if better is None:
             continue
         if cfg.pii_scrub and pii.may_contain(better, cfg.pii_kinds):
             better = pii.scrub(better, cfg.pii_kinds, Counter())
-        msgs = cut.messages or tuple(examples.line_messages(cut.line))
+        msgs = cut.messages or tuple(examples.line_messages(line))
         if not better.strip():
             rejections.append((ex.cid, EMPTY))
         elif normalised(better) == normalised(msgs[-1][1]):
             rejections.append((ex.cid, IDENTICAL))
         else:
-            pairs.append(cut._replace(messages=(*msgs, ("assistant", better)), line=pair_line(cut.line, better),
+            pairs.append(cut._replace(messages=(*msgs, ("assistant", better)), line=pair_line(line, better),
                                       key=b""))
-            out.variants["pairs", ex.cid] = hashlib.blake2b(better.encode(), digest_size=8).hexdigest()
+            out.variants[ex.cid] = hashlib.blake2b(better.encode(), digest_size=8).hexdigest()
     if cfg.dedup:
         kept = Selection([])
         _dedup(prefs, keep_prefs, kept)
@@ -170,21 +196,22 @@ def select(
         prefs.sort(key=by_cid)
         pairs.sort(key=by_cid)
     fraction = cfg.eval_fraction
+    p_train, p_eval, d_train, d_eval = out.prefs_train, out.prefs_eval, out.pairs_train, out.pairs_eval
     for ex in prefs:
-        up = ex.score > 0
-        out.variants["prefs", ex.cid] = DESIRABLE if up else UNDESIRABLE
-        in_eval = ex.cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)) < fraction
-        (out.prefs_eval if in_eval else out.prefs_train).append(ex._replace(line=kto_line(ex.line, up)))
+        cid = ex.cid
+        in_eval = cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(cid)) < fraction
+        (p_eval if in_eval else p_train).append((cid, ex.score, kto[cid]))
     for ex in pairs:
-        in_eval = ex.cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(ex.cid)) < fraction
-        (out.pairs_eval if in_eval else out.pairs_train).append(ex)
+        cid = ex.cid
+        in_eval = cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(cid)) < fraction
+        (d_eval if in_eval else d_train).append((cid, ex.score, ex.line))
     out.rejections = sorted(set(rejections))
     return out
 
 
-def chunks(part: Sequence[Example], size: int = 1024) -> list[bytes]:
+def chunks(part: Sequence[PrefLine], size: int = 1024) -> list[bytes]:
     """A file's bytes as chunks of ``size`` lines."""
-    return [b"".join([ex.line for ex in part[i:i + size]]) for i in range(0, len(part), size)]
+    return [b"".join([p[2] for p in part[i:i + size]]) for i in range(0, len(part), size)]
 
 
 def digest(chunked: Iterable[bytes]) -> str:

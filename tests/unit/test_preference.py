@@ -69,13 +69,13 @@ def test_select_labels_pairs_rejections_and_one_split_for_every_kind() -> None:
     corrections["c001"] = "ignored: c001 is up-voted"
     p = preference.select(cands, corrections, ["c999"], cfg, {"c004"}, set, set)
     prefs = p.prefs_train + p.prefs_eval
-    assert len(prefs) == 40 and "zero" not in {e.cid for e in prefs}
+    assert len(prefs) == 40 and "zero" not in {e[0] for e in prefs}
     assert p.totals() == {"desirable": 20, "undesirable": 20, "pairs": 18}
     assert p.rejections == [("c000", preference.IDENTICAL), ("c002", preference.EMPTY),
                             ("c999", preference.MISPLACED)]
-    eval_ids = {e.cid for e in p.prefs_eval}
+    eval_ids = {e[0] for e in p.prefs_eval}
     assert "c004" in eval_ids and 5 < len(eval_ids) < 35
-    assert {e.cid for e in p.pairs_eval} == eval_ids & {e.cid for e in p.pairs_train + p.pairs_eval}
+    assert {e[0] for e in p.pairs_eval} == eval_ids & {e[0] for e in p.pairs_train + p.pairs_eval}
     part = p.manifest_part()
     assert part["rejections_by_reason"] == {preference.EMPTY: 1, preference.IDENTICAL: 1, preference.MISPLACED: 1}
     assert part["rejections"][0] == {"conversation_id": "c000", "reason": preference.IDENTICAL}
@@ -87,8 +87,8 @@ def test_duplicates_are_dropped_by_prompt_and_completion() -> None:
     cands = [ex("b", same, -1), ex("a", [("user", " how? "), ("assistant", "LIKE so.")], -1),
              ex("c", [*same, ("user", "ok")], -1)]
     p = preference.select(cands, {"a": "x", "b": "x", "c": "y"}, [], cfg, set(), lambda: {"b"}, set)
-    assert [e.cid for e in p.prefs_train + p.prefs_eval] == ["b"] and p.duplicates_removed == 3  # 2 prefs, 1 pair
-    assert sorted(e.cid for e in p.pairs_train + p.pairs_eval) == ["a", "c"]  # "b" and "a" say the same
+    assert [e[0] for e in p.prefs_train + p.prefs_eval] == ["b"] and p.duplicates_removed == 3  # 2 prefs, 1 pair
+    assert sorted(e[0] for e in p.pairs_train + p.pairs_eval) == ["a", "c"]  # "b" and "a" say the same
 
 
 @pytest.mark.parametrize(
