@@ -126,3 +126,45 @@ def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[s
     assert deleted not in trained3 and unvoted not in trained3 and voted_train[0] in trained3
     status = cli(config, "status")["store"]["model"]
     assert status["lineage"] == [third["job_id"]] and status["deleted_in_model"] == 0
+
+
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_a_preference_objective_runs_through_the_cycle(objective: str, tiny_models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """Issue 12 (the service's part): thumbs-down (and, for dpo, corrections given through the CLI) reach the
+    trainer as the preference files of the plan; the job trains that objective and the gate judges it."""
+    store, state_dir = tmp_path / "ChatOS-Memory", tmp_path / "state"
+    storegen.generate_store(store, 160, days=2, seed=41, assistant_words=(6, 20), feedback_fraction=0.7)
+    overrides = tmp_path / "job-overrides.yaml"
+    overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
+    config = tmp_path / "retrain.yaml"
+    config.write_text(yaml.safe_dump({
+        "store": {"root": str(store)}, "state": {"dir": str(state_dir)},
+        "training": {"python": sys.executable, "base_model": str(tiny_models["qwen2"]), "backend": "transformers",
+                     "timeout": "10m", "env": {"OMP_NUM_THREADS": "1"}, "config_template": str(overrides),
+                     "objective": objective, "dpo_min_pairs": 2},
+        "policy": {"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 10},
+        "dataset": {"min_train_examples": 4, "min_eval_examples": 4},
+        "gate": {"tolerance": 10.0},
+        "export": {"enabled": False},
+    }))
+    if objective == "dpo":  # corrections for down-voted chats, as a user gives them
+        events = [json.loads(line) for f in sorted((store / "feedback").glob("*.jsonl"))
+                  for line in f.read_text().splitlines()]
+        down = sorted({e["conversation_id"] for e in events if e.get("thumbs_up") is False})[:12]
+        assert len(down) >= 8
+        for i, cid in enumerate(down):
+            cli(config, "feedback", cid, "--down", "--better", f"A better answer, number {i}.")
+    out = cli(config, "trigger")
+    plan_ = out["counts"]["plan"]
+    assert plan_["objective"] == objective and plan_["line"].startswith(f"{objective} (training.objective is"), plan_
+    with State(state_dir) as st:
+        row = st.jobs.get(out["job_id"])
+    assert row is not None and row.result is not None, out["reason"]
+    cfg = yaml.safe_load(Path(row.config_path).read_text())
+    assert cfg["objective"] == objective and cfg["dataset"]["pref_train_path"].endswith(
+        f"plan/{'prefs' if objective == 'kto' else 'pairs'}_train.jsonl")
+    res = row.result
+    assert res["objective"] == objective and res["pref_eval_examples"] > 0
+    assert isinstance(res["pref_accuracy_after"], float) and isinstance(res["eval_loss_after"], float)
+    assert out["outcome"] == "promoted", out["reason"]
