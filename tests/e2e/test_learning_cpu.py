@@ -151,10 +151,14 @@ def test_a_preference_objective_runs_through_the_cycle(objective: str, tiny_mode
     if objective == "dpo":  # corrections for down-voted chats, as a user gives them
         events = [json.loads(line) for f in sorted((store / "feedback").glob("*.jsonl"))
                   for line in f.read_text().splitlines()]
-        down = sorted({e["conversation_id"] for e in events if e.get("thumbs_up") is False})[:12]
-        assert len(down) >= 8
-        for i, cid in enumerate(down):
+        down = sorted({e["conversation_id"] for e in events if e.get("thumbs_up") is False})
+        assert len(down) >= 20
+        for i, cid in enumerate(down[:2]):  # through the CLI ...
             cli(config, "feedback", cid, "--down", "--better", f"A better answer, number {i}.")
+        with (store / "feedback" / "feedback_2026-11-30.jsonl").open("a") as g:  # ... and as ChatOS writes them
+            for i, cid in enumerate(down[2:], 2):
+                g.write(json.dumps({"conversation_id": cid, "thumbs_up": False, "better": f"A better answer, "
+                                    f"number {i}.", "timestamp": "2026-11-30T10:00:00"}) + "\n")
     out = cli(config, "trigger")
     plan_ = out["counts"]["plan"]
     assert plan_["objective"] == objective and plan_["line"].startswith(f"{objective} (training.objective is"), plan_
