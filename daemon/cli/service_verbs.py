@@ -65,7 +65,7 @@ def _print_store(status: api.StoreStatus) -> None:
     if champ:
         how = (f"built on {len(champ['lineage']) - 1} version(s) before it" if champ["init"] == "champion"
                else "trained from the base")
-        print(f"model:     champion {champ['champion_job']} (dataset v{champ['dataset_version']}, {how})"
+        print(f"champion:  {champ['champion_job']} (dataset v{champ['dataset_version']}, {how})"
               + (f": {champ['plan']}" if champ.get("plan") else ""))
         if champ.get("note"):
             print(f"           {champ['note']}")
