@@ -52,7 +52,7 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
                   "timeout": "30m", "config_template": str(overrides), "env": {"OMP_NUM_THREADS": "1"}},
         policy={"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0},
         dataset={"min_train_examples": 4, "min_eval_examples": 4},
-        gate={"tolerance": 10.0},
+        gate={"tolerance": 10.0, "min_new_gain": 0.0},
         export={"enabled": ollama_url is not None, "quantization": "q8_0", "smoke": {"require_stop": False}},
         ollama={"host": ollama_url or "http://127.0.0.1:9", "model_name": "bench"},
     )
