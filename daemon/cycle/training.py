@@ -21,16 +21,6 @@ from daemon.train import jobspec, lineage, objective, plan, runner, templates
 _log = log.get("daemon.cycle")
 
 
-def champion(state: State) -> tuple[str | None, Path | None, float | None]:
-    """The promoted job now serving as champion: (job id, adapter dir, its eval loss), or Nones."""
-    job_id = state.service.get().champion_job
-    row = state.jobs.get(job_id) if job_id else None
-    if not row or not row.result:
-        return None, None, None
-    res = row.result
-    return job_id, Path(res["adapter_dir"]), res.get("eval_loss_after")
-
-
 NEW_EVAL_MAX = 256  # the newest new examples the learned_new check evaluates on (evaluation costs time too)
 
 
@@ -95,9 +85,9 @@ PREF_KIND = {"kto": "prefs", "dpo": "pairs"}  # objective -> the dataset's prefe
 
 def _choice(settings: Settings, state: State, version: int) -> objective.Choice:
     """The objective this run trains, from ``training.objective`` and the dataset's preference counts."""
-    row = state.datasets.get(version)
-    counts = ((row.manifest if row else {}).get("counts") or {}).get("preference") or {}
     t = settings.training
+    row = state.datasets.get(version) if t.objective != "sft" else None  # sft needs no counts: skip the manifest
+    counts = ((row.manifest if row else {}).get("counts") or {}).get("preference") or {}
     return objective.choose(t.objective, counts,
                             objective.Minimums(t.kto_min_desirable, t.kto_min_undesirable, t.dpo_min_pairs))
 
@@ -130,16 +120,15 @@ def _job_config(cycle: Cycle, job_id: str, dataset_path: Path, version: int
                 ) -> tuple[dict[str, Any], plan.Plan, objective.Choice, list[tuple[str, int]]]:
     """The trainer's config for this job, its plan and objective, and the conversations it trains on."""
     t = cycle.settings.training
-    champ_id, champ_adapter, _ = champion(cycle.state)
-    if champ_adapter is not None and not champ_adapter.is_dir():
-        _log.warning("gate.champion_missing", job_id=champ_id, adapter=str(champ_adapter))
-        champ_adapter = None
+    champ = lineage.champion(cycle.state, cycle.settings.dataset)
+    champ_adapter = champ.adapter if champ is not None and champ.champion.adapter_present else None
+    if champ is not None and champ_adapter is None:
+        _log.warning("gate.champion_missing", job_id=champ.champion.job_id, adapter=str(champ.adapter))
     overrides = _template(cycle.settings)
     choice = _choice(cycle.settings, cycle.state, version)
     sft_ids = _train_ids(dataset_path, version)
     kind = PREF_KIND.get(choice.objective)
     ids = read_train_ids(dataset_path, f"{kind}_train_ids.tsv") if kind else sft_ids
-    champ = lineage.champion(cycle.state, cycle.settings.dataset)
     p = _plan(cycle.settings, overrides, ids, champ, seed=version)
     job_dir = cycle.state.dir / "jobs" / job_id
     folder = private_dir(private_dir(job_dir) / "plan")

@@ -51,22 +51,30 @@ def add_voted_chats(store: Path, n: int) -> list[str]:
     return ids
 
 
-def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    store, state_dir = tmp_path / "ChatOS-Memory", tmp_path / "state"
-    storegen.generate_store(store, 160, days=2, seed=31, assistant_words=(6, 20), feedback_fraction=0.6)
+def write_config(tmp_path: Path, model: Path, *, training: dict[str, Any], gate: dict[str, Any]) -> Path:
+    """The service's config for a real CPU run on the tiny model (export off); ``training``/``gate`` add to it."""
     overrides = tmp_path / "job-overrides.yaml"
     overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
     config = tmp_path / "retrain.yaml"
     config.write_text(yaml.safe_dump({
-        "store": {"root": str(store)}, "state": {"dir": str(state_dir)},
-        "training": {"python": sys.executable, "base_model": str(tiny_models["qwen2"]), "backend": "transformers",
+        "store": {"root": str(tmp_path / "ChatOS-Memory")}, "state": {"dir": str(tmp_path / "state")},
+        "training": {"python": sys.executable, "base_model": str(model), "backend": "transformers",
                      "timeout": "10m", "env": {"OMP_NUM_THREADS": "1"}, "config_template": str(overrides),
-                     "replay_ratio": 1.0, "new_epochs": 2, "warm_lr_scale": 0.5},
+                     **training},
         "policy": {"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 10},
         "dataset": {"min_train_examples": 4, "min_eval_examples": 4},
-        "gate": {"tolerance": 0.5, "min_new_gain": 0.005},  # a tiny random model moves little in 4 steps
+        "gate": gate,
         "export": {"enabled": False},
     }))
+    return config
+
+
+def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    store, state_dir = tmp_path / "ChatOS-Memory", tmp_path / "state"
+    storegen.generate_store(store, 160, days=2, seed=31, assistant_words=(6, 20), feedback_fraction=0.6)
+    config = write_config(tmp_path, tiny_models["qwen2"],
+                          training={"replay_ratio": 1.0, "new_epochs": 2, "warm_lr_scale": 0.5},
+                          gate={"tolerance": 0.5, "min_new_gain": 0.005})  # a tiny random model moves little
 
     first = cli(config, "trigger")
     plan1 = first["counts"]["plan"]
@@ -135,19 +143,8 @@ def test_a_preference_objective_runs_through_the_cycle(objective: str, tiny_mode
     trainer as the preference files of the plan; the job trains that objective and the gate judges it."""
     store, state_dir = tmp_path / "ChatOS-Memory", tmp_path / "state"
     storegen.generate_store(store, 160, days=2, seed=41, assistant_words=(6, 20), feedback_fraction=0.7)
-    overrides = tmp_path / "job-overrides.yaml"
-    overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
-    config = tmp_path / "retrain.yaml"
-    config.write_text(yaml.safe_dump({
-        "store": {"root": str(store)}, "state": {"dir": str(state_dir)},
-        "training": {"python": sys.executable, "base_model": str(tiny_models["qwen2"]), "backend": "transformers",
-                     "timeout": "10m", "env": {"OMP_NUM_THREADS": "1"}, "config_template": str(overrides),
-                     "objective": objective, "dpo_min_pairs": 2},
-        "policy": {"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 10},
-        "dataset": {"min_train_examples": 4, "min_eval_examples": 4},
-        "gate": {"tolerance": 10.0},
-        "export": {"enabled": False},
-    }))
+    config = write_config(tmp_path, tiny_models["qwen2"], training={"objective": objective, "dpo_min_pairs": 2},
+                          gate={"tolerance": 10.0})
     if objective == "dpo":  # corrections for down-voted chats, as a user gives them
         events = [json.loads(line) for f in sorted((store / "feedback").glob("*.jsonl"))
                   for line in f.read_text().splitlines()]
