@@ -1,10 +1,13 @@
-"""Training and export benchmarks (issues 4 and 5) on the CPU, with the real trainer and the real converter.
+"""Training and export benchmarks (issues 4, 5 and 12) on the CPU, with the real trainer and the real converter.
 
-    .venv/bin/python bench/bench_cycle.py [--steps 30] [--upload-gib 1.0] [--skip-unsloth]
+    .venv/bin/python bench/bench_cycle.py [--steps 30] [--upload-gib 1.0] [--skip-unsloth] [--objectives-only]
 
 Prints, per backend: the tiny-model cycle (dataset -> trained adapter -> gate) wall time, the trainer's peak RSS and
 tokens/s, with Unsloth vs TRL+PEFT as a ratio; then the export of the promoted adapter (merge + convert, register
 against the Ollama stand-in) and a streamed blob upload of a large file to the stand-in with both sides' peak RSS.
+Then the objectives (issue 12): SFT vs KTO vs DPO cycles on one store whose thumbs-down chats carry corrections,
+TRL+PEFT, the same step count: seconds per step, tokens/s, peak RSS, and the preference accuracy on the preference
+eval split before and after training (SFT trains no preference data, so it has none).
 Needs `.ci/train-setup.sh` (training stack, converter files, the Unsloth venv).
 """
 
@@ -41,15 +44,31 @@ def tiny_model(work: Path) -> Path:
     return Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
 
 
-def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollama_url: str | None) -> dict[str, Any]:
-    store = work / f"store-{backend}"
+def add_corrections(store: Path) -> int:
+    """A correction (``better``) for every down-voted chat, as ChatOS writes it: the DPO pairs."""
+    down = sorted({e["conversation_id"] for f in sorted((store / "feedback").glob("*.jsonl"))
+                   for e in map(json.loads, f.read_text().splitlines()) if e.get("thumbs_up") is False})
+    with (store / "feedback" / "feedback_corrections.jsonl").open("w") as f:
+        for i, cid in enumerate(down):
+            f.write(json.dumps({"conversation_id": cid, "thumbs_up": False, "timestamp": "2026-12-01T10:00:00",
+                                "better": f"Here is a clear, correct answer ({i}): check the config, then run it."})
+                    + "\n")
+    return len(down)
+
+
+def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollama_url: str | None,
+          objective: str = "sft") -> dict[str, Any]:
+    store = work / f"store-{backend}-{objective}"
     generate_store(store, 200, days=2, seed=7, assistant_words=(10, 30), feedback_fraction=0.7)
+    if objective != "sft":
+        add_corrections(store)
     overrides = work / "overrides.yaml"
     overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
     s = settings.Settings(
         store={"root": str(store)}, state={"dir": str(work / f"state-{backend}")},
         training={"python": str(python), "base_model": str(model), "backend": backend, "max_steps": steps,
-                  "timeout": "30m", "config_template": str(overrides), "env": {"OMP_NUM_THREADS": "1"}},
+                  "timeout": "30m", "config_template": str(overrides), "env": {"OMP_NUM_THREADS": "1"},
+                  "objective": objective},
         policy={"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0},
         dataset={"min_train_examples": 4, "min_eval_examples": 4},
         gate={"tolerance": 10.0, "min_new_gain": 0.0},
@@ -65,7 +84,13 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
     return {"backend": backend, "outcome": r.outcome, "reason": r.reason, "wall_s": wall, "timings": r.timings,
             "train_s": r.timings.get("train"), "peak_rss_mb": (res.get("peak_rss_bytes") or 0) / 2**20,
             "tokens_per_s": res.get("tokens_per_s"), "steps": res.get("steps"),
-            "eval_before": res.get("eval_loss_before"), "eval_after": res.get("eval_loss_after")}
+            "eval_before": res.get("eval_loss_before"), "eval_after": res.get("eval_loss_after"),
+            "objective": res.get("objective"), "plan": (r.counts.get("plan") or {}).get("line"),
+            "train_runtime_s": res.get("train_runtime_seconds"), "pref_examples": res.get("pref_train_examples"),
+            "pref_eval": res.get("pref_eval_examples"), "acc_before": res.get("pref_accuracy_before"),
+            "acc_after": res.get("pref_accuracy_after"),
+            "r_bad_before": res.get("pref_reward_undesirable_before"),
+            "r_bad_after": res.get("pref_reward_undesirable_after")}
 
 
 def upload(work: Path, gib: float) -> dict[str, Any]:
@@ -93,16 +118,39 @@ def upload(work: Path, gib: float) -> dict[str, Any]:
             "client_peak_rss_mb": after, "client_rss_growth_mb": after - before, "server": server}
 
 
+def objectives(work: Path, model: Path, steps: int) -> list[dict[str, Any]]:
+    """SFT vs KTO vs DPO on the same store (thumbs-down chats with corrections), TRL+PEFT, ``steps`` steps each."""
+    return [cycle(work, model, Path(sys.executable), "transformers", steps, None, objective)
+            for objective in ("sft", "kto", "dpo")]
+
+
+def print_objectives(rows: list[dict[str, Any]], steps: int) -> None:
+    print(f"\nobjectives (issue 12): TRL+PEFT, {steps} steps, batch 8, CPU, 1 thread; the same store, every "
+          "thumbs-down with a correction")
+    print(f"{'objective':<10} {'s/step':>7} {'tokens/s':>9} {'peak RSS MB':>12} {'pref eval':>10} "
+          f"{'acc before':>11} {'acc after':>10} {'r(undesirable) before -> after':>31}  trained")
+    for r in rows:
+        step_s = (r["train_runtime_s"] or 0) / r["steps"] if r["steps"] else 0.0
+        acc = ("n/a", "n/a") if r["acc_before"] is None else (f"{r['acc_before']:.3f}", f"{r['acc_after']:.3f}")
+        rew = "n/a" if r["r_bad_before"] is None else f"{r['r_bad_before']:+.3f} -> {r['r_bad_after']:+.3f}"
+        print(f"{r['objective'] or '?':<10} {step_s:>7.2f} {r['tokens_per_s'] or 0:>9.0f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['pref_eval'] or 0:>10} {acc[0]:>11} {acc[1]:>10} {rew:>31}  {r['plan']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--upload-gib", type=float, default=1.0)
     ap.add_argument("--skip-unsloth", action="store_true")
+    ap.add_argument("--objectives-only", action="store_true", help="only the SFT vs KTO vs DPO comparison")
     args = ap.parse_args()
     unsloth_py = ROOT / ".venv-unsloth" / "bin" / "python"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = tiny_model(work)
+        if args.objectives_only:
+            print_objectives(objectives(work, model, args.steps), args.steps)
+            return
         standin = StandinProcess(work / "standin").start()
         try:
             rows = [cycle(work, model, Path(sys.executable), "transformers", args.steps, standin.url)]
@@ -111,6 +159,7 @@ def main() -> None:
         finally:
             standin.stop()
         up = upload(work, args.upload_gib) if args.upload_gib > 0 else None
+        by_objective = objectives(work, model, args.steps)
     print(f"tiny model (Qwen2 shape hidden 64, 2 layers, real vocab), {args.steps} LoRA steps, CPU, 1 thread")
     print(f"{'backend':<13} {'cycle s':>8} {'train s':>8} {'peak RSS MB':>12} {'tokens/s':>9} {'eval before':>12} "
           f"{'eval after':>11}  outcome")
@@ -125,9 +174,11 @@ def main() -> None:
     print(f"export (transformers adapter, q8_0): merge+convert+check {t.get('export', 0):.1f} s, "
           f"register (upload, create, show, smoke, copy) {t.get('register', 0):.2f} s")
     if up:
-        print(f"blob upload {up['size_mb']:.0f} MiB to the stand-in: {up['upload_s']:.1f} s ({up['mb_per_s']:.0f} MiB/s), "
+        print(f"blob upload {up['size_mb']:.0f} MiB to the stand-in: {up['upload_s']:.1f} s "
+              f"({up['mb_per_s']:.0f} MiB/s), "
               f"sha256 {up['hash_s']:.1f} s; client peak RSS {up['client_peak_rss_mb']:.0f} MB "
               f"(+{up['client_rss_growth_mb']:.1f} MB during the upload); server {json.dumps(up['server'])}")
+    print_objectives(by_objective, args.steps)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from helpers import need
+from ollama_standin import StandinServer
+from trainjobs import UNSLOTH_PYTHON
 
 from daemon.dataset.builder import read_train_ids
 from daemon.demo import storegen
@@ -51,8 +55,10 @@ def add_voted_chats(store: Path, n: int) -> list[str]:
     return ids
 
 
-def write_config(tmp_path: Path, model: Path, *, training: dict[str, Any], gate: dict[str, Any]) -> Path:
-    """The service's config for a real CPU run on the tiny model (export off); ``training``/``gate`` add to it."""
+def write_config(tmp_path: Path, model: Path, *, training: dict[str, Any], gate: dict[str, Any],
+                 ollama_url: str | None = None) -> Path:
+    """The service's config for a real CPU run on the tiny model; ``training``/``gate`` add to it. Export is off
+    unless ``ollama_url`` names an Ollama (stand-in) to register with."""
     overrides = tmp_path / "job-overrides.yaml"
     overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
     config = tmp_path / "retrain.yaml"
@@ -64,7 +70,10 @@ def write_config(tmp_path: Path, model: Path, *, training: dict[str, Any], gate:
         "policy": {"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0, "max_runs_per_day": 10},
         "dataset": {"min_train_examples": 4, "min_eval_examples": 4},
         "gate": gate,
-        "export": {"enabled": False},
+        "export": {"enabled": False} if ollama_url is None else {"quantization": "q8_0",
+                                                                 "smoke": {"require_stop": False}},
+        **({} if ollama_url is None else {"ollama": {"host": ollama_url, "model_name": "chatos-pref",
+                                                     "timeout_s": 60}}),
     }))
     return config
 
@@ -136,16 +145,26 @@ def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[s
     assert status["lineage"] == [third["job_id"]] and status["deleted_in_model"] == 0
 
 
-@pytest.mark.parametrize("objective", ["kto", "dpo"])
-def test_a_preference_objective_runs_through_the_cycle(objective: str, tiny_models: dict[str, Path],
-                                                       tmp_path: Path) -> None:
-    """Issue 12 (the service's part): thumbs-down (and, for dpo, corrections given through the CLI) reach the
-    trainer as the preference files of the plan; the job trains that objective and the gate judges it."""
+@pytest.mark.parametrize(("objective", "backend"), [("kto", "transformers"), ("dpo", "transformers"),
+                                                   ("kto", "unsloth"), ("auto", "unsloth")])
+def test_a_preference_objective_trains_exports_and_registers(
+        objective: str, backend: str, tiny_models: dict[str, Path], tmp_path: Path,
+        ollama_standin: StandinServer) -> None:
+    """Issue 12: thumbs-down (and corrections given through the CLI and as ChatOS writes them) reach the trainer as
+    the preference files of the plan; the job trains that objective through the runner, the gate judges it, and the
+    adapter is merged, converted and registered like any other, on both backends (Unsloth: its patched trainers,
+    Unsloth imported before TRL). ``auto`` with corrections picks DPO and says why."""
+    python = sys.executable
+    if backend == "unsloth":
+        need(UNSLOTH_PYTHON.exists(), f"no Unsloth trainer venv at {UNSLOTH_PYTHON}: run .ci/train-setup.sh")
+        python = str(UNSLOTH_PYTHON)
     store, state_dir = tmp_path / "ChatOS-Memory", tmp_path / "state"
     storegen.generate_store(store, 160, days=2, seed=41, assistant_words=(6, 20), feedback_fraction=0.7)
-    config = write_config(tmp_path, tiny_models["qwen2"], training={"objective": objective, "dpo_min_pairs": 2},
-                          gate={"tolerance": 10.0})
-    if objective == "dpo":  # corrections for down-voted chats, as a user gives them
+    config = write_config(tmp_path, tiny_models["qwen2"], gate={"tolerance": 10.0, "min_new_gain": 0.0},
+                          training={"objective": objective, "dpo_min_pairs": 2, "backend": backend, "python": python},
+                          ollama_url=ollama_standin.url)
+    trains = "kto" if objective == "kto" else "dpo"
+    if trains == "dpo":  # corrections for down-voted chats, as a user gives them
         events = [json.loads(line) for f in sorted((store / "feedback").glob("*.jsonl"))
                   for line in f.read_text().splitlines()]
         down = sorted({e["conversation_id"] for e in events if e.get("thumbs_up") is False})
@@ -156,16 +175,23 @@ def test_a_preference_objective_runs_through_the_cycle(objective: str, tiny_mode
             for i, cid in enumerate(down[2:], 2):
                 g.write(json.dumps({"conversation_id": cid, "thumbs_up": False, "better": f"A better answer, "
                                     f"number {i}.", "timestamp": "2026-11-30T10:00:00"}) + "\n")
+    built = cli(config, "dataset", "build")
+    assert built["undesirable"] > 0 and built["desirable"] > 0 and (built["pairs"] >= 4) == (trains == "dpo"), built
     out = cli(config, "trigger")
     plan_ = out["counts"]["plan"]
-    assert plan_["objective"] == objective and plan_["line"].startswith(f"{objective} (training.objective is"), plan_
+    why = "auto: " if objective == "auto" else f"training.objective is {objective}"
+    assert plan_["objective"] == trains and plan_["line"].startswith(f"{trains} ({why}"), plan_
     with State(state_dir) as st:
         row = st.jobs.get(out["job_id"])
+        model = st.models.get(1)
     assert row is not None and row.result is not None, out["reason"]
     cfg = yaml.safe_load(Path(row.config_path).read_text())
-    assert cfg["objective"] == objective and cfg["dataset"]["pref_train_path"].endswith(
-        f"plan/{'prefs' if objective == 'kto' else 'pairs'}_train.jsonl")
+    assert cfg["objective"] == trains and cfg["backend"] == backend and cfg["dataset"]["pref_train_path"].endswith(
+        f"plan/{'prefs' if trains == 'kto' else 'pairs'}_train.jsonl")
     res = row.result
-    assert res["objective"] == objective and res["pref_eval_examples"] > 0
+    assert res["objective"] == trains and res["backend"] == backend and res["pref_eval_examples"] > 0
     assert isinstance(res["pref_accuracy_after"], float) and isinstance(res["eval_loss_after"], float)
-    assert out["outcome"] == "promoted", out["reason"]
+    assert out["outcome"] == "registered" and out["model_tag"] == "chatos-pref:v1", out["reason"]
+    assert model is not None and model.job_id == out["job_id"] and Path(model.gguf_path).stat().st_size > 0
+    show = httpx.post(ollama_standin.url + "/api/show", json={"model": "chatos-pref:latest"}, timeout=120).json()
+    assert show["model_info"]["general.architecture"] == "qwen2"
