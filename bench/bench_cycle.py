@@ -65,7 +65,7 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
     overrides = work / "overrides.yaml"
     overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
     s = settings.Settings(
-        store={"root": str(store)}, state={"dir": str(work / f"state-{backend}")},
+        store={"root": str(store)}, state={"dir": str(work / f"state-{backend}-{objective}")},
         training={"python": str(python), "base_model": str(model), "backend": backend, "max_steps": steps,
                   "timeout": "30m", "config_template": str(overrides), "env": {"OMP_NUM_THREADS": "1"},
                   "objective": objective},
