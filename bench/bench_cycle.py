@@ -6,8 +6,8 @@ Prints, per backend: the tiny-model cycle (dataset -> trained adapter -> gate) w
 tokens/s, with Unsloth vs TRL+PEFT as a ratio; then the export of the promoted adapter (merge + convert, register
 against the Ollama stand-in) and a streamed blob upload of a large file to the stand-in with both sides' peak RSS.
 Then the objectives (issue 12): SFT vs KTO vs DPO cycles on one store whose thumbs-down chats carry corrections,
-TRL+PEFT, the same step count: seconds per step, tokens/s, peak RSS, and the preference accuracy on the preference
-eval split before and after training (SFT trains no preference data, so it has none).
+TRL+PEFT, one epoch each (at most --steps): seconds per step, tokens/s, peak RSS, and the preference accuracy on the
+preference eval split before and after training (SFT trains no preference data, so it has none).
 Needs `.ci/train-setup.sh` (training stack, converter files, the Unsloth venv).
 """
 
@@ -89,6 +89,8 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
             "train_runtime_s": res.get("train_runtime_seconds"), "pref_examples": res.get("pref_train_examples"),
             "pref_eval": res.get("pref_eval_examples"), "acc_before": res.get("pref_accuracy_before"),
             "acc_after": res.get("pref_accuracy_after"),
+            "r_good_before": res.get("pref_reward_desirable_before"),
+            "r_good_after": res.get("pref_reward_desirable_after"),
             "r_bad_before": res.get("pref_reward_undesirable_before"),
             "r_bad_after": res.get("pref_reward_undesirable_after")}
 
@@ -125,16 +127,18 @@ def objectives(work: Path, model: Path, steps: int) -> list[dict[str, Any]]:
 
 
 def print_objectives(rows: list[dict[str, Any]], steps: int) -> None:
-    print(f"\nobjectives (issue 12): TRL+PEFT, {steps} steps, batch 8, CPU, 1 thread; the same store, every "
-          "thumbs-down with a correction")
-    print(f"{'objective':<10} {'s/step':>7} {'tokens/s':>9} {'peak RSS MB':>12} {'pref eval':>10} "
-          f"{'acc before':>11} {'acc after':>10} {'r(undesirable) before -> after':>31}  trained")
+    print(f"\nobjectives (issue 12): TRL+PEFT, one epoch (at most {steps} steps), batch 8, CPU, 1 thread; the same "
+          "store, every thumbs-down with a correction")
+    print(f"{'objective':<10} {'steps':>5} {'s/step':>7} {'tokens/s':>9} {'peak RSS MB':>12} {'pref eval':>10} "
+          f"{'acc before':>11} {'acc after':>10} {'r(desirable)':>16} {'r(undesirable)':>16}  trained")
     for r in rows:
         step_s = (r["train_runtime_s"] or 0) / r["steps"] if r["steps"] else 0.0
         acc = ("n/a", "n/a") if r["acc_before"] is None else (f"{r['acc_before']:.3f}", f"{r['acc_after']:.3f}")
-        rew = "n/a" if r["r_bad_before"] is None else f"{r['r_bad_before']:+.3f} -> {r['r_bad_after']:+.3f}"
-        print(f"{r['objective'] or '?':<10} {step_s:>7.2f} {r['tokens_per_s'] or 0:>9.0f} {r['peak_rss_mb']:>12.0f} "
-              f"{r['pref_eval'] or 0:>10} {acc[0]:>11} {acc[1]:>10} {rew:>31}  {r['plan']}")
+        good = "n/a" if r["r_good_before"] is None else f"{r['r_good_before']:+.2f} -> {r['r_good_after']:+.2f}"
+        bad = "n/a" if r["r_bad_before"] is None else f"{r['r_bad_before']:+.2f} -> {r['r_bad_after']:+.2f}"
+        print(f"{r['objective'] or '?':<10} {r['steps'] or 0:>5} {step_s:>7.2f} {r['tokens_per_s'] or 0:>9.0f} "
+              f"{r['peak_rss_mb']:>12.0f} "
+              f"{r['pref_eval'] or 0:>10} {acc[0]:>11} {acc[1]:>10} {good:>16} {bad:>16}  {r['plan']}")
 
 
 def main() -> None:

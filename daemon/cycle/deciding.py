@@ -21,12 +21,14 @@ def policy_input(settings: Settings, state: State, now: datetime) -> policy.Poli
     progress = state.service.get()
     trained_v = progress.last_trained_dataset or None
     counts = state.examples.eligible_counts(d.modes, d.min_score, d.include_unrated, since_version=trained_v or 0)
+    down = 0
     if settings.training.objective != "sft":  # KTO and DPO learn from thumbs-down: a burst of them is new feedback
-        counts["new_since_dataset"] += state.examples.new_thumbs_down(d.modes, trained_v or 0)
+        down = state.examples.new_thumbs_down(d.modes, trained_v or 0)
     last_run = progress.last_run_at
     runs = state.jobs.started_since(policy.day_start(now).isoformat())
     return policy.PolicyInput(
-        new_examples=counts["new_since_dataset"],
+        new_examples=counts["new_since_dataset"] + down,
+        new_thumbs_down=down,
         total_examples=counts["eligible"],
         positive_examples=counts["positive"],
         last_trained_version=trained_v,

@@ -37,6 +37,7 @@ class PolicyInput:
     last_run_at: datetime | None  # start of the last training run (any outcome), aware
     runs_today: int  # runs started since 00:00 UTC today (see module docstring)
     job_running: bool = False
+    new_thumbs_down: int = 0  # of new_examples, the thumbs-down a preference objective learns from (not in total)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ def _numbers(inputs: PolicyInput, cfg: PolicySettings, f: _Facts) -> dict[str, A
     return {
         "now": f.now.isoformat(),
         "new_examples": inputs.new_examples,
+        "new_thumbs_down": inputs.new_thumbs_down,
         "min_new_examples": cfg.min_new_examples,
         "total_examples": inputs.total_examples,
         "min_total_examples": cfg.min_total_examples,
@@ -181,7 +183,8 @@ def decide(inputs: PolicyInput, cfg: PolicySettings, now: datetime) -> Decision:
             reason += f"; window opens {_clock(f.next_open, f.now)}"
         return Decision(False, reason, numbers, blockers, f.next_open)
     total, positive = inputs.total_examples, inputs.positive_examples
-    reason = (f"ready: {inputs.new_examples} new rated examples {f.since}, {total} total, "
+    down = f" ({inputs.new_thumbs_down} thumbs-down)" if inputs.new_thumbs_down else ""
+    reason = (f"ready: {inputs.new_examples} new rated examples{down} {f.since}, {total} total, "
               f"{_pct(positive, total)} positive")
     return Decision(True, reason, numbers, [], f.next_open)
 

@@ -61,6 +61,13 @@ def test_all_rules_pass_gives_a_ready_sentence_with_the_numbers() -> None:
     assert d.next_window is None
 
 
+def test_new_thumbs_down_are_named_in_the_ready_sentence() -> None:
+    """A preference objective counts new thumbs-down as new feedback; the total stays the SFT-eligible count."""
+    d = decide(replace(READY, new_examples=62, new_thumbs_down=20), cfg(), NOW)
+    assert d.reason == "ready: 62 new rated examples (20 thumbs-down) since v3, 140 total, 81.4% positive"
+    assert d.numbers["new_thumbs_down"] == 20
+
+
 def test_first_run_has_no_version_and_no_cooldown() -> None:
     first = replace(READY, last_trained_version=None, last_run_at=None, runs_today=0)
     d = decide(first, cfg(), NOW)
