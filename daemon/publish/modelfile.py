@@ -81,10 +81,9 @@ def describes(gguf_path: str | Path) -> Path | None:
     """The Modelfile beside ``gguf_path`` when there is one and it names that GGUF; else None."""
     path = path_beside(gguf_path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, ValueError):
+        return path if names(path.read_text(encoding="utf-8"), Path(gguf_path).name) else None
+    except (OSError, ValueError):  # none, unreadable, or a GGUF name no Modelfile could have named
         return None
-    return path if names(text, Path(gguf_path).name) else None
 
 
 def write_beside(gguf_path: str | Path, spec: ModelSpec, *, comment: str | None = None) -> Path:
