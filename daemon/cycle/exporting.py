@@ -109,7 +109,9 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
             chat_template=template.name, eval_numbers=gate_numbers, settings=settings,
         )
         state.service.clear_pending_export()
-    _log.info("export.done", job_id=job_id, model_version=version, gguf=str(out.gguf_path), size=out.size)
+    mf = registry.write_modelfile(settings, out.gguf_path, version, registry.model_spec(settings, template.name))
+    _log.info("export.done", job_id=job_id, model_version=version, gguf=str(out.gguf_path), size=out.size,
+              modelfile=str(mf) if mf else None)
     registering.run(cycle, version)
 
 

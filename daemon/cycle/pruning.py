@@ -1,7 +1,7 @@
 """Stage: keep the disk bounded. Every cycle, before it ingests, remove what the retention plan lets go of
-(:mod:`daemon.cycle.retention_plan`): GGUFs of versions Ollama no longer keeps, old jobs' bulky artifacts (their
-record files stay), dataset versions nothing kept refers to. What went is recorded in ``state.pruned``; a failure
-to remove one thing is one warning and never stops the cycle."""
+(:mod:`daemon.cycle.retention_plan`): GGUFs of versions Ollama no longer keeps (with the Modelfile beside each), old
+jobs' bulky artifacts (their record files stay), dataset versions nothing kept refers to. What went is recorded in
+``state.pruned``; a failure to remove one thing is one warning and never stops the cycle."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from daemon import disk, log
 from daemon.cycle.context import Cycle
 from daemon.cycle.retention_plan import JOB_RECORD_FILES, DatasetFacts, JobFacts, ModelFacts, Plan, Rules, plan
+from daemon.publish import modelfile
 from daemon.settings import Settings
 from daemon.state import State
 from daemon.state.pruned import PrunedKind
@@ -121,9 +122,12 @@ def execute(state: State, todo: Plan, at: str) -> dict[str, int]:
                 with state.transaction():
                     state.pruned.mark(kind, key, at=at, freed=freed)
             else:
-                freed = disk.tree_bytes(path)  # measured once, before anything goes
+                beside = modelfile.describes(path) if kind == "gguf" else None  # the GGUF's Modelfile goes too
+                freed = disk.tree_bytes(path) + (disk.tree_bytes(beside) if beside else 0)  # measured once
                 with state.transaction():
                     state.pruned.mark(kind, key, at=at, freed=freed)
+                if beside:
+                    _discard(beside)
                 _discard(path)
         except OSError as exc:
             _log.warning("retention.failed", kind=kind, key=key, path=str(path), reason=exc.strerror or str(exc))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -89,6 +91,28 @@ def check_model_name(name: str) -> str:
     if not valid_model_name(name):
         raise ValueError(f"model name {name!r} is not a valid Ollama name ([namespace/]model[:tag])")
     return name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What Ollama is told about a model beside its weights: the one description that both the ``/api/create``
+    body and the Modelfile beside the GGUF (:mod:`daemon.publish.modelfile`) are built from, so they cannot drift.
+
+    ``options`` are the configured extra parameters (never ``stop``: the stop strings are the template's own)."""
+
+    template: str
+    stop: tuple[str, ...]
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "options", MappingProxyType({k: v for k, v in self.options.items() if k != "stop"}))
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The create body's ``parameters``: the options, then ``stop`` as a list."""
+        return {**self.options, "stop": list(self.stop)}
 
 
 def create_body(

@@ -9,10 +9,11 @@ too. A registration that fails after ``create`` removes the half-made tag, so no
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from daemon import faults, log
-from daemon.publish import ollama
+from daemon.publish import modelfile, ollama
 from daemon.publish.ollama import OllamaError
 from daemon.publish.ollama_client import OllamaClient
 from daemon.settings import Settings
@@ -36,10 +37,18 @@ def latest_tag(settings: Settings) -> str:
     return f"{settings.ollama.model_name}:latest"
 
 
+def model_spec(settings: Settings, template_name: str) -> ollama.ModelSpec:
+    """What Ollama is told about a version trained with ``template_name``: the template's Go template and stop
+    strings (always ours), the config's extra parameters and system prompt. The ``/api/create`` body and the
+    Modelfile beside the GGUF are both built from it."""
+    t = templates.get(template_name)
+    return ollama.ModelSpec(template=t.ollama_template, stop=t.stop, options=settings.ollama.parameters,
+                            system=settings.ollama.system)
+
+
 def create_parameters(settings: Settings, template_name: str) -> dict[str, Any]:
     """Modelfile parameters: the config's extras, and the stop tokens of the training template (always ours)."""
-    t = templates.get(template_name)
-    return {**settings.ollama.parameters, "stop": list(t.stop)}
+    return model_spec(settings, template_name).parameters
 
 
 def add_version(state: State, *, job_id: str, dataset_version: int, manifest_hash: str | None, gguf_path: str,
@@ -57,6 +66,19 @@ def add_version(state: State, *, job_id: str, dataset_version: int, manifest_has
     return version
 
 
+def write_modelfile(settings: Settings, gguf_path: str | Path, version: int,
+                    spec: ollama.ModelSpec) -> Path | None:
+    """Write the Modelfile beside a version's GGUF (``ollama create NAME -f Modelfile`` on another host); its path,
+    or None (one warning) when it cannot be written: the Modelfile is a convenience, never a reason to fail."""
+    name = tag(settings, version)
+    try:
+        return modelfile.write_beside(gguf_path, spec,
+                                      comment=f"{name}, by chatos-retrain: ollama create {name} -f Modelfile")
+    except (ValueError, OSError) as exc:
+        _log.warning("export.modelfile_failed", model_version=version, gguf=str(gguf_path), reason=str(exc))
+        return None
+
+
 def register(settings: Settings, state: State, version: int, client: OllamaClient | None = None,
              now: datetime | None = None) -> dict[str, Any]:
     """Upload, create ``:v<N>``, verify with show, smoke-chat, then move ``latest`` and apply retention.
@@ -72,15 +94,16 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
     name = row.tag
     created = False
     try:
-        t = templates.get(row.chat_template)
+        spec = model_spec(settings, row.chat_template)
+        write_modelfile(settings, row.gguf_path, row.version, spec)  # what is sent, for an Ollama elsewhere too
         digest = client.ensure_blob(row.gguf_path, row.gguf_sha256)
         created = True  # from here on a failure may leave a (half-made) tag behind: clean it up
-        client.create(name, {"model.gguf": digest}, template=t.ollama_template, system=settings.ollama.system,
-                      parameters=create_parameters(settings, t.name))
+        client.create(name, {"model.gguf": digest}, template=spec.template, system=spec.system,
+                      parameters=spec.parameters)
         faults.point("register.created")  # the tag exists, nothing verified yet
         show = client.show(name)
-        problems = ollama.verify_show(show, architecture=row.architecture, template=t.ollama_template,
-                                      stops=list(t.stop))
+        problems = ollama.verify_show(show, architecture=row.architecture, template=spec.template,
+                                      stops=list(spec.stop))
         if problems:
             raise Rejected(f"{name} does not verify: {'; '.join(problems)}")
         smoke = settings.export.smoke
@@ -215,6 +238,13 @@ def rollback(settings: Settings, state: State, to: int | None = None,
 
 
 def lineage(state: State) -> list[dict[str, Any]]:
-    """Every model version with its job, dataset and manifest hash, GGUF digest and eval numbers."""
+    """Every model version with its job, dataset and manifest hash, GGUF digest, eval numbers and the Modelfile
+    beside its GGUF (None when there is none, e.g. once retention removed the GGUF)."""
     latest = state.service.get().latest_model
-    return [{**m.as_dict(), "latest": m.version == latest} for m in state.models.all()]
+    return [{**m.as_dict(), "latest": m.version == latest, "modelfile": _modelfile(m.gguf_path)}
+            for m in state.models.all()]
+
+
+def _modelfile(gguf_path: str) -> str | None:
+    found = modelfile.describes(gguf_path)
+    return str(found) if found else None

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import modelfile_parser
 import pytest
 from helpers import need
 from ollama_standin import StandinServer
 
 from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.demo.storegen import append_records, generate_store
-from daemon.publish import registry
+from daemon.publish import ollama, registry
 from daemon.publish.converter import default_cache_dir, installed
 from daemon.state import State
 from daemon.train import templates
@@ -63,6 +64,11 @@ def test_three_cycles_register_versions_move_latest_retention_and_rollback(
         show = httpx.post(ollama_standin.url + "/api/show", json={"model": "chatos-e2e:latest"}, timeout=120).json()
         assert show["template"] == templates.get("qwen-2.5").ollama_template
         assert '"<|im_end|>"' in show["parameters"] and show["model_info"]["general.architecture"] == "qwen2"
+        # the Modelfile beside the GGUF (for an Ollama on another host) says what the registration said
+        mf = modelfile_parser.create_request(modelfile_parser.parse((Path(m1.gguf_path).parent / "Modelfile")
+                                                                   .read_text(encoding="utf-8")))
+        assert mf["from"] == "./chatos-e2e-v1.q8_0.gguf" and mf["template"] == show["template"]
+        assert mf["parameters"]["stop"] == ollama.parse_parameters(show["parameters"])["stop"]
         for n in (2, 3):
             append_records(store, 8, seed=40 + n, quality="excellent")
             r = run_cycle(s, st, CycleRequest(None))

@@ -210,6 +210,8 @@ def test_retention_keeps_the_disk_bounded(make_settings: Any, records: Path, fak
         assert final.job_id is None
         ggufs = sorted(p.name for p in state_dir.glob("exports/*/*.gguf"))
         assert ggufs == ["chatos-v4.q8_0.gguf", "chatos-v5.q8_0.gguf"], ggufs
+        modelfiles = sorted(p.read_text().splitlines()[1] for p in state_dir.glob("exports/*/Modelfile"))
+        assert modelfiles == ["FROM ./chatos-v4.q8_0.gguf", "FROM ./chatos-v5.q8_0.gguf"]  # went with their GGUFs
         datasets = sorted(p.name for p in (state_dir / "datasets").iterdir() if p.name.startswith("v"))
         champion = st.service.get().champion_job
         assert champion is not None
