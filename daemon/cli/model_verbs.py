@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from daemon import api
 from daemon.cli.common import EXIT_CONFIG, EXIT_DATA, EXIT_ERROR, EXIT_OK, CliError, load, print_json
 from daemon.publish import converter, export, ollama, registry
+from daemon.train import gate
 
 
 def setup_export(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def setup_export(args: argparse.Namespace) -> int:
 def models(args: argparse.Namespace) -> int:
     s = load(args)
     with api.open_state(s) as st:
-        rows = registry.lineage(st)
+        rows = [_with_checks(m) for m in registry.lineage(st)]
     if args.json:
         print_json(rows)
         return EXIT_OK
@@ -42,7 +44,16 @@ def models(args: argparse.Namespace) -> int:
               f"job {m['job_id']}  dataset v{m['dataset_version']}  gguf {m['gguf_sha256'][7:19]}"
               + (f"  eval {loss:.4f}" if isinstance(loss, int | float) else "")
               + (f"  ({m['last_error']})" if m.get("last_error") and m["status"] != "registered" else ""))
+        for line in gate.lines(m.get("eval")):
+            print(f"     {line}")
     return EXIT_OK
+
+
+def _with_checks(m: dict[str, Any]) -> dict[str, Any]:
+    """A model version with the gate's checks that promoted it (each with the candidate's numbers beside those of
+    the model it was compared with, ``versus``), lifted out of its ``eval`` numbers."""
+    ev = m.get("eval") or {}
+    return {**m, "checks": ev.get("checks") or [], "versus": ev.get("champion")}
 
 
 def rollback(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.service import control, unit
 from daemon.service.lifecycle import Service
 from daemon.train import doctor as preflight
-from daemon.train import runner
+from daemon.train import gate, runner
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +71,12 @@ def _print_store(status: api.StoreStatus) -> None:
             print(f"           {champ['note']}")
         if champ.get("next_plan"):
             print(f"next run:  {champ['next_plan']} (on the latest dataset)")
+    for label, judged in (("champion", (status.gate or {}).get("champion")),
+                          ("last candidate", (status.gate or {}).get("last_candidate"))):
+        if judged:
+            print(f"gate:      {label} {judged['job_id']} ({judged['status']})")
+            for line in judged.get("lines") or []:
+                print(f"           {line}")
     print(f"as of:     last ingest {status.last_ingest_at or 'never'} (chatos-retrain ingest reads what is new)")
 
 
@@ -82,6 +88,8 @@ def _print_last(last: dict[str, Any]) -> None:
             print(f"  plan:    {counts['plan'].get('line')}")
         if counts.get("learned"):
             print(f"  {counts['learned']}")
+        for line in gate.lines(counts.get("gate")):
+            print(f"  gate:    {line}")
 
 
 def status(args: argparse.Namespace) -> int:

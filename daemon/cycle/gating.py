@@ -12,7 +12,7 @@ from daemon import faults, log
 from daemon.cycle import deciding, exporting
 from daemon.cycle.context import Cycle, Outcome
 from daemon.state import PendingExport
-from daemon.train import gate, runner
+from daemon.train import gate, regressions, runner
 
 _log = log.get("daemon.cycle")
 
@@ -26,23 +26,50 @@ def _champion_used(config_path: str | None) -> bool:
     return bool(cfg.get("gate", {}).get("champion_adapter"))
 
 
+def _regression_cases(path: Path | None) -> int | str | None:
+    """How many cases ``gate.regressions_file`` holds, why it cannot be used, or None without one."""
+    if path is None:
+        return None
+    try:
+        return len(regressions.load(path))
+    except regressions.RegressionFileError as exc:
+        return str(exc)
+
+
 def _decide(cycle: Cycle, job_id: str, config_path: str | None, res: dict[str, Any]) -> gate.GateDecision:
     """The gate against the champion the trainer evaluated, else against the base model."""
+    g = cycle.settings.gate
     used = _champion_used(config_path)
     champ_id = cycle.state.service.get().champion_job if used else None
-    champ_loss = res.get("champion_eval_loss") if used else res.get("eval_loss_before")
     name = f"champion {champ_id}" if used else "the base model"
-    champ_new = res.get("champion_new_loss") if used else res.get("new_loss_before")
-    if used and not isinstance(champ_loss, int | float):
+    key = "champion_{}" if used else "{}_before"  # the champion's numbers, or the starting weights'
+    if used and not isinstance(res.get("champion_eval_loss"), int | float):
         # the champion adapter could not be evaluated: compare with the base model rather than promote blindly
         _log.warning("gate.champion_unavailable", job_id=job_id, reason=res.get("champion_error"))
-        champ_loss, name = res.get("eval_loss_before"), "the base model (champion could not be evaluated)"
-        champ_new = res.get("new_loss_before")
+        name, key = "the base model (champion could not be evaluated)", "{}_before"
+
+    def champ(what: str, champion_key: str) -> Any:
+        return res.get(champion_key if key.startswith("champion") else key.format(what))
+
     first_model = cycle.state.service.get().champion_job is None
-    new = (res.get("new_loss_after"), champ_new) if res.get("new_examples") and not first_model else None
-    return gate.decide(res.get("eval_loss_after"), champ_loss, cycle.settings.gate.tolerance, champion_name=name,
-                       new=new, min_new_gain=cycle.settings.gate.min_new_gain,
-                       skipped="no champion yet (a first model)" if first_model else "no new examples")
+    new = ((res.get("new_loss_after"), champ("new_loss", "champion_new_loss"))
+           if res.get("new_examples") and not first_model else None)
+    pref = ((res.get("pref_accuracy_after"), champ("pref_accuracy", "champion_pref_accuracy"))
+            if res.get("pref_eval_examples") else None)
+    canary_evaluated = res.get("canary_examples") is not None or res.get("canary_loss_after") is not None
+    canary = ((res.get("canary_loss_after"), champ("canary_loss", "champion_canary_loss"))
+              if canary_evaluated else None)
+    evidence = gate.Evidence(
+        name, (res.get("eval_loss_after"), champ("eval_loss", "champion_eval_loss")), new=new,
+        new_skipped="no champion yet (a first model)" if first_model else "no new examples",
+        preference=pref, pref_examples=res.get("pref_eval_examples"), canary=canary,
+        canary_missing="the trainer evaluated no canary set (its result.json has no canary losses)",
+        regressions=_regression_cases(g.regressions_file) if "regressions" in g.checks else None,
+    )
+    limits = gate.Limits(tolerance=g.tolerance, min_new_gain=g.min_new_gain,
+                         preference_tolerance=g.preference_tolerance, max_canary_increase=g.max_canary_increase,
+                         checks=tuple(g.checks), required=g.required_checks())
+    return gate.judge(evidence, limits)
 
 
 def learned_line(numbers: dict[str, Any]) -> str:
@@ -77,7 +104,8 @@ def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
     result.counts["gate"] = g.numbers
     result.counts["learned"] = learned_line(g.numbers)
     with state.transaction():
-        state.jobs.judged(job_id, status="promoted" if g.promote else "rejected", error=None if g.promote else g.reason)
+        state.jobs.judged(job_id, status="promoted" if g.promote else "rejected",
+                          error=None if g.promote else g.reason, gate=g.numbers)
         # Trained on, promoted or not: "new examples" count from here, so a rejected candidate's data is not
         # trained again after every cooldown (only new feedback starts the next run).
         state.service.set_last_trained(row.get("dataset_version"))

@@ -16,7 +16,7 @@ from daemon.cycle.context import Cycle, Outcome
 from daemon.dataset.builder import TRAIN_IDS, read_train_ids
 from daemon.settings import Settings
 from daemon.state import State, private_dir
-from daemon.train import jobspec, lineage, objective, plan, runner, templates
+from daemon.train import gate, jobspec, lineage, objective, plan, runner, templates
 
 _log = log.get("daemon.cycle")
 
@@ -150,6 +150,7 @@ def _job_config(cycle: Cycle, job_id: str, dataset_path: Path, version: int
         learning_rate=p.learning_rate, objective=choice.objective,
         pref_train_path=planned if kind else None,
         pref_eval_path=dataset_path / f"{kind}_eval.jsonl" if kind else None,
+        canary_path=gate.CANARY_PATH if "canary" in cycle.settings.gate.checks else None,
     )
     cfg["training"]["num_train_epochs"] = 1  # the plan's file holds the epochs; max_steps covers it exactly
     return cfg, p, choice, _trained(choice.objective, ids, p, lines)

@@ -9,7 +9,8 @@ from typing import Any
 from daemon import disk
 from daemon.cycle import training
 from daemon.settings import Settings
-from daemon.state import DB_NAME, State
+from daemon.state import DB_NAME, JobRow, State
+from daemon.train import gate as train_gate
 from daemon.train import lineage
 
 
@@ -28,6 +29,7 @@ class StoreStatus:
     pending_registrations: list[dict[str, Any]] | None = None
     disk: dict[str, int] | None = None  # bytes used by state, datasets, jobs, exports; free on the state's disk
     model: dict[str, Any] | None = None  # the champion: its plan, lineage depth, deleted chats it still holds
+    gate: dict[str, Any] | None = None  # the gate's checks on the champion and on the last candidate judged
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,6 +63,7 @@ def store_status(settings: Settings, state: State) -> StoreStatus:
                                for m in state.models.all(status="pending")],
         disk=disk_usage(state.dir),
         model=model_status(settings, state),
+        gate=gate_status(state),
     )
 
 
@@ -84,6 +87,27 @@ def model_status(settings: Settings, state: State) -> dict[str, Any] | None:
         "next_plan": upcoming.get("line") if upcoming else None,
         "note": (f"{len(gone)} deleted chat(s) still in the current model: the next run retrains from the base "
                  "without them") if gone else None,
+    }
+
+
+def _judged(row: JobRow) -> dict[str, Any]:
+    gate = row.gate or {}
+    return {"job_id": row.job_id, "status": row.status, "dataset_version": row.dataset_version,
+            "checks": gate.get("checks") or [], "failed": gate.get("failed") or [],
+            "lines": train_gate.lines(gate)}
+
+
+def gate_status(state: State) -> dict[str, Any] | None:
+    """The gate's checks (name, passed/skipped/pending, numbers) on the champion and on the last candidate it judged
+    (when that is not the champion), or None before any judgement."""
+    champion_id = state.service.get().champion_job
+    champion = state.jobs.get(champion_id) if champion_id else None
+    last = next((r for r in state.jobs.recent(limit=20) if r.gate is not None), None)
+    if (champion is None or champion.gate is None) and last is None:
+        return None
+    return {
+        "champion": _judged(champion) if champion is not None and champion.gate is not None else None,
+        "last_candidate": _judged(last) if last is not None and last.job_id != champion_id else None,
     }
 
 

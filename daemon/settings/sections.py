@@ -133,9 +133,29 @@ class TrainingSettings(Section):
     retry_backoff: Duration = Field(default=600.0, gt=0)
 
 
+GateCheck = Literal["loss", "learned_new", "preference", "canary", "regressions"]
+GATE_CHECKS: tuple[GateCheck, ...] = ("loss", "learned_new", "preference", "canary", "regressions")
+
+
 class GateSettings(Section):
     tolerance: float = Field(default=0.0, ge=0.0)
     min_new_gain: float = Field(default=0.05, ge=0.0, lt=1.0)
+    checks: list[GateCheck] = Field(default_factory=lambda: list(GATE_CHECKS), min_length=1)
+    required: list[GateCheck] | None = None  # None: every check in `checks`
+    preference_tolerance: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_canary_increase: float = Field(default=0.10, ge=0.0)
+    regressions_file: AbsPath | None = None
+
+    @model_validator(mode="after")
+    def _required_runs(self) -> GateSettings:
+        missing = [c for c in self.required or [] if c not in self.checks]
+        if missing:
+            raise ValueError(f"gate.required names {', '.join(missing)}, which gate.checks does not run")
+        return self
+
+    def required_checks(self) -> tuple[str, ...]:
+        """The checks that must pass: ``required``, else every check that runs."""
+        return tuple(self.checks if self.required is None else self.required)
 
 
 class ExportSmokeSettings(Section):

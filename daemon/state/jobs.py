@@ -12,7 +12,7 @@ from daemon.state.rows import JobRow
 
 _COLS = (
     "job_id, cycle_id, dataset_version, status, job_dir, config_path, log_path, metrics_path, result_path, params,"
-    " created_at, pid, pid_start, latest_metrics, result, error, exit_code, started_at, finished_at"
+    " created_at, pid, pid_start, latest_metrics, result, error, exit_code, started_at, finished_at, gate"
 )
 
 
@@ -29,7 +29,7 @@ def _row(r: Sequence[Any]) -> JobRow:
         job_id=r[0], cycle_id=r[1], dataset_version=int(r[2]), status=r[3], job_dir=r[4], config_path=r[5],
         log_path=r[6], metrics_path=r[7], result_path=r[8], params=_decode(r[9]) or {}, created_at=r[10],
         pid=r[11], pid_start=r[12], latest_metrics=_decode(r[13]), result=_decode(r[14]), error=r[15],
-        exit_code=r[16], started_at=r[17], finished_at=r[18],
+        exit_code=r[16], started_at=r[17], finished_at=r[18], gate=_decode(r[19]),
     )
 
 
@@ -41,11 +41,11 @@ class Jobs:
 
     def add(self, job: JobRow) -> None:
         self._db.conn.execute(
-            f"INSERT INTO jobs ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO jobs ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (job.job_id, job.cycle_id, job.dataset_version, job.status, job.job_dir, job.config_path, job.log_path,
              job.metrics_path, job.result_path, _encode(job.params), job.created_at, job.pid, job.pid_start,
              _encode(job.latest_metrics), _encode(job.result), job.error, job.exit_code, job.started_at,
-             job.finished_at),
+             job.finished_at, _encode(job.gate)),
         )
 
     def add_trained(self, job_id: str, cids: Iterable[str | tuple[str, int]]) -> None:
@@ -113,6 +113,8 @@ class Jobs:
             (status, error, finished_at, job_id),
         )
 
-    def judged(self, job_id: str, *, status: str, error: str | None) -> None:
-        """The gate's verdict on a succeeded job (``promoted``, or ``rejected`` with why)."""
-        self._db.conn.execute("UPDATE jobs SET status = ?, error = ? WHERE job_id = ?", (status, error, job_id))
+    def judged(self, job_id: str, *, status: str, error: str | None, gate: dict[str, Any] | None = None) -> None:
+        """The gate's verdict on a succeeded job (``promoted``, or ``rejected`` with why), and its numbers check by
+        check (None keeps those recorded before)."""
+        self._db.conn.execute("UPDATE jobs SET status = ?, error = ?, gate = COALESCE(?, gate) WHERE job_id = ?",
+                              (status, error, _encode(gate), job_id))

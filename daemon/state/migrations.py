@@ -169,4 +169,8 @@ MIGRATIONS: list[str] = [
         since INTEGER NOT NULL, PRIMARY KEY (version, split, cid)
     ) WITHOUT ROWID;
     """,
+    # 11: the gate's verdict on a job, check by check (its numbers, as the cycle summary has them), for status
+    """
+    ALTER TABLE jobs ADD COLUMN gate TEXT;
+    """,
 ]

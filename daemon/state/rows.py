@@ -1,5 +1,5 @@
 """Typed rows of the state database: plain values the repositories return and take. JSON columns arrive decoded
-(``params``, ``result``, ``eval``, ``summary``, ``manifest``, ``gate``); ``as_dict`` gives the row as the JSON
+(``params``, ``result``, ``gate``, ``eval``, ``summary``, ``manifest``); ``as_dict`` gives the row as the JSON
 object the CLI and the API print (column names as keys)."""
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class JobRow:
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    gate: dict[str, Any] | None = None  # the gate's numbers (``checks``...), once judged
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,8 +23,8 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "objective": "sft",
     "model": {"name": None, "chat_template": "qwen-2.5", "max_seq_length": 1024, "load_in_4bit": True},
     "template": None,
-    "dataset": {"train_path": None, "eval_path": None, "new_path": None, "pref_train_path": None,
-                "pref_eval_path": None},
+    "dataset": {"train_path": None, "eval_path": None, "new_path": None, "canary_path": None,
+                "pref_train_path": None, "pref_eval_path": None},
     "training": {
         "output_dir": None,
         "learning_rate": 2e-4,
@@ -111,12 +111,14 @@ def render_job_config(
     objective: str = "sft",
     pref_train_path: Path | None = None,
     pref_eval_path: Path | None = None,
+    canary_path: Path | None = None,
 ) -> dict[str, Any]:
     """The trainer's config, with every path absolute (relative ones resolved against ``base_dir``, default cwd).
 
     ``init_adapter``: the adapter a warm-started run continues from; ``new_path``: the examples new since the
     champion's dataset (evaluated before and after training); ``learning_rate``: the plan's (else the template's);
-    ``objective`` sft, kto or dpo, the last two with their preference files ``pref_train_path``/``pref_eval_path``.
+    ``objective`` sft, kto or dpo, the last two with their preference files ``pref_train_path``/``pref_eval_path``;
+    ``canary_path``: the canary set the gate's ``canary`` check compares (evaluated before and after training).
     Raises :class:`templates.UnknownTemplate` for an unknown chat template name.
     """
     base = (base_dir or Path.cwd()).absolute()
@@ -134,7 +136,8 @@ def render_job_config(
     cfg["model"]["chat_template"] = tmpl.name
     cfg["template"] = templates.trainer_block(tmpl.name)
     cfg["dataset"] = {"train_path": absolute(train_path), "eval_path": absolute(eval_path),
-                      "new_path": absolute(new_path) if new_path else None}
+                      "new_path": absolute(new_path) if new_path else None,
+                      "canary_path": absolute(canary_path) if canary_path else None}
     if objective != "sft" or pref_train_path or pref_eval_path:
         cfg["objective"] = objective
         cfg["dataset"]["pref_train_path"] = absolute(pref_train_path) if pref_train_path else None

@@ -1,9 +1,10 @@
 """The two training backends: each loads the model with its LoRA and builds a TRL SFTTrainer over the examples.
 
-``build(backend)(cfg, train, evals, new, cuda, recorder)`` returns a :class:`Built`: the SFTTrainer (it trains when
-the objective is sft and evaluates the SFT loss for every objective), the model, the tokenizer, ``info`` (``device``,
-``dtype`` and ``load_in_4bit`` for ``result.json``), ``new_ds`` (the new examples, or None, prepared exactly as the eval
-split, for ``trainer.evaluate(eval_dataset=new_ds)``) and ``args``, the trainer arguments a preference trainer shares
+``build(backend)(cfg, train, evals, extras, cuda, recorder)`` returns a :class:`Built`: the SFTTrainer (it trains
+when the objective is sft and evaluates the SFT loss for every objective), the model, the tokenizer, ``info``
+(``device``, ``dtype`` and ``load_in_4bit`` for ``result.json``), ``sets`` (each named extra evaluation set of
+``extras``: the new examples ``"new"``, the canary set ``"canary"``; prepared exactly as the eval split, for
+``trainer.evaluate(eval_dataset=built.sets[name])``) and ``args``, the trainer arguments a preference trainer shares
 (``qlora_pref``). ``recorder`` (the step-line callback) is None when another trainer trains. The LoRA is fresh: the
 caller warm-starts it (:func:`warm_start`) once every trainer is built. The heavy imports live inside the functions.
 """
@@ -21,7 +22,7 @@ from trainer_common import one_line, sayer
 
 say = sayer("train_qlora")
 
-NEW = "new"  # the new examples' key in the eval datasets handed to SFTTrainer
+EVAL = "eval"  # the eval split's key in the eval datasets handed to SFTTrainer beside the extra sets
 
 
 @dataclass
@@ -30,11 +31,19 @@ class Built:
     model: Any
     tok: Any
     info: dict[str, Any]
-    new_ds: Any
+    sets: dict[str, Any]
     args: dict[str, Any]
 
+    @property
+    def new_ds(self) -> Any:
+        """The prepared new examples, or None."""
+        return self.sets.get("new")
 
-def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], list[Any] | None, bool, Any], Built]:
+
+Extras = dict[str, list[Any]]  # name -> examples: the extra evaluation sets ("new", "canary")
+
+
+def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], Extras, bool, Any], Built]:
     """The trainer builder of ``backend`` ("unsloth" or "transformers")."""
     return unsloth_trainer if backend == "unsloth" else transformers_trainer
 
@@ -95,20 +104,20 @@ def warm_start(cfg: dict[str, Any], model: Any) -> None:
         load_init_adapter(model, cfg["init"]["adapter"])
 
 
-def eval_sets(evals: Any, new: Any) -> Any:
-    """SFTTrainer's ``eval_dataset``: the eval split alone, or a dict with the new examples beside it, so that the
-    trainer prepares both the same way (and Unsloth's ``train_on_responses_only`` masks both)."""
-    return evals if new is None else {"eval": evals, NEW: new}
+def eval_sets(evals: Any, extras: dict[str, Any]) -> Any:
+    """SFTTrainer's ``eval_dataset``: the eval split alone, or a dict with the extra sets beside it, so that the
+    trainer prepares them all the same way (and Unsloth's ``train_on_responses_only`` masks them all)."""
+    return {EVAL: evals, **extras} if extras else evals
 
 
-def split_eval_sets(trainer: Any) -> Any:
+def split_eval_sets(trainer: Any) -> dict[str, Any]:
     """Undo :func:`eval_sets` once the trainer prepared them: the eval split stays the trainer's (the evaluations
-    during training see it alone, logged as ``eval_loss``); the prepared new examples are returned (or None)."""
+    during training see it alone, logged as ``eval_loss``); the prepared extra sets are returned by name."""
     sets = trainer.eval_dataset
     if not isinstance(sets, dict):
-        return None
-    trainer.eval_dataset = sets["eval"]
-    return sets[NEW]
+        return {}
+    trainer.eval_dataset = sets[EVAL]
+    return {k: v for k, v in sets.items() if k != EVAL}
 
 
 def _checkpointing(config_cls: Any, on: bool) -> dict[str, bool]:
@@ -155,7 +164,7 @@ def _load_kwargs(m: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], bool]:
 
 
 def transformers_trainer(
-    cfg: dict[str, Any], train: list[Any], evals: list[Any], new: list[Any] | None, cuda: bool, recorder: Any
+    cfg: dict[str, Any], train: list[Any], evals: list[Any], extras: Extras, cuda: bool, recorder: Any
 ) -> Built:
     """TRL SFTTrainer + PEFT LoRA; loss on assistant tokens via the template (TRL-recognised or with markers)."""
     import torch
@@ -185,14 +194,14 @@ def transformers_trainer(
         model=model,
         args=args,
         train_dataset=messages(train),
-        eval_dataset=eval_sets(messages(evals), messages(new)),
+        eval_dataset=eval_sets(messages(evals), {k: messages(v) for k, v in extras.items()}),
         processing_class=tok,
         callbacks=[recorder] if recorder is not None else None,
     )
-    new_ds = split_eval_sets(trainer)
+    sets = split_eval_sets(trainer)
     dtype = "nf4+" + str(kwargs["dtype"]).removeprefix("torch.") if four_bit else str(kwargs["dtype"])
     info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), "load_in_4bit": four_bit}
-    return Built(trainer, model, tok, info, new_ds, shared)
+    return Built(trainer, model, tok, info, sets, shared)
 
 
 def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
@@ -222,7 +231,7 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
 
 
 def unsloth_trainer(
-    cfg: dict[str, Any], train: list[Any], evals: list[Any], new: list[Any] | None, cuda: bool, recorder: Any
+    cfg: dict[str, Any], train: list[Any], evals: list[Any], extras: Extras, cuda: bool, recorder: Any
 ) -> Built:
     """Unsloth FastLanguageModel + its chat template + ``train_on_responses_only`` + TRL SFTTrainer."""
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
@@ -248,14 +257,14 @@ def unsloth_trainer(
         model=model,
         args=args,
         train_dataset=texts(train),
-        eval_dataset=eval_sets(texts(evals), texts(new)),
+        eval_dataset=eval_sets(texts(evals), {k: texts(v) for k, v in extras.items()}),
         processing_class=tok,
         callbacks=[recorder] if recorder is not None else None,
     )
     trainer = train_on_responses_only(  # masks every eval set of the dict too
         trainer, instruction_part=tpl["instruction_part"], response_part=tpl["response_part"]
     )
-    new_ds = split_eval_sets(trainer)
+    sets = split_eval_sets(trainer)
     dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
     info = {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}
-    return Built(trainer, model, tok, info, new_ds, train_args(cfg, cuda, bf16))
+    return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, bf16))

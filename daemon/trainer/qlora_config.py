@@ -49,6 +49,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "train_path": ("abs", REQUIRED),
         "eval_path": ("abs", REQUIRED),
         "new_path": ("abs?", None),
+        "canary_path": ("abs?", None),
         "pref_train_path": ("abs?", None),
         "pref_eval_path": ("abs?", None),
     },

@@ -1,5 +1,5 @@
-"""One training run: load (warm-started from ``init.adapter`` if set), evaluate the starting weights on the eval split
-and the new examples, train, evaluate both again, save the adapter, evaluate the champion on both.
+"""One training run: load (warm-started from ``init.adapter`` if set), evaluate the starting weights on the eval split,
+the new examples and the canary set, train, evaluate them all again, save the adapter, evaluate the champion on them.
 
 The SFT trainer computes every ``eval_loss`` whatever the objective; with ``objective`` kto or dpo a KTO/DPO trainer
 (``qlora_pref``) trains instead, and each evaluation of the eval split also scores the preference eval split.
@@ -64,11 +64,13 @@ def run(
     log: MetricsLog,
     progress: dict[str, Any],
     prefs: tuple[list[Any], list[Any]] | None = None,
+    canary: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Load, evaluate the start, train, evaluate, save the adapter, evaluate the champion. Heavy imports live here.
 
     ``new`` are the new examples (``dataset.new_path``) or None; ``prefs`` the preference train and eval examples
-    (objective kto or dpo) or None. ``progress`` (last step and train loss) is kept current so that a failed or
+    (objective kto or dpo) or None; ``canary`` the canary set (``dataset.canary_path``, the gate's forgetting guard)
+    or None. ``progress`` (last step and train loss) is kept current so that a failed or
     cancelled run still reports them.
     """
     name = cfg["model"]["name"]
@@ -82,8 +84,9 @@ def run(
         f"objective {objective}")
 
     recorder = make_callback(log, progress, extra=prefs is not None)  # after `import unsloth`: it imports transformers
-    built = qlora_backends.build(backend)(cfg, train, evals, new, cuda, recorder if prefs is None else None)
-    sft, model, tok, new_ds = built.trainer, built.model, built.tok, built.new_ds
+    extras = {k: v for k, v in (("new", new), ("canary", canary)) if v is not None}
+    built = qlora_backends.build(backend)(cfg, train, evals, extras, cuda, recorder if prefs is None else None)
+    sft, model, tok, new_ds, canary_ds = built.trainer, built.model, built.tok, built.new_ds, built.sets.get("canary")
     trainer, pref_info, scorer = sft, {}, None
     if prefs is not None:  # the SFT trainer only evaluates; built before the warm start (see qlora_pref)
         trainer, pref_info = qlora_pref.build_trainer(cfg, model, tok, prefs[0], prefs[1], built.args, recorder)
@@ -94,6 +97,7 @@ def run(
         torch.cuda.reset_peak_memory_stats()
     base_loss = evaluate(sft, log, "base", scorer=scorer, model=model)  # the starting weights (+ init.adapter)
     new_before = evaluate(sft, log, "new_before", new_ds) if new_ds is not None else None
+    canary_before = evaluate(sft, log, "canary_before", canary_ds) if canary_ds is not None else None
 
     started = time.monotonic()
     try:
@@ -104,15 +108,16 @@ def run(
 
     after_loss = evaluate(sft, log, "candidate", scorer=scorer, model=model)
     new_after = evaluate(sft, log, "new_after", new_ds) if new_ds is not None else None
+    canary_after = evaluate(sft, log, "canary_after", canary_ds) if canary_ds is not None else None
     adapter_dir = save_adapter(cfg, model, tok)
     champion, init = cfg["gate"]["champion_adapter"], cfg["init"]["adapter"]
     if champion is not None and init is not None and os.path.realpath(champion) == os.path.realpath(init):
         # Warm-started from the champion: the "before" evaluations were the champion's; no second load.
         champion_loss, champion_new, champion_error = base_loss, new_before, None
-        champion_pref = base_loss.pref
+        champion_pref, champion_canary = base_loss.pref, canary_before
     else:
-        champion_loss, champion_new, champion_error, champion_pref = evaluate_champion(
-            champion, model, sft, log, new_ds, scorer)
+        champion_loss, champion_new, champion_error, champion_pref, champion_canary = evaluate_champion(
+            champion, model, sft, log, new_ds, scorer, canary_ds)
     before, after = base_loss.pref, after_loss.pref
     return {
         "backend": backend,
@@ -130,6 +135,10 @@ def run(
         "champion_eval_loss": champion_loss.loss if champion_loss is not None else None,
         "champion_new_loss": champion_new.loss if champion_new is not None else None,
         "champion_error": champion_error,
+        "canary_examples": len(canary) if canary is not None else None,
+        "canary_loss_before": _loss(canary_before),
+        "canary_loss_after": _loss(canary_after),
+        "champion_canary_loss": _loss(champion_canary),
         "pref_train_examples": len(prefs[0]) if prefs is not None else None,
         "pref_eval_examples": len(prefs[1]) if prefs is not None else None,
         "pref_accuracy_before": _pref(before, "accuracy"),
@@ -148,6 +157,10 @@ def run(
         "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         **built.info,
     }
+
+
+def _loss(scores: Scores | None) -> float | None:
+    return scores.loss if scores is not None else None
 
 
 def _pref(scores: dict[str, Any] | None, key: str) -> Any:
@@ -199,26 +212,31 @@ def _log_scores(log: MetricsLog, phase: str, scores: Scores) -> None:
 
 
 def evaluate_champion(
-    champion: str | None, model: Any, trainer: Any, log: MetricsLog, new_ds: Any = None, scorer: Any = None
-) -> tuple[Scores | None, Scores | None, str | None, dict[str, Any] | None]:
-    """The champion adapter's scores on the same eval split and new examples: (eval scores, new scores or None, None,
-    preference scores or None), or (None, None, why not, None); OOM propagates."""
+    champion: str | None, model: Any, trainer: Any, log: MetricsLog, new_ds: Any = None, scorer: Any = None,
+    canary_ds: Any = None,
+) -> tuple[Scores | None, Scores | None, str | None, dict[str, Any] | None, Scores | None]:
+    """The champion adapter's scores on the same eval split, new examples and canary set: (eval scores, new scores or
+    None, None, preference scores or None, canary scores or None), or (None, None, why not, None, None); OOM
+    propagates."""
     if champion is None:
-        return None, None, None, None
+        return None, None, None, None, None
     try:
         model.load_adapter(champion, adapter_name="champion")
         model.set_adapter("champion")
         champion_scores = scores_of(trainer, None, scorer, model)
         champion_new = scores_of(trainer, new_ds) if new_ds is not None else None
+        champion_canary = scores_of(trainer, canary_ds) if canary_ds is not None else None
         model.set_adapter("default")
         model.delete_adapter("champion")
         _log_scores(log, "champion", champion_scores)
         if champion_new is not None:
             _log_scores(log, "champion_new", champion_new)
-        return champion_scores, champion_new, None, champion_scores.pref
+        if champion_canary is not None:
+            _log_scores(log, "champion_canary", champion_canary)
+        return champion_scores, champion_new, None, champion_scores.pref, champion_canary
     except Exception as e:
         if is_oom(e):
             raise
         champion_error = one_line(e)
         say(f"champion adapter could not be evaluated: {champion_error}")
-        return None, None, champion_error, None
+        return None, None, champion_error, None, None

@@ -25,15 +25,18 @@ Optional inputs beside the train and eval splits:
     land: else exit 2, one line naming what differs). "Before" evaluations then score the base + that adapter.
   * ``dataset.new_path``: the new examples (same JSONL format; missing or empty: exit 3), evaluated like the eval split
     before and after training and, with ``gate.champion_adapter``, under the champion.
-  * ``gate.champion_adapter``: scored on the same eval split (and new examples). When it is also ``init.adapter``
-    (the same folder), the "before" evaluations are its scores and it is not loaded again.
+  * ``dataset.canary_path``: the canary set (same JSONL format; general text and chat turns shipped with the
+    service, the gate's forgetting guard; missing or empty: exit 3), evaluated like the new examples.
+  * ``gate.champion_adapter``: scored on the same eval split (and new examples, and canary set). When it is also
+    ``init.adapter`` (the same folder), the "before" evaluations are its scores and it is not loaded again.
 
 Outputs, in this order:
   * ``metrics.output_path`` (JSON lines, one complete line per write): ``{"event": "job_started", ...}``, step lines
     ``{"job_id", "step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s", "timestamp"}``,
     ``{"event": "evaluated", "phase", "eval_loss"}`` with phase, in this order, "base" (the starting weights on the
-    eval split), "new_before"*, then after training "candidate", "new_after"*, "champion"**, "champion_new"*,**
-    (* only with ``dataset.new_path``; ** only with a champion that is not ``init.adapter``; ``eval_loss`` is the
+    eval split), "new_before"*, "canary_before"***, then after training "candidate", "new_after"*,
+    "canary_after"***, "champion"**, "champion_new"*,**, "champion_canary"**,*** (* only with ``dataset.new_path``;
+    *** only with ``dataset.canary_path``; ** only with a champion that is not ``init.adapter``; ``eval_loss`` is the
     loss on that phase's set; kto/dpo add ``pref_accuracy`` to base, candidate and champion), and last
     ``{"event": "job_finished", "status", "final_loss", "total_steps", "runtime_seconds", "error"?}``. With kto or
     dpo, a step line's ``train_loss`` / ``eval_loss`` are the KTO/DPO loss (train split / preference eval split)
@@ -46,7 +49,10 @@ Outputs, in this order:
     ``final_train_loss``, ``train_loss_mean``, ``eval_loss_before`` (the starting weights on the eval split),
     ``eval_loss_after``, ``init_adapter`` (path or null), ``new_loss_before``, ``new_loss_after`` (null without new
     examples), ``champion_adapter``, ``champion_eval_loss``, ``champion_new_loss`` (null without a champion or new
-    examples), ``champion_error``, ``objective``, ``pref_train_examples``, ``pref_eval_examples``,
+    examples), ``champion_error``, ``canary_examples``, ``canary_loss_before``, ``canary_loss_after``,
+    ``champion_canary_loss`` (the SFT loss on the canary set: the starting weights, the candidate, the champion; null
+    without ``dataset.canary_path``, the champion's also without a champion), ``objective``,
+    ``pref_train_examples``, ``pref_eval_examples``,
     ``pref_accuracy_before`` (the starting weights), ``pref_accuracy_after`` (the candidate),
     ``champion_pref_accuracy``, ``pref_reward_desirable_before`` / ``_after`` and ``pref_reward_undesirable_before``
     / ``_after`` (mean implicit reward log π − log π_ref of the desirable (kto label true, dpo chosen) and undesirable
@@ -151,9 +157,12 @@ def _train(
         evals = read_examples(cfg["dataset"]["eval_path"], "dataset.eval_path")
         new_path = cfg["dataset"]["new_path"]
         new = read_examples(new_path, "dataset.new_path") if new_path is not None else None
-        say(f"{len(train)} train / {len(evals)} eval" + (f" / {len(new)} new" if new is not None else "") + " examples")
+        canary_path = cfg["dataset"]["canary_path"]
+        canary = read_examples(canary_path, "dataset.canary_path") if canary_path is not None else None
+        say(f"{len(train)} train / {len(evals)} eval" + (f" / {len(new)} new" if new is not None else "")
+            + (f" / {len(canary)} canary" if canary is not None else "") + " examples")
         prefs = _read_preferences(cfg)
-        outcome = run(cfg, train, evals, new, log, progress, prefs)
+        outcome = run(cfg, train, evals, new, log, progress, prefs, canary)
         outcome.update(train_examples=len(train), eval_examples=len(evals),
                        new_examples=len(new) if new is not None else None)
         return "completed", EXIT_OK, None, outcome

@@ -39,7 +39,8 @@ def make(make_settings: Any, model: Path, url: str, template: str = "qwen-2.5") 
                   "config_template": str(overrides)},
         policy={"min_new_examples": 5, "min_total_examples": 5, "cooldown": 0, "max_runs_per_day": 20},
         dataset={"min_train_examples": 4, "min_eval_examples": 2},
-        gate={"tolerance": 10.0, "min_new_gain": 0.0},  # promote every candidate: this is about export and registry
+        # promote every candidate (the other checks run and report): this is about export and registry
+        gate={"tolerance": 10.0, "min_new_gain": 0.0, "required": ["loss"]},
         export={"quantization": "q8_0", "smoke": {"require_stop": False}},
         ollama={"host": url, "model_name": "chatos-e2e", "keep_versions": 1, "timeout_s": 30},
     )

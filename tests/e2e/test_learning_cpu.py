@@ -6,6 +6,7 @@ retrain from the base leaves it out of the new model's lineage."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from trainjobs import UNSLOTH_PYTHON
 from daemon.dataset.builder import read_train_ids
 from daemon.demo import storegen
 from daemon.state import State
+from daemon.train import gate
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +85,15 @@ def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[s
     storegen.generate_store(store, 160, days=2, seed=31, assistant_words=(6, 20), feedback_fraction=0.6)
     config = write_config(tmp_path, tiny_models["qwen2"],
                           training={"replay_ratio": 1.0, "new_epochs": 2, "warm_lr_scale": 0.5},
-                          gate={"tolerance": 0.5, "min_new_gain": 0.005})  # a tiny random model moves little
+                          gate={"tolerance": 0.5, "min_new_gain": 0.005,  # a tiny random model moves little
+                                "max_canary_increase": 0.5})
 
     first = cli(config, "trigger")
     plan1 = first["counts"]["plan"]
     assert first["outcome"] == "promoted", first["reason"]
     assert plan1["init"] == "base" and plan1["why"] == "no champion yet"
+    canary1 = {c["name"]: c for c in first["counts"]["gate"]["checks"]}["canary"]  # against the base model
+    assert canary1["passed"] and canary1["candidate_ppl"] == pytest.approx(math.exp(canary1["candidate_loss"]))
     assert plan1["examples"] == plan1["split"] and plan1["steps"] == -(-plan1["split"] // 8)
     j1 = first["job_id"]
 
@@ -108,14 +113,27 @@ def test_votes_reach_the_model_and_a_retracted_one_leaves_it(tiny_models: dict[s
     assert plan2["learning_rate"] == pytest.approx(0.005) and "warm start" in plan2["lr_note"]
     cfg2 = yaml.safe_load(Path(row2.config_path).read_text())  # type: ignore[union-attr]
     assert cfg2["init"]["adapter"].endswith(f"{j1}/output/adapter") and cfg2["dataset"]["new_path"]
+    assert cfg2["dataset"]["canary_path"] == str(gate.CANARY_PATH)
     res2 = row2.result  # type: ignore[union-attr]
     assert res2["eval_loss_before"] == pytest.approx(res2["champion_eval_loss"])  # it started from the champion
-    assert [c["name"] for c in gate2["checks"]] == ["held_out", "learned_new"]
+    # the canary set, evaluated for real on the starting weights (the champion's), the candidate and the champion
+    assert res2["canary_examples"] == 40 and res2["canary_loss_before"] == pytest.approx(res2["champion_canary_loss"])
+    assert all(math.isfinite(res2[k]) for k in ("canary_loss_before", "canary_loss_after", "champion_canary_loss"))
+    assert [c["name"] for c in gate2["checks"]] == ["loss", "learned_new", "preference", "canary", "regressions"]
+    canary = gate2["checks"][3]
+    assert canary["candidate_loss"] == res2["canary_loss_after"] and canary["champion_loss"] == res2[
+        "champion_canary_loss"]
+    assert canary["candidate_ppl"] == pytest.approx(math.exp(res2["canary_loss_after"]))
+    assert canary["passed"] and canary["max_increase"] == 0.5 and canary["detail"].startswith("canary: perplexity")
+    assert gate2["checks"][2]["skipped"] and gate2["checks"][4]["skipped"]  # sft: no preference data; no file
     assert gate2["candidate_new_loss"] < gate2["champion_new_loss"] * 0.995, gate2  # it learned the new votes
     assert gate2["checks"][1]["passed"] and gate2["checks"][1]["detail"].startswith("learned_new: new-example loss")
     assert second["counts"]["learned"].startswith("learned: new ")
     assert second["outcome"] == "promoted", second["reason"]
-    status = cli(config, "status")["store"]["model"]
+    full_status = cli(config, "status")["store"]
+    status = full_status["model"]
+    assert full_status["gate"]["champion"]["job_id"] == second["job_id"]
+    assert [c["name"] for c in full_status["gate"]["champion"]["checks"]] == [c["name"] for c in gate2["checks"]]
     assert status["init"] == "champion" and status["lineage"] == [second["job_id"], j1]
     assert status["deleted_in_model"] == 0 and "; full retrain from the base (nothing new" in status["next_plan"]
 
@@ -160,7 +178,8 @@ def test_a_preference_objective_trains_exports_and_registers(
         python = str(UNSLOTH_PYTHON)
     store, state_dir = tmp_path / "ChatOS-Memory", tmp_path / "state"
     storegen.generate_store(store, 160, days=2, seed=41, assistant_words=(6, 20), feedback_fraction=0.7)
-    config = write_config(tmp_path, tiny_models["qwen2"], gate={"tolerance": 10.0, "min_new_gain": 0.0},
+    config = write_config(tmp_path, tiny_models["qwen2"], gate={"tolerance": 10.0, "min_new_gain": 0.0,
+                                                               "required": ["loss"]},
                           training={"objective": objective, "dpo_min_pairs": 2, "backend": backend, "python": python},
                           ollama_url=ollama_standin.url)
     trains = "kto" if objective == "kto" else "dpo"

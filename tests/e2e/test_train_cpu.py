@@ -31,6 +31,7 @@ RESULT_KEYS = {
     "tokens_per_s", "train_examples", "eval_examples", "device", "dtype", "load_in_4bit", "peak_rss_bytes",
     "peak_gpu_memory_bytes", "versions", "python", "finished_at",
     "init_adapter", "new_examples", "new_loss_before", "new_loss_after", "champion_new_loss",
+    "canary_examples", "canary_loss_before", "canary_loss_after", "champion_canary_loss",
     "objective", "pref_train_examples", "pref_eval_examples", "pref_accuracy_before", "pref_accuracy_after",
     "champion_pref_accuracy", "pref_reward_desirable_before", "pref_reward_desirable_after",
     "pref_reward_undesirable_before", "pref_reward_undesirable_after", "pref_desirable_weight",
@@ -148,6 +149,7 @@ def test_transformers_backend_trains_and_reports(qwen_job: Job, tiny_models: dic
     assert result["champion_adapter"] is None and result["champion_eval_loss"] is None
     assert result["init_adapter"] is None and result["new_examples"] is None
     assert result["new_loss_before"] is result["new_loss_after"] is result["champion_new_loss"] is None
+    assert all(result[k] is None for k in RESULT_KEYS if k.startswith(("canary_", "champion_canary")))
     assert result["objective"] == "sft" and all(result[k] is None for k in PREF_KEYS)
     check_adapter_loads(qwen_job, tiny_models["qwen2"])
 

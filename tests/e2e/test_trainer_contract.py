@@ -126,16 +126,18 @@ def test_missing_dataset_exits_3(job: Job) -> None:
     assert "Traceback" not in job.log
 
 
+@pytest.mark.parametrize("key", ["new_path", "canary_path"])
 @pytest.mark.parametrize(("content", "message"), [(None, "not found"), ("", "holds no examples")])
-def test_missing_or_empty_new_examples_exit_3(job: Job, content: str | None, message: str) -> None:
-    new = Path(job.config["dataset"]["train_path"]).with_name("new.jsonl")
+def test_missing_or_empty_new_examples_or_canary_set_exit_3(job: Job, content: str | None, message: str,
+                                                            key: str) -> None:
+    new = Path(job.config["dataset"]["train_path"]).with_name("extra.jsonl")
     if content is not None:
         new.write_text(content)
-    job.config["dataset"]["new_path"] = str(new)
+    job.config["dataset"][key] = str(new)
     job.run()
     assert job.proc is not None and job.proc.returncode == 3, job.log
     end = finished(job)
-    assert end["exit_code"] == 3 and end["error"] == f"At 'dataset.new_path': {new} {message}"
+    assert end["exit_code"] == 3 and end["error"] == f"At 'dataset.{key}': {new} {message}"
     assert not job.result_path.exists() and "Traceback" not in job.log
 
 

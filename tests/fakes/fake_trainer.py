@@ -12,6 +12,8 @@ It checks its argv, cwd and environment the way the real contract demands, then 
   export has its own digest) through a ``.partial.gguf`` renamed into place, and ``export_result.json`` last and
   atomically, in the shape ``daemon/trainer/merge_export.py`` writes and ``daemon.publish.export.outcome`` reads.
 
+Training reports canary losses when the config names ``dataset.canary_path`` (``FAKE_CANARY_AFTER``,
+``FAKE_CHAMPION_CANARY``: the candidate's and the champion's, default 2.5 like the base's).
 ``FAKE_TRAINER_ARGV_LOG`` (a file) receives the argv of the last call, either kind.
 """
 
@@ -196,6 +198,12 @@ def train_main(script: Path, cfg_path: Path) -> None:
                   if cfg["gate"]["champion_adapter"] else None,
                   "steps": steps, "runtime_seconds": 0.1, "backend": backend,
                   "base_model": cfg["model"]["name"], "chat_template": cfg["model"]["chat_template"]}
+        canary = cfg["dataset"].get("canary_path")
+        if canary:  # the canary set: FAKE_CANARY_AFTER / FAKE_CHAMPION_CANARY (losses; 2.5 = no change)
+            result.update(canary_examples=Path(canary).read_text().count("\n"),
+                          canary_loss_before=2.5, canary_loss_after=float(os.environ.get("FAKE_CANARY_AFTER", "2.5")),
+                          champion_canary_loss=float(os.environ.get("FAKE_CHAMPION_CANARY", "2.5"))
+                          if cfg["gate"]["champion_adapter"] else None)
         write_json_atomic(Path(cfg["result"]["output_path"]), result)
 
 

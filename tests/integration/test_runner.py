@@ -18,10 +18,10 @@ import yaml
 from helpers import logs_file, rec, write_lines
 from structlog.testing import capture_logs
 
-from daemon import proc, settings
+from daemon import api, proc, settings
 from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.state import JobRow, State
-from daemon.train import jobspec, runner
+from daemon.train import gate, jobspec, runner
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_trainer.py"
 
@@ -280,6 +280,51 @@ def test_cycle_trains_gates_and_promotes_then_compares_with_the_champion(
         assert "2.5000 > champion" in r2.reason and st.service.get().champion_job == r1.job_id
         assert st.jobs.get(r2.job_id).status == "rejected"  # type: ignore[union-attr]
         assert st.cycles.runs_since("2000-01-01") == 2
+
+
+def test_the_gate_checks_reach_the_summary_the_job_row_and_status(
+    make_settings: Any, store: Path, fake_python: Path, base_model: Path, tmp_path: Path
+) -> None:
+    write_lines(logs_file(store), [rec(f"g0000000000{i}", quality="good", answer=f"g{i}") for i in range(4)])
+    cases = tmp_path / "regressions.yaml"
+    cases.write_text("- {id: two, prompt: '2+2?', expect: {contains: '4'}}\n")
+    s = cycle_settings(make_settings, fake_python, base_model)
+    s.gate.regressions_file = cases
+    with State(s.state_dir()) as st:
+        r1 = run_cycle(s, st, CycleRequest(None))
+        assert r1.outcome == "promoted", r1.reason
+        cfg = yaml.safe_load(Path(st.jobs.get(r1.job_id).config_path).read_text())  # type: ignore[union-attr]
+        assert cfg["dataset"]["canary_path"] == str(gate.CANARY_PATH)
+        checks = {c["name"]: c for c in r1.counts["gate"]["checks"]}
+        assert list(checks) == list(gate.CHECKS) and r1.counts["gate"]["failed"] == []
+        assert checks["canary"]["passed"] and checks["canary"]["candidate_loss"] == 2.5
+        assert checks["learned_new"]["skipped"] and checks["preference"]["skipped"]
+        assert checks["regressions"]["pending"] and checks["regressions"]["cases"] == 1
+        assert st.jobs.get(r1.job_id).gate == r1.counts["gate"]  # type: ignore[union-attr]
+
+        # the candidate forgets general text: canary perplexity e^3 vs the champion's e^2.5 (+65%)
+        write_lines(logs_file(store, "2026-11-26"), [rec(f"h0000000000{i}", quality="good", answer=f"h{i}")
+                                                     for i in range(2)])
+        cases.write_text("- {id: two, prompt: '2+2?'}\n")  # and the regressions file went bad
+        s2 = cycle_settings(make_settings, fake_python, base_model, FAKE_CANARY_AFTER="3.0", FAKE_EVAL_AFTER="1.0")
+        s2.gate.regressions_file = cases
+        r2 = run_cycle(s2, st, CycleRequest(None))
+        assert r2.outcome == "rejected" and r2.counts["gate"]["failed"] == ["canary", "regressions"], r2.reason
+        assert "canary: perplexity 20.09 is +64.9% over champion" in r2.reason
+        assert f"regressions: cannot run: {cases}: entry 1 (id 'two'): needs 'expect'" in r2.reason
+        status = api.store_status(s2, st).gate
+        assert status is not None and status["champion"]["job_id"] == r1.job_id
+        assert status["last_candidate"]["job_id"] == r2.job_id and status["last_candidate"]["status"] == "rejected"
+        assert status["last_candidate"]["failed"] == ["canary", "regressions"]
+        assert any(line.startswith("canary       FAILED") for line in status["last_candidate"]["lines"])
+
+        # not required, a failing canary only reports
+        s3 = cycle_settings(make_settings, fake_python, base_model, FAKE_CANARY_AFTER="3.0", FAKE_EVAL_AFTER="1.0")
+        s3.gate.checks, s3.gate.required = ["loss", "canary"], ["loss"]
+        r3 = run_cycle(s3, st, CycleRequest(None, forced=True))
+        assert r3.outcome == "promoted", r3.reason
+        assert [(c["name"], c["passed"], c["required"]) for c in r3.counts["gate"]["checks"]] == [
+            ("loss", True, True), ("canary", False, False)]
 
 
 def test_failed_job_backs_off_and_keeps_the_service_alive(

@@ -236,3 +236,23 @@ def test_example_config_documents_every_key_and_is_valid() -> None:
             assert lines[i - 1].strip().startswith("#"), f"no comment for: {line.strip()}"
     Settings  # noqa: B018 - the example must load as-is
     load(example)
+
+
+def test_gate_checks_and_required(tmp_path: Path) -> None:
+    g = Settings().gate
+    assert g.checks == ["loss", "learned_new", "preference", "canary", "regressions"] and g.required is None
+    assert g.required_checks() == tuple(g.checks)
+    assert (g.preference_tolerance, g.max_canary_increase, g.regressions_file) == (0.05, 0.10, None)
+    p = tmp_path / "c.yaml"
+    p.write_text("gate:\n  checks: [loss, canary]\n  required: [loss]\n  regressions_file: r.yaml\n")
+    s, _ = load(p)
+    assert s.gate.required_checks() == ("loss",) and s.gate.regressions_file is not None
+    assert s.gate.regressions_file.is_absolute()
+    p.write_text("gate:\n  checks: [loss]\n  required: [loss, canary]\n")
+    assert any("gate.required names canary, which gate.checks does not run" in e for e in errors_of(p))
+    p.write_text("gate:\n  checks: [loss, vibes]\n  max_canary_increase: -0.1\n")
+    errs = errors_of(p)
+    assert any(e.startswith("At 'gate.checks.1'") for e in errs), errs
+    assert any(e.startswith("At 'gate.max_canary_increase'") for e in errs), errs
+    p.write_text("gate:\n  checks: []\n")
+    assert any(e.startswith("At 'gate.checks'") for e in errors_of(p))

@@ -178,7 +178,7 @@ def test_migration_7_carries_the_key_value_state_over(tmp_path: Path) -> None:
         "export_pending": json.dumps(pending),
     })
     with State(tmp_path / "st") as st:
-        assert st.schema_version == len(MIGRATIONS) == 10
+        assert st.schema_version == len(MIGRATIONS) == 11
         assert st.service.get() == ServiceRow(
             champion_job="j-7", last_trained_dataset=4, last_run_at="2026-01-02T03:04:05+00:00",
             last_ingest_at="2026-01-02T03:00:00Z", train_failures=3, train_backoff_until="2026-01-02T04:00:00+00:00",

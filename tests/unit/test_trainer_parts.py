@@ -134,7 +134,7 @@ def test_validate_fills_the_defaults(tmp_path: Path) -> None:
     assert cfg["training"]["learning_rate"] == 2e-4 and cfg["training"]["max_steps"] == -1
     assert cfg["training"]["eval_steps"] is None and cfg["lora"]["target_modules"][0] == "q_proj"
     assert cfg["result"] == {"output_path": None} and cfg["gate"] == {"champion_adapter": None}
-    assert cfg["init"] == {"adapter": None} and cfg["dataset"]["new_path"] is None
+    assert cfg["init"] == {"adapter": None} and cfg["dataset"]["new_path"] is cfg["dataset"]["canary_path"] is None
     assert cfg["objective"] == "sft" and cfg["dataset"]["pref_train_path"] is cfg["dataset"]["pref_eval_path"] is None
     assert cfg["preference"] == {"beta": 0.1, "desirable_weight": None, "undesirable_weight": 1.0,
                                  "precompute_ref_log_probs": True}
@@ -380,3 +380,13 @@ def test_sigterm_raises_terminated() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_shipped_canary_set_reads_as_training_data() -> None:
+    from daemon.train import gate
+
+    examples = qlora_data.read_examples(str(gate.CANARY_PATH), "dataset.canary_path")
+    assert 30 <= len(examples) <= 60
+    assert all(ex[0]["role"] == "user" and ex[-1]["role"] == "assistant" for ex in examples)  # every template
+    assert any(len(ex) > 2 for ex in examples) and any(len(ex[-1]["content"].split()) > 40 for ex in examples)
+    assert len({ex[0]["content"] for ex in examples}) == len(examples)
