@@ -115,7 +115,7 @@ class _Writer(threading.Thread):
     all let go of the GIL, so the two overlap: ~0.1 s of a 0.5 s rebuild). :meth:`finish` re-raises its error."""
 
     def __init__(self, folder: Path, train: Sequence[Example], evals: Sequence[Example], ids: bytes,
-                 more: Sequence[tuple[str, Sequence[bytes]]] = ()) -> None:
+                 more: Sequence[tuple[str, Iterable[bytes]]] = ()) -> None:
         super().__init__(name="dataset-writer", daemon=True)
         self.folder, self.parts = folder, (("train.jsonl", train), ("eval.jsonl", evals))
         self.ids, self.more = ids, more
@@ -208,7 +208,7 @@ def _selected(
 
 @contextmanager
 def _writing(folder: Path, version: int, train: Sequence[Example], evals: Sequence[Example],
-             ids: bytes, more: Sequence[tuple[str, Sequence[bytes]]]) -> Iterator[_Writer]:
+             ids: bytes, more: Sequence[tuple[str, Iterable[bytes]]]) -> Iterator[_Writer]:
     """A fresh temp folder for version ``version``, its split files being written into it on a writer thread (the
     thread is joined on the way out, whatever happens)."""
     tmp = folder / f".tmp-v{version}-{os.getpid()}"
@@ -252,7 +252,7 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
         digests = (file_digest(train), file_digest(evals))
         parts = {PREFS_FILES[0]: prefs.prefs_train, PREFS_FILES[1]: prefs.prefs_eval,
                  PAIRS_FILES[0]: prefs.pairs_train, PAIRS_FILES[1]: prefs.pairs_eval}
-        chunked = {name: preference.chunks(part) for name, part in parts.items()}
+        chunked = {name: preference.Lines(part) for name, part in parts.items()}
         pref_digests = {name: preference.digest(chunks) for name, chunks in chunked.items()}
         fp = fingerprint(train, evals, cfg, digests,
                          [(name, pref_digests[name], [p[0] for p in part]) for name, part in parts.items()])
@@ -268,7 +268,8 @@ def build(state: State, cfg: DatasetSettings, store_root: str = "") -> BuildResu
         pref_members, pref_ids = _preference_members(state, latest, version, prefs)
         files = {**dict(zip(_SPLIT_FILES, digests, strict=True)), TRAIN_IDS: hashlib.sha256(ids).hexdigest(),
                  **pref_digests, **{name: hashlib.sha256(data).hexdigest() for name, data in pref_ids.items()}}
-        more = [*chunked.items(), *((name, [data]) for name, data in pref_ids.items())]
+        more: list[tuple[str, Iterable[bytes]]] = [*chunked.items(),
+                                                   *((name, [data]) for name, data in pref_ids.items())]
         with _writing(folder, version, train, evals, ids, more) as writer:  # manifest made while files are written
             man = manifest(version, train, evals, sel, cfg, fp, files, store_root, since, prefs.manifest_part())
             final = folder / f"v{version}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +44,11 @@ _LAST = b',{"role":"assistant","content":'  # never inside a JSON string: there 
 _NEXT = b',{"role":'
 
 
-# One line of a preference file: (conversation id, score, the line). A plain tuple: a build makes tens of thousands.
-PrefLine = tuple[str, int, bytes]
+# One line of a preference file: (conversation id, score, source, cut). A plain tuple: a build makes tens of
+# thousands. cut < 0: source is the line (pairs); else source is the example's SFT line, cut where its last message
+# starts, and the KTO line is made from it as the file is written (:class:`Lines`), so a build never holds the
+# ~40 MB of KTO lines of a 100k-record store at once.
+PrefLine = tuple[str, int, bytes, int]
 
 
 @dataclass
@@ -145,8 +148,8 @@ def select(
     rejections = [(cid, MISPLACED) for cid in misplaced]
     prefs: list[Example] = []
     pairs: list[Example] = []
-    kto: dict[str, bytes] = {}
-    head, tail = len(_HEAD), len(_TAIL)
+    kto: dict[str, tuple[bytes, int]] = {}  # cid -> (its SFT line, where the completion starts)
+    head = len(_HEAD)
     # Flat on purpose: this runs once per rated conversation (tens of thousands).
     for ex in candidates:
         score = ex.score
@@ -164,8 +167,7 @@ def select(
                 continue
             cut, line = trim, trim.line
             idx = _cut(line)
-        kto[cut.cid] = b"".join((b'{"prompt":', line[head - 1:idx], b'],"completion":[', line[idx + 1:-tail],
-                                 b'],"label":true}\n' if score > 0 else b'],"label":false}\n'))
+        kto[cut.cid] = (line, idx)
         prefs.append(cut)
         if score > 0:
             continue
@@ -200,18 +202,30 @@ def select(
     for ex in prefs:
         cid = ex.cid
         in_eval = cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(cid)) < fraction
-        (p_eval if in_eval else p_train).append((cid, ex.score, kto[cid]))
+        (p_eval if in_eval else p_train).append((cid, ex.score, *kto[cid]))
     for ex in pairs:
         cid = ex.cid
         in_eval = cid in pins or (ex.bucket if ex.bucket >= 0 else split_bucket(cid)) < fraction
-        (d_eval if in_eval else d_train).append((cid, ex.score, ex.line))
+        (d_eval if in_eval else d_train).append((cid, ex.score, ex.line, -1))
     out.rejections = sorted(set(rejections))
     return out
 
 
-def chunks(part: Sequence[PrefLine], size: int = 1024) -> list[bytes]:
-    """A file's bytes as chunks of ``size`` lines."""
-    return [b"".join([p[2] for p in part[i:i + size]]) for i in range(0, len(part), size)]
+class Lines:
+    """A preference file's bytes, as chunks of ``size`` lines, made each time it is iterated (once for the digest,
+    once by the writer): a KTO line exists only while its chunk does."""
+
+    def __init__(self, part: Sequence[PrefLine], size: int = 1024) -> None:
+        self.part, self.size = part, size
+
+    def __iter__(self) -> Iterator[bytes]:
+        head, tail = len(_HEAD), len(_TAIL)
+        for i in range(0, len(self.part), self.size):
+            yield b"".join([
+                src if cut < 0 else b"".join((b'{"prompt":', src[head - 1:cut], b'],"completion":[',
+                                              src[cut + 1:-tail],
+                                              b'],"label":true}\n' if score > 0 else b'],"label":false}\n'))
+                for _, score, src, cut in self.part[i:i + self.size]])
 
 
 def digest(chunked: Iterable[bytes]) -> str:

@@ -110,3 +110,15 @@ def test_make_event_with_a_correction() -> None:
                     max_line_bytes=200)
     assert ev == {"conversation_id": "a1b2c3d4e5f6", "thumbs_up": False, "better": "Use xs[::-1].",
                   "timestamp": "2026-01-01T00:00:00.000000"}
+
+
+def test_lines_make_the_kto_lines_as_the_file_is_iterated() -> None:
+    sft = [examples.encode_line([("user", f"q{i}"), ("assistant", f"a{i}")]) for i in range(3)]
+    part = [(f"c{i}", 1 if i % 2 else -1, line, preference._cut(line)) for i, line in enumerate(sft)]
+    part.append(("p", -1, b"a pair line\n", -1))
+    lines = preference.Lines(part, size=2)
+    want = [preference.kto_line(line, i % 2 == 1) for i, line in enumerate(sft)] + [b"a pair line\n"]
+    assert list(lines) == [want[0] + want[1], want[2] + want[3]]
+    assert list(lines) == list(lines)  # made again each time: the digest pass, then the writer
+    assert json.loads(want[1]) == {"prompt": [{"role": "user", "content": "q1"}],
+                                   "completion": [{"role": "assistant", "content": "a1"}], "label": True}
