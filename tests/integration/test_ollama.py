@@ -362,10 +362,10 @@ def test_every_request_is_logged(client: OllamaClient) -> None:
     assert reqs == [("GET", "/api/version"), ("POST", "/api/show"), ("POST", "/api/create")]
 
 
-def test_chat_with_llama_cpp_really_loads_the_gguf(tmp_path: Path, gguf: Path) -> None:
-    """With the engine on (use_llama=True), the stand-in loads the GGUF: our tiny one has no vocabulary, so the load
-    fails the way an Ollama runner does (a 500), instead of answering a canned reply."""
-    need_module("llama_cpp", "llama-cpp-python is not installed (.ci/train-setup.sh builds it)")
+def test_chat_with_the_engine_really_loads_the_gguf(tmp_path: Path, gguf: Path) -> None:
+    """With the engine on (use_llama=True), the stand-in loads the GGUF in xllamacpp: our tiny one has no vocabulary,
+    so the load fails the way an Ollama runner does (a 500), instead of answering a canned reply."""
+    need_module("xllamacpp", "xllamacpp is not installed (.ci/train-setup.sh installs it)")
     srv = StandinServer(tmp_path / "ollama-engine", use_llama=True).start()
     try:
         with OllamaClient(srv.url, timeout_s=5, long_timeout_s=5) as client:
