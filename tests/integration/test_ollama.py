@@ -243,7 +243,8 @@ def test_create_error_line_inside_a_200(client: OllamaClient, tmp_path: Path) ->
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file")
     digest = client.ensure_blob(junk)
-    with pytest.raises(OllamaError, match=r"HTTP 200 stream: error line after 'parsing GGUF'.*not in GGUF") as e:
+    want = r"HTTP 200 stream: error line after 'parsing GGUF' \(status 400\): unsupported content type: text/plain"
+    with pytest.raises(OllamaError, match=want) as e:
         client.create("chatos:v1", {"model.gguf": digest})
     assert e.value.status == 400
     with pytest.raises(NotFound):
