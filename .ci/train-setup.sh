@@ -6,17 +6,19 @@
 #      conflict with the CPU stack: the trainer runs there by absolute interpreter path, as in production;
 #   3. the llama-cpp-python sdist is fetched once and only the files we use are extracted into a cache dir:
 #      vocab-only GGUFs + real chat templates (tiny test models), converter + gguf-py (export);
-#   4. llama-cpp-python built from that sdist into .venv (the Ollama stand-in loads GGUFs with it).
+#   4. xllamacpp (llama.cpp's engine, a prebuilt wheel) into both venvs: the export's engine check and the Ollama
+#      stand-in's /api/chat load GGUFs with it.
 #
 # Env: CHATOS_RETRAIN_CACHE (default ~/.cache/chatos-retrain), SKIP_UNSLOTH=1 to skip step 2,
 #      UNSLOTH_TORCH (default torch==2.13.0, the CPU wheel; name a CUDA build on a GPU machine).
 # Measured on 2 shared cores (first run): step 1 ~60 s (~1.5 GB), step 2 ~135 s (~2.9 GB), step 3 ~50 s (77 MB
-# download, 77 MB extracted), step 4 ~240 s (a C++ build); afterwards the whole script is a 0.3 s check.
+# download, 77 MB extracted), step 4 ~10 s (a 34 MB wheel per venv); afterwards the whole script is a 0.3 s check.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${CHATOS_RETRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chatos-retrain}"
 LLAMA_VERSION="0.3.36"
+XLLAMACPP_VERSION="2026.10.11549"
 LLAMA_DIR="${CHATOS_RETRAIN_LLAMA_CPP_DIR:-$CACHE/llama.cpp-$LLAMA_VERSION}"
 PY="${PYTHON:-python3}"
 
@@ -83,21 +85,16 @@ else
         2> >(grep -v "is ignored: it is neither" >&2) | sed 's/^/[train-setup] /'
 fi
 
-# 4. llama-cpp-python itself, built from the same pinned sdist (PyPI has no wheel for it): the Ollama stand-in loads
-#    GGUFs with it, so tests/integration/test_ollama.py checks that a broken GGUF fails to load the way Ollama's
-#    runner does. Measured on 2 shared cores: ~240 s once (a C++ build), then a 0.1 s import check.
-if "$ROOT/.venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
-    say "llama-cpp-python present in .venv"
-else
-    SDIST="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
-    [ -f "$SDIST" ] || SDIST="llama-cpp-python==$LLAMA_VERSION"
-    if ! command -v g++ >/dev/null && [ "$(id -u)" = "0" ]; then
-        say "installing g++ (llama-cpp-python compiles llama.cpp)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null
+# 4. llama.cpp's engine, xllamacpp (a prebuilt CPU wheel, ~34 MB, no compiler): the export child loads every GGUF
+#    in it before Ollama does, and the Ollama stand-in's /api/chat runs the registered GGUF in it. Both venvs get it:
+#    exports of Unsloth-trained adapters run in .venv-unsloth. A 0.1 s import check once installed.
+for venv in "$ROOT/.venv" "$ROOT/.venv-unsloth"; do
+    [ -x "$venv/bin/python" ] || continue
+    if "$venv/bin/python" -c \
+            "import importlib.metadata as m; raise SystemExit(m.version('xllamacpp') != '$XLLAMACPP_VERSION')" 2>/dev/null; then
+        say "xllamacpp present in $(basename "$venv")"
+    else
+        say "installing xllamacpp $XLLAMACPP_VERSION into $(basename "$venv")"
+        pipq "$venv/bin/python" "xllamacpp==$XLLAMACPP_VERSION"
     fi
-    say "building llama-cpp-python $LLAMA_VERSION into .venv (a few minutes, once)"
-    start=$SECONDS
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pipq "$ROOT/.venv/bin/python" "$SDIST"
-    say "llama-cpp-python built in $((SECONDS - start)) s"
-fi
+done

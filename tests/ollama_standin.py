@@ -10,10 +10,21 @@ A real HTTP/1.1 server on loopback (stdlib ``ThreadingHTTPServer``) implementing
   unknown blob, ``adapters``, ``quantize``); then NDJSON ``parsing GGUF``, ``using existing layer``/``creating new
   layer``, ``writing manifest``, ``success``; a non-GGUF blob or a ``from`` that would need a pull is an ``error`` line
   inside the 200. ``stream: false`` answers the final object with the matching HTTP code.
-- ``GET /api/tags``, ``POST /api/show`` (GGUF header read with the ``gguf`` package), ``POST /api/copy``,
-  ``DELETE /api/delete`` (prunes blobs no other manifest uses), ``POST /api/chat``, ``GET /api/version``.
-- ``/api/chat`` really loads the GGUF with ``llama_cpp`` when it is importable; otherwise it answers a deterministic
-  canned reply (cut to ``num_predict`` words with ``done_reason "length"``) and says so in ``"standin"``.
+- ``GET /api/tags``, ``POST /api/show`` (GGUF header read with the ``gguf`` package; ``capabilities`` derived like
+  Ollama's: ``completion``, plus ``tools`` when the template uses ``.Tools``), ``POST /api/copy``, ``DELETE
+  /api/delete`` (prunes blobs no other manifest uses), ``POST /api/chat``, ``GET /api/version``.
+- ``/api/create`` checks the Go ``template`` the way Ollama's ``template.Parse`` would reject it, with a Python
+  check of text/template's action syntax (:func:`go_template_error`: unclosed ``{{``, empty or unknown actions,
+  unknown functions, ``{{ if }}``/``{{ range }}``/``{{ with }}`` without ``{{ end }}``, a stray ``{{ end }}`` or
+  ``{{ else }}``): Ollama's ``template error: template: :LINE: ...``, HTTP 400 (an error line when streaming). A blob
+  that is not GGUF fails like Ollama's content sniffing: ``unsupported content type: unknown`` (:func:`err_not_gguf`).
+- ``/api/chat`` runs the registered GGUF in llama.cpp's engine (``xllamacpp``, loaded in this process, one server per
+  blob): greedy or sampled per ``options.temperature``, cut at ``options.num_predict`` (``done_reason "length"``) or
+  at an ``options.stop`` string or end-of-generation token (``"stop"``), like Ollama's runner; a GGUF the engine
+  cannot load is Ollama's 500 ``llama runner process has terminated: ...``. A GGUF with no transformer blocks (what
+  :func:`make_tiny_gguf` writes) cannot run in any engine: it, or any GGUF when ``xllamacpp`` is not importable or
+  the engine is switched off (``use_llama=False``), gets a deterministic canned reply (cut to ``num_predict`` words
+  with ``done_reason "length"``) and says so in the reply's ``"standin"`` note.
 
 State lives under ``data_dir`` in Ollama's layout (``blobs/sha256-<hex>``, ``manifests/<host>/<ns>/<model>/<tag>``), so
 it survives a restart. Faults (constructor keywords, :meth:`StandinServer.set_faults`, or ``POST /_standin/faults``
@@ -24,7 +35,7 @@ Use in tests: the ``ollama_standin`` fixture (a server in a thread) or :class:`S
 black-box and memory tests). As a script: ``python tests/ollama_standin.py --port P --data DIR`` prints one JSON line
 ``{"url", "admin_url", "pid"}`` when ready and runs until SIGTERM/SIGINT.
 
-This module must not import the project (it stands for a foreign server); only stdlib, plus ``gguf``/``llama_cpp``
+This module must not import the project (it stands for a foreign server); only stdlib, plus ``gguf``/``xllamacpp``
 when importable.
 """
 
@@ -60,7 +71,7 @@ except ImportError:  # pragma: no cover
 
 VERSION = "0.33.0"
 DIGEST_RE = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
-CANNED_REPLY = "Hello! This is the Ollama stand-in answering without a model, because llama_cpp is not importable."
+CANNED_REPLY = "Hello! This is the Ollama stand-in answering without a model: no engine can run this GGUF here."
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
@@ -89,7 +100,100 @@ _FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9
 ERR_ADAPTERS = "LoRA adapters are no longer supported"
 ERR_QUANTIZE = ("create-time quantization is only supported for safetensors imports; "
                 "quantize GGUF models with llama.cpp tools before importing")
-ERR_NOT_GGUF = "supplied file was not in GGUF format"
+ERR_NOT_GGUF = "unsupported content type: unknown"  # a binary blob that is not GGUF (see err_not_gguf)
+ERR_BAD_TEMPLATE = "template error"  # Ollama's errBadTemplate; the parse error follows after ": "
+ENGINE_THREADS = 2
+
+
+def err_not_gguf(head: bytes) -> str:
+    """Ollama's error for a blob that is not GGUF (``server/create.go`` ``detectContentType``: its own sniffing, then
+    Go's ``http.DetectContentType``, else ``unknown``), for the few content types a test uploads."""
+    if head.startswith(b"PK\x03\x04"):
+        kind = "application/zip"
+    elif head and not any(b < 0x20 and b not in b"\t\n\r\x0c\x1b" for b in head[:512]):
+        kind = "text/plain; charset=utf-8"
+    else:
+        return ERR_NOT_GGUF
+    return f"unsupported content type: {kind}"
+
+
+# Functions Ollama's templates may call: text/template's builtins and Ollama's own (template/template.go funcs).
+_GO_FUNCS = {"and", "or", "not", "len", "index", "slice", "print", "printf", "println", "html", "js", "urlquery",
+             "call", "eq", "ne", "lt", "le", "gt", "ge", "json", "currentDate", "yesterdayDate", "toTypeScriptType"}
+_GO_OPENERS = {"if", "range", "with", "define", "block"}
+_GO_LITERAL = re.compile(r"""^(?:\.|\$|"|'|`|\(|-?\d|true\b|false\b|nil\b)""")
+
+
+def go_template_error(text: str) -> str | None:
+    """Why Go's text/template would refuse ``text`` (``template: :LINE: message``, Ollama's parse error), or None.
+
+    A Python check of the action syntax, not Go itself (no Go toolchain is needed): actions ``{{ ... }}`` with the
+    ``{{-``/``-}}`` trim markers and ``{{/* */}}`` comments, quoted strings inside actions, the control structures'
+    nesting (``if``/``range``/``with``/``define``/``block`` ... ``else`` ... ``end``) and the function or keyword an
+    action starts with. It does not type-check pipelines; every template of ``daemon/train/templates.py`` passes."""
+    stack: list[str] = []
+    pos = 0
+    while True:
+        start = text.find("{{", pos)
+        if start < 0:
+            break
+        line = text.count("\n", 0, start) + 1
+        end = _action_end(text, start + 2)
+        if end < 0:
+            return f"template: :{line}: unclosed action"
+        body = text[start + 2:end].strip()
+        body = body[1:].strip() if body.startswith("-") else body
+        body = body[:-1].strip() if body.endswith("-") and not body.endswith("--") else body
+        pos = end + 2
+        if body.startswith("/*"):
+            if not body.endswith("*/"):
+                return f"template: :{line}: unclosed comment"
+            continue
+        word = re.split(r"[\s(|]", body, maxsplit=1)[0] if body else ""
+        if not body:
+            return f"template: :{line}: missing value for command"
+        if word in _GO_OPENERS:
+            if len(body.split(None, 1)) < 2:
+                return f"template: :{line}: missing value for {word}"
+            stack.append(word)
+        elif word == "else":
+            if not stack or stack[-1] not in ("if", "range", "with"):
+                return f"template: :{line}: unexpected {{{{else}}}}"
+        elif word == "end":
+            if not stack:
+                return f"template: :{line}: unexpected {{{{end}}}}"
+            stack.pop()
+        elif word in ("break", "continue"):
+            if "range" not in stack:
+                return f"template: :{line}: {{{{{word}}}}} outside {{{{range}}}}"
+        elif word == "template":
+            continue
+        elif not _GO_LITERAL.match(word) and word not in _GO_FUNCS and not re.match(r"^\$\w*", word):
+            if not re.match(r"^[A-Za-z_]\w*$", word):
+                return f'template: :{line}: unexpected "{word[:1]}" in command'
+            return f'template: :{line}: function "{word}" not defined'
+    if stack:
+        return f"template: :{text.count(chr(10)) + 1}: unexpected EOF"
+    return None
+
+
+def _action_end(text: str, i: int) -> int:
+    """Where the action opened before ``i`` closes (the index of its ``}}``), skipping quoted strings; -1 if never."""
+    quote = ""
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\" and quote != "`":
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+        elif c in "\"'`":
+            quote = c
+        elif text.startswith("}}", i):
+            return i
+        i += 1
+    return -1
 
 
 # --------------------------------------------------------------------------------------------------- faults
@@ -717,7 +821,7 @@ class _Api:
             "system": system,
             "details": _details(cfg),
             "model_info": info,
-            "capabilities": ["completion"],
+            "capabilities": ["completion", *(["tools"] if re.search(r"\.Tools\b", template) else [])],
             "modified_at": _mtime(path),
         })
 
@@ -826,9 +930,9 @@ class _Api:
                     return
                 path = store.blob_path(digest)
                 with path.open("rb") as f:
-                    magic = f.read(4)
-                if magic not in (b"GGUF", b"FUGG"):
-                    send({"error": ERR_NOT_GGUF, "status": 400})
+                    head = f.read(512)
+                if head[:4] not in (b"GGUF", b"FUGG"):
+                    send({"error": err_not_gguf(head), "status": 400})
                     return
                 meta = read_gguf(path)
                 kv = meta.get("kv", {})
@@ -851,6 +955,10 @@ class _Api:
             send({"error": "neither 'from' or 'files' was specified", "status": 400})
             return
 
+        bad = go_template_error(req["template"]) if isinstance(req.get("template"), str) else None
+        if bad is not None:  # Ollama's setTemplate: template.Parse fails -> errBadTemplate, a 400
+            send({"error": f"{ERR_BAD_TEMPLATE}: {bad}", "status": 400})
+            return
         for media, value in ((MT_TEMPLATE, req.get("template")), (MT_SYSTEM, req.get("system"))):
             if isinstance(value, str) and value:
                 d, size, new = store.put_bytes(value.encode())
@@ -1022,7 +1130,7 @@ class StandinServer:
     ) -> None:
         """Like a default Ollama, blobs no manifest references are pruned when a model is deleted or overwritten and at
         start (an uploaded blob not yet used by a create does not survive a restart); ``noprune=True`` is Ollama's
-        OLLAMA_NOPRUNE. ``use_llama``: None = real generation when llama_cpp is importable and the GGUF is a runnable
+        OLLAMA_NOPRUNE. ``use_llama``: None = real generation when xllamacpp is importable and the GGUF is a runnable
         model (see :meth:`generate`), True = always the engine (a GGUF it cannot load fails as Ollama's runner
         does), False = canned always.
         Other keywords are initial :class:`Faults`."""
@@ -1119,24 +1227,25 @@ class StandinServer:
 
     @property
     def llama_available(self) -> bool:
+        """Whether /api/chat can run GGUFs in llama.cpp's engine (``xllamacpp`` importable, not switched off)."""
         if self._use_llama is False:
             return False
         try:
-            import llama_cpp  # noqa: F401
+            import xllamacpp  # noqa: F401
         except ImportError:
             return False
         return True
 
     def generate(self, path: Path, digest: str, messages: list[dict[str, Any]], options: dict[str, Any],
                  num_predict: int) -> tuple[str, str, int, str | None]:
-        """(content, done_reason, eval_count, standin note). Real generation with llama_cpp, else the canned reply.
+        """(content, done_reason, eval_count, standin note). Real generation in xllamacpp, else the canned reply.
 
         A GGUF without transformer blocks (what the tests' fake exporter writes: valid metadata and a couple of
         tensors, no model) cannot run in any engine; a real Ollama would refuse to load it. It gets the canned reply
         too, so the many tests that exercise registration with such files keep their scope; every real GGUF runs."""
         why = None
         if not self.llama_available:
-            why = "no llama_cpp: canned reply"
+            why = "no xllamacpp: canned reply" if self._use_llama is not False else "engine off: canned reply"
         elif self._use_llama is None and read_gguf(path).get("runnable") is False:
             why = "not a runnable model (no transformer blocks): canned reply"
         if why is not None:
@@ -1144,28 +1253,52 @@ class StandinServer:
             if 0 < num_predict < len(words):
                 return " ".join(words[:num_predict]), "length", num_predict, why
             return CANNED_REPLY, "stop", len(words), why
-        with self._llama_lock:
+        stops = options.get("stop")
+        request: dict[str, Any] = {
+            "messages": messages,
+            "temperature": float(options.get("temperature", 0.8)),  # Ollama's default
+            "stop": [stops] if isinstance(stops, str) else list(stops or []),
+            "seed": int(options.get("seed", 0)),
+        }
+        for key, name in (("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"), ("repeat_penalty",
+                                                                                       "repeat_penalty")):
+            if key in options:
+                request[name] = options[key]
+        if num_predict > 0:
+            request["max_tokens"] = num_predict
+        with self._llama_lock:  # one generation at a time, like one runner slot
             try:
-                llm = self._llamas.get(digest)
-                if llm is None:
-                    from llama_cpp import Llama
-
-                    llm = Llama(model_path=str(path), n_ctx=int(options.get("num_ctx", 2048)), seed=0, verbose=False)
-                    self._llamas[digest] = llm
-                stops = options.get("stop")
-                out = llm.create_chat_completion(
-                    messages=messages,
-                    max_tokens=num_predict if num_predict > 0 else None,
-                    temperature=float(options.get("temperature", 0.8)),
-                    stop=list(stops) if isinstance(stops, list) else stops,
-                    seed=int(options.get("seed", 0)),
-                )
+                server = self._llamas.get(digest)
+                if server is None:
+                    server = self._load(path, int(options.get("num_ctx", 2048)))
+                    self._llamas[digest] = server
+                out = server.handle_chat_completions(request)
+            except ApiError:
+                raise
             except Exception as e:
                 raise ApiError(500, f"llama runner process has terminated: {type(e).__name__}: {e}") from None
+        if not isinstance(out, dict) or not out.get("choices"):
+            raise ApiError(500, f"llama runner process has terminated: {out!r:.300}")
         choice = out["choices"][0]
-        content = choice["message"].get("content") or ""
+        content = (choice.get("message") or {}).get("content") or ""
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
-        return content, reason, int(out.get("usage", {}).get("completion_tokens", 0)), None
+        return content, reason, int((out.get("usage") or {}).get("completion_tokens", 0)), None
+
+    @staticmethod
+    def _load(path: Path, n_ctx: int) -> Any:
+        """An xllamacpp server on ``path``. llama.cpp reports a load failure as a generic RuntimeError (its reason is
+        on stderr), which Ollama's runner answers as a 500."""
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx = n_ctx
+        params.cpuparams.n_threads = ENGINE_THREADS
+        try:
+            return xllamacpp.Server(params)
+        except Exception as e:
+            raise ApiError(500, f"llama runner process has terminated: error loading model {path.name}: "
+                                f"{e}") from None
 
     # listeners -----------------------------------------------------------------------------------------------
 

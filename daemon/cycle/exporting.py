@@ -10,6 +10,7 @@ from daemon import disk, faults, log
 from daemon.cycle import registering
 from daemon.cycle.context import Cycle, CycleResult, Outcome
 from daemon.publish import converter, export, registry
+from daemon.settings import Settings
 from daemon.state import PendingExport, State, private_dir
 from daemon.train import jobspec, runner, templates
 
@@ -43,9 +44,17 @@ def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any
         out_dir=out_dir, template=template, converter=conv, python=settings.training.python,
         quantization=q, quantize_bin=settings.export.quantize_bin,
         gguf_name=export.gguf_filename(settings.ollama.model_name, version, q),
-        model_name=settings.ollama.model_name,
+        model_name=settings.ollama.model_name, engine=engine_check(settings),
     )
     return cfg, out_dir, template
+
+
+def engine_check(settings: Settings) -> export.EngineCheck:
+    """``export.engine.*`` as the child's llama.cpp check; its smoke prompt is the one Ollama's smoke chat asks.
+    ``prompts`` stays empty here: an operator's regression prompts are piped through by whoever fills it."""
+    eng = settings.export.engine
+    return export.EngineCheck(enabled=eng.enabled, n_ctx=eng.n_ctx, threads=eng.threads, max_tokens=eng.max_tokens,
+                              smoke_prompt=settings.export.smoke.prompt)
 
 
 def _convert(cycle: Cycle, cfg: dict[str, Any], out_dir: Path, job_id: str, gate_numbers: dict[str, Any]
@@ -90,7 +99,8 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
             return
         cycle.step("exporting", f"job {job_id}: merge + convert to GGUF ({settings.export.quantization})")
         code, why = _convert(cycle, cfg, out_dir, job_id, gate_numbers)
-        out = export.outcome(code, export.read_result(Path(cfg["result_path"])), template)
+        out = export.outcome(code, export.read_result(Path(cfg["result_path"])), template,
+                             engine_require_stop=settings.export.engine.require_stop)
     if not out.ok or out.gguf_path is None or out.sha256 is None:
         result.end(Outcome.EXPORT_FAILED,
                    f"{result.reason}; export failed: {out.reason if why == 'finished' else why}")
@@ -111,8 +121,17 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
         state.service.clear_pending_export()
     mf = registry.write_modelfile(settings, out.gguf_path, version, registry.model_spec(settings, template.name))
     _log.info("export.done", job_id=job_id, model_version=version, gguf=str(out.gguf_path), size=out.size,
-              modelfile=str(mf) if mf else None)
+              modelfile=str(mf) if mf else None, **_engine_facts(out.engine))
     registering.run(cycle, version)
+
+
+def _engine_facts(engine: dict[str, Any] | None) -> dict[str, Any]:
+    """The llama.cpp check's headline for the ``export.done`` line (the whole answers stay in export_result.json)."""
+    if not engine or engine.get("enabled") is False:
+        return {"engine": "off"}
+    smoke = (engine.get("answers") or [{}])[0]
+    return {"engine_load_s": engine.get("load_s"), "engine_version": engine.get("version"),
+            "engine_smoke_finish": smoke.get("finish_reason"), "engine_smoke_tokens": smoke.get("tokens")}
 
 
 def _pending_job(cycle: Cycle) -> tuple[PendingExport, dict[str, Any]] | None:

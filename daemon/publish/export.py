@@ -5,7 +5,8 @@ Two parts, in the order a cycle uses them (the converter they name is set up by 
 * **Plan**: the job config of ``daemon/trainer/merge_export.py`` (which runs in the trainer's interpreter and
   cannot import us), with the converter and quantizer argv already built (:func:`merge_config`).
 * **Judgement**: the child's ``export_result.json`` + exit status -> an :class:`ExportOutcome`; the GGUF's
-  facts read by the ``gguf`` reader -> problems (:func:`gguf_problems`).
+  facts read by the ``gguf`` reader -> problems (:func:`gguf_problems`); the answers llama.cpp's engine gave in the
+  child -> problems (:func:`engine_problems`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ def gguf_filename(model_name: str, version: int | None, quantization: str) -> st
     return f"{safe}{f'-v{version}' if version is not None else ''}.{quantization}.gguf"
 
 
+@dataclass(frozen=True)
+class EngineCheck:
+    """The child's llama.cpp check of the GGUF (``export.engine.*``): load it, answer the smoke prompt and
+    ``prompts`` (each ``{"id", "messages", "max_tokens"}``: raw answers piped through, judged elsewhere)."""
+
+    enabled: bool = True
+    n_ctx: int = 2048
+    threads: int | None = None
+    max_tokens: int = 64
+    smoke_prompt: str = "Reply with one short sentence: what is 2 + 2?"
+    prompts: tuple[Mapping[str, Any], ...] = ()
+
+    def section(self, template: ChatTemplate) -> dict[str, Any]:
+        """The config's ``engine`` section; the stops are the template's, the ones Ollama gets too."""
+        return {"enabled": self.enabled, "n_ctx": self.n_ctx, "threads": self.threads, "max_tokens": self.max_tokens,
+                "stop": list(template.stop), "smoke_prompt": self.smoke_prompt,
+                "prompts": [dict(p) for p in self.prompts]}
+
+
 def merge_config(
     *,
     job_id: str,
@@ -87,11 +107,13 @@ def merge_config(
     max_seq_length: int = 2048,
     min_free_factor: float = 3.0,
     keep_intermediates: bool = False,
+    engine: EngineCheck | None = None,
 ) -> dict[str, Any]:
     """The config of one ``merge_export.py`` run: every path absolute, the converter/quantizer argv built here.
 
     ``python`` is the trainer's interpreter: the converter runs there (torch, transformers, numpy) with this
-    converter's own ``gguf-py``. K-quants go through an f16 GGUF and ``quantize_bin``.
+    converter's own ``gguf-py``. K-quants go through an f16 GGUF and ``quantize_bin``. ``engine``: the llama.cpp
+    check of the result (the defaults of :class:`EngineCheck` when None).
     """
     quantizer = _check_plan(backend, quantization, quantize_bin,
                             {"adapter_dir": adapter_dir, "out_dir": out_dir, "python": python})
@@ -119,6 +141,7 @@ def merge_config(
         "keep_intermediates": keep_intermediates,
         "log_path": str(out_dir / "convert.log"),
         "result_path": str(out_dir / "export_result.json"),
+        "engine": (engine or EngineCheck()).section(template),
     }
 
 
@@ -189,6 +212,7 @@ EXIT_MEANING = {
     3: "the GGUF converter failed",
     4: "not enough free disk space",
     5: "out of memory",
+    6: "the llama.cpp engine check failed",
 }
 
 
@@ -235,6 +259,30 @@ def gguf_problems(facts: Mapping[str, Any], template: ChatTemplate) -> list[str]
     return problems
 
 
+def engine_problems(engine: Mapping[str, Any] | None, require_stop: bool) -> list[str]:
+    """What is wrong with the child's llama.cpp check (``export_result.json``'s ``engine``; absent or disabled: no
+    check, nothing to say). Loaded and a smoke answer generated are required; with ``require_stop``
+    (``export.engine.require_stop``, for a real model) the smoke answer must be non-empty and end on a stop, as
+    ``export.smoke.require_stop`` asks of Ollama's answer."""
+    if not isinstance(engine, Mapping) or engine.get("enabled") is False:
+        return []
+    if engine.get("loaded") is not True:
+        return ["llama.cpp did not load the GGUF"]
+    answers = engine.get("answers")
+    smoke = answers[0] if isinstance(answers, list) and answers and isinstance(answers[0], Mapping) else None
+    if smoke is None:
+        return ["llama.cpp gave no smoke answer"]
+    problems = []
+    if require_stop:
+        if not str(smoke.get("content") or "").strip():
+            problems.append("llama.cpp's smoke answer is empty")
+        if smoke.get("stopped") is not True:
+            problems.append(f"llama.cpp's smoke answer did not end on a stop (finish_reason "
+                            f"{smoke.get('finish_reason')!r} after {smoke.get('tokens')} tokens): check the template "
+                            "and stops")
+    return problems
+
+
 @dataclass
 class ExportOutcome:
     """What a merge/convert run produced and whether the GGUF may be registered."""
@@ -248,11 +296,14 @@ class ExportOutcome:
     architecture: str | None = None
     problems: list[str] = field(default_factory=list)
     result: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None  # the llama.cpp check's facts (load time, version, raw answers)
 
 
-def outcome(code: int | None, result: Mapping[str, Any] | None, template: ChatTemplate) -> ExportOutcome:
+def outcome(code: int | None, result: Mapping[str, Any] | None, template: ChatTemplate, *,
+            engine_require_stop: bool = False) -> ExportOutcome:
     """The child's exit status + ``export_result.json`` (None when unreadable) -> the verdict, re-checking the GGUF's
-    facts here (the service, not the child, decides what is registrable)."""
+    facts and llama.cpp's answers here (the service, not the child, decides what is registrable): a GGUF the engine
+    could not load (exit 6) or whose check fails is never sent to Ollama."""
     res = dict(result) if isinstance(result, Mapping) else None
     if code != 0 or res is None or res.get("status") != "succeeded":
         error = (res or {}).get("error")
@@ -265,15 +316,20 @@ def outcome(code: int | None, result: Mapping[str, Any] | None, template: ChatTe
     path = Path(str(facts["path"])) if facts.get("path") else None
     if path is None:
         problems.insert(0, "export_result.json names no GGUF")
-    ok = not problems
+    engine = res.get("engine") if isinstance(res.get("engine"), dict) else None
+    engine_issues = engine_problems(engine, engine_require_stop)
+    ok = not problems and not engine_issues
+    reasons = ([f"GGUF check failed: {'; '.join(problems)}"] if problems else []) + (
+        [f"engine check failed: {'; '.join(engine_issues)}"] if engine_issues else [])
     return ExportOutcome(
         ok,
-        "ok" if ok else "GGUF check failed: " + "; ".join(problems),
+        "ok" if ok else "; ".join(reasons),
         code,
         gguf_path=path,
         sha256=facts.get("sha256"),
         size=facts.get("size"),
         architecture=facts.get("architecture"),
-        problems=problems,
+        problems=problems + engine_issues,
         result=res,
+        engine=engine,
     )

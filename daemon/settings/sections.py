@@ -165,6 +165,14 @@ class ExportSmokeSettings(Section):
     num_predict: int = Field(default=64, ge=1, le=4096)
 
 
+class ExportEngineSettings(Section):
+    enabled: bool = True
+    n_ctx: int = Field(default=2048, ge=64)
+    threads: int | None = Field(default=None, ge=1)
+    max_tokens: int = Field(default=64, ge=1, le=4096)
+    require_stop: bool = False
+
+
 class ExportSettings(Section):
     enabled: bool = True
     quantization: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = "q8_0"
@@ -172,6 +180,7 @@ class ExportSettings(Section):
     quantize_bin: AbsPath | None = None
     timeout: Duration = Field(default=2 * 3600.0, gt=0)
     smoke: ExportSmokeSettings = Field(default_factory=ExportSmokeSettings)
+    engine: ExportEngineSettings = Field(default_factory=ExportEngineSettings)
     cache_dir: AbsPath | None = None
     auto_setup: bool = False
 

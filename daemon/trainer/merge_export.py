@@ -18,12 +18,16 @@ is absolute and the converter/quantizer argv are already built. Steps:
    it), then ``llama-quantize`` for K-quants; output to ``convert.log``;
 5. the GGUF read back with that ``gguf-py``'s ``GGUFReader``: architecture, chat template, BOS flag, tensor count,
    size, sha256; the merged folder and partial files are deleted.
+6. the GGUF loaded in llama.cpp's engine (``xllamacpp``, in a grandchild: ``export_engine``): a smoke chat and the
+   config's ``engine.prompts`` answered greedily with the template's stops, the raw answers kept in the result
+   (``engine.enabled: false`` skips it; an enabled check without ``xllamacpp`` is refused before the merge).
 
 ``export_result.json`` is written last, atomically, on success *and* failure (``status``, ``error`` as one line).
 Exit codes: 0 ok, 1 anything else, 2 bad config or missing input, 3 the converter or quantizer failed, 4 not enough
-disk, 5 out of memory, 143 terminated (SIGTERM). The service judges the GGUF facts (``daemon.publish.export.outcome``).
+disk, 5 out of memory, 6 llama.cpp could not load the GGUF or generate with it (the GGUF is deleted),
+143 terminated (SIGTERM). The service judges the GGUF facts (``daemon.publish.export.outcome``).
 Its parts, beside it: ``export_config`` (the config's checks, exit codes), ``export_merge`` (steps 2-3),
-``export_gguf`` (steps 4-5) and ``trainer_common``.
+``export_gguf`` (steps 4-5), ``export_engine`` (step 6) and ``trainer_common``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,17 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 if sys.path[:1] != [_HERE]:  # imported as daemon.trainer.merge_export (tests) or by file path (run by path, it is)
     sys.path.insert(0, _HERE)  # first: the parts below are this folder's files, whatever else is installed
 
-from export_config import EXIT_CONVERT, EXIT_DISK, EXIT_OOM, DiskError, validate  # noqa: E402
+from export_config import (  # noqa: E402
+    EXIT_CONVERT,
+    EXIT_DISK,
+    EXIT_ENGINE,
+    EXIT_OOM,
+    DiskError,
+    EngineError,
+    validate,
+)
+from export_engine import check as engine_check  # noqa: E402
+from export_engine import engine_settings, require_engine  # noqa: E402
 from export_gguf import converter_failure, load_gguf_py, read_gguf, run_step, sha256_file  # noqa: E402
 from export_merge import finish_tokenizer, import_stack, merge, missing_modules  # noqa: E402
 from trainer_common import (  # noqa: E402
@@ -60,8 +74,8 @@ from trainer_common import (  # noqa: E402
 )
 
 # The contract's names, for the service's tests (``daemon.trainer.merge_export.EXIT_DISK`` & co.).
-__all__ = ["EXIT_CONFIG", "EXIT_CONVERT", "EXIT_DISK", "EXIT_OK", "EXIT_OOM", "EXIT_TERMINATED", "converter_failure",
-           "main", "run", "validate"]
+__all__ = ["EXIT_CONFIG", "EXIT_CONVERT", "EXIT_DISK", "EXIT_ENGINE", "EXIT_OK", "EXIT_OOM", "EXIT_TERMINATED",
+           "converter_failure", "main", "run", "validate"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -146,6 +160,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     size = weights_bytes(cfg["base_model"])
     disk = check_disk(out, size, factor) if size else None
     env, gguf_info = converter_env(cfg)
+    engine = engine_settings(cfg)
+    require_engine(engine)
 
     import_s = import_stack(cfg["backend"])
     say(f"merging {Path(cfg['adapter_dir'])} into {cfg['base_model']} ({cfg['backend']}, dtype {cfg['merge_dtype']})")
@@ -169,6 +185,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     facts["chat_template_equal"] = facts["chat_template"] == (
         cfg["chat_template_no_bos"] if tok["bos_stripped"] else cfg["chat_template"])
+    engine_s, engine_facts = run_engine(cfg, engine, final)
     conv = cfg["converter"]
     return {
         "status": "succeeded",
@@ -177,15 +194,36 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "merge": {**merged, **tok},
         "converter": {"gguf_py": gguf_info["gguf_py"], "root": conv.get("root"), "version": conv.get("version")},
         "disk": disk,
+        "engine": engine_facts,
         "timings": {
             "import_s": round(import_s, 3),
             "merge_s": round(merge_s, 3),
             "convert_s": round(convert_s, 3),
             "quantize_s": round(quantize_s, 3) if quantize_s is not None else None,
             "verify_s": round(verify_s, 3),
+            "engine_s": round(engine_s, 3) if engine_s is not None else None,
             "total_s": round(time.monotonic() - t0, 3),
         },
     }
+
+
+def run_engine(cfg: dict[str, Any], engine: dict[str, Any], gguf: Path) -> tuple[float | None, dict[str, Any]]:
+    """Step 6: (seconds, the result's ``engine`` section); a GGUF llama.cpp cannot load is deleted (exit 6)."""
+    if not engine["enabled"]:
+        say("llama.cpp engine check skipped (engine.enabled: false)")
+        return None, {"enabled": False}
+    t = time.monotonic()
+    try:
+        facts = engine_check(engine, gguf, Path(cfg["log_path"]))
+    except EngineError:
+        if not cfg.get("keep_intermediates"):
+            gguf.unlink(missing_ok=True)
+        raise
+    took = time.monotonic() - t
+    smoke = facts["answers"][0]
+    say(f"llama.cpp loaded the GGUF in {facts['load_s']}s; smoke answer {smoke['tokens']} tokens, finish_reason "
+        f"{smoke['finish_reason']}; {len(facts['answers']) - 1} prompt(s) answered")
+    return took, {"enabled": True, **facts}
 
 
 def cleanup(cfg: dict[str, Any]) -> None:
@@ -258,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {"job_id": cfg.get("job_id"), "backend": cfg["backend"], "started_at": time.time()}
     code, result = attempt(cfg)
     try:
-        vers = {"python": sys.version.split()[0], **versions(("torch", "transformers", "peft", "unsloth"))}
+        vers = {"python": sys.version.split()[0],
+                **versions(("torch", "transformers", "peft", "unsloth", "xllamacpp"))}
     except Exception:
         vers = {}
     write_result(result_path, {**base, **result, "exit_code": code, "versions": vers, "finished_at": time.time()})

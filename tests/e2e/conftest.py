@@ -58,8 +58,9 @@ def ollama_standin(tmp_path: Path) -> Iterator[StandinServer]:
 
     The GGUFs these cycles export are real (the real merge and converter) but come from tiny models with random
     weights: in the llama.cpp engine their greedy answer is usually empty, which the registry's smoke chat rightly
-    fails for a real model. Running a real GGUF in the engine is tested where the answer does not matter
-    (tests/integration/test_ollama.py, use_llama=True); here the engine would only test the random weights.
+    fails for a real model. Running a real GGUF in the engine (xllamacpp) is tested on its own
+    (tests/e2e/test_export_cpu.py: the stand-in with use_llama=True, a crafted stop, the registration's smoke check);
+    here the engine would only test the random weights (the export child's own engine check still runs).
     """
     srv = StandinServer(tmp_path / "ollama-standin", use_llama=False).start()
     try:

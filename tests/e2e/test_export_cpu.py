@@ -1,8 +1,10 @@
 """GGUF export end to end on CPU: tiny Qwen2 / Llama models with real vocabularies, a LoRA adapter with random
 weights (training is tested elsewhere), the real ``merge_export.py`` child running the real converter, the GGUF read
-back by the ``gguf`` reader and by transformers, and the verdict by ``daemon.publish.export.outcome``.
+back by the ``gguf`` reader, by transformers and by llama.cpp's engine (``xllamacpp``, the child's step 6), and the
+verdict by ``daemon.publish.export.outcome``. A GGUF corrupted after the converter is caught by the engine and never
+reaches Ollama; the Ollama stand-in runs the exported GGUF in the same engine.
 
-Needs the training stack + ``sentencepiece`` in this interpreter and the extracted llama.cpp files
+Needs the training stack + ``sentencepiece`` + ``xllamacpp`` in this interpreter and the extracted llama.cpp files
 (``.ci/train-setup.sh`` or ``chatos-retrain setup export``); the Unsloth test also needs ``.venv-unsloth``. Anything
 missing skips with the reason.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +47,8 @@ PROMPT_IDS = [151644, 872, 198, 9707, 11, 1879, 0, 151645, 198, 151644, 77091, 1
 
 @pytest.fixture(scope="module")
 def converter() -> ConverterPaths:
-    missing = [m for m in ("torch", "transformers", "peft", "gguf", "sentencepiece") if not importlib.util.find_spec(m)]
+    missing = [m for m in ("torch", "transformers", "peft", "gguf", "sentencepiece", "xllamacpp")
+               if not importlib.util.find_spec(m)]
     need(not missing, f"{', '.join(missing)} not installed in {sys.executable}: run .ci/train-setup.sh")
     try:
         return validate_llama_cpp_dir(LLAMA_CPP_DIR)
@@ -173,11 +177,35 @@ def runs(
     if UNSLOTH_PYTHON.exists():
         specs["qwen2-unsloth"] = ("qwen2", *qwen, {"quantization": "q8_0", "backend": "unsloth",
                                                 "python": UNSLOTH_PYTHON})
+    specs["qwen2-corrupted"] = ("qwen2", *qwen, {"quantization": "q8_0"})
     jobs = {}
     for name, (family, base, adapter, kw) in specs.items():
         cfg, path = plan(root / name, family, base, adapter, converter, **kw)
+        if name == "qwen2-corrupted":
+            cfg = _corrupt_after_convert(cfg, path, root / "corrupting-converter.py")
         jobs[name] = (cfg, path, Path(kw.get("python", sys.executable)))
     return run_exports(jobs)
+
+
+def _corrupt_after_convert(cfg: dict[str, Any], path: Path, wrapper: Path) -> dict[str, Any]:
+    """The test's seam (nothing in the service's config can ask for it): the converter's argv runs behind a wrapper
+    that, once the real converter has written a good GGUF, corrupts it in place: its header then claims one more
+    transformer block than the file holds. The gguf reader still reads every fact the service checks (a truncated
+    file it would refuse itself); only loading the model shows the file is broken, so llama.cpp must refuse it."""
+    wrapper.write_text(
+        "import subprocess, sys\n"
+        "import gguf\n"
+        "code = subprocess.call(sys.argv[1:])\n"
+        "if code == 0:\n"
+        "    r = gguf.GGUFReader(sys.argv[sys.argv.index('--outfile') + 1], 'r+')\n"
+        "    f = r.get_field(r.get_field('general.architecture').contents() + '.block_count')\n"
+        "    f.parts[f.data[0]][0] += 1\n"
+        "    r.data.flush()\n"
+        "sys.exit(code)\n"
+    )
+    cfg = {**cfg, "converter": {**cfg["converter"], "argv": [sys.executable, str(wrapper), *cfg["converter"]["argv"]]}}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +370,146 @@ def test_sigterm_stops_the_child_and_its_converter(
     result = json.loads(Path(cfg["result_path"]).read_text())
     assert result["status"] == "failed" and result["error"] == "terminated (SIGTERM)"
     assert not Path(cfg["work_dir"]).exists() and not list(Path(cfg["out_dir"]).glob("*.gguf"))
+
+
+# -- llama.cpp's engine ---------------------------------------------------------------------------------------------
+
+
+def _export_engine() -> Any:
+    """The child's ``export_engine`` part (importable once ``merge_export`` has put its folder on ``sys.path``)."""
+    import importlib
+
+    from daemon.trainer import merge_export  # noqa: F401
+
+    return importlib.import_module("export_engine")
+
+
+def test_the_engine_loads_every_export_and_generates(runs: dict[str, Run]) -> None:
+    """Step 6 for real: every exported GGUF loads in llama.cpp and answers the smoke prompt through its embedded
+    template with the template's stops (tiny random models: loaded and generated is all that is asked)."""
+    for name, family in (("qwen2-f16", "qwen2"), ("qwen2-q8_0", "qwen2"), ("llama-q4_k_m", "llama")):
+        run = runs[name]
+        assert run.returncode == 0, run.stderr[-4000:]
+        engine = run.result["engine"]
+        assert engine["enabled"] is True and engine["loaded"] is True, engine
+        assert engine["version"] == "2026.10.11549" and 0 < engine["load_s"] < 60
+        assert engine["stop"] == list(TEMPLATE[family].stop) and engine["n_ctx"] == 2048
+        [smoke] = engine["answers"]
+        assert smoke["id"] == "smoke" and smoke["tokens"] > 0 and isinstance(smoke["content"], str)
+        assert smoke["finish_reason"] in ("stop", "length") and smoke["stopped"] == (smoke["finish_reason"] == "stop")
+        assert run.result["timings"]["engine_s"] >= engine["load_s"]
+        assert run.result["versions"]["xllamacpp"] == "2026.10.11549"
+        verdict = run.outcome(TEMPLATE[family])
+        assert verdict.ok and verdict.engine == engine, verdict.reason
+        assert "[merge_export] llama.cpp loaded the GGUF in" in run.stderr
+        print(f"{name}: engine {engine['load_s']}s load, smoke {smoke}")
+
+
+def test_a_truncated_gguf_is_refused_by_the_engine_load(runs: dict[str, Run], tmp_path: Path) -> None:
+    """``export_engine`` on a copy of a good export cut in its tensor data: one line with llama.cpp's reason."""
+    engine = _export_engine()
+    good = Path(runs["qwen2-q8_0"].result["gguf"]["path"])
+    cut = tmp_path / "cut.gguf"
+    with good.open("rb") as src, cut.open("wb") as dst:
+        dst.write(src.read(good.stat().st_size // 2))
+    log = tmp_path / "engine.log"
+    with pytest.raises(Exception) as e:
+        engine.check(engine.engine_settings({"engine": {"n_ctx": 256, "threads": 1}}), cut, log)
+    assert type(e.value).__name__ == "EngineError" and e.value.exit_code == 6  # type: ignore[attr-defined]
+    assert str(e.value).startswith("llama.cpp could not load the GGUF: tensor '")
+    assert str(e.value).endswith("data is not within the file bounds, model is corrupted or incomplete")
+    assert "\n" not in str(e.value) and "error loading model" in log.read_text()
+    assert not list(tmp_path.glob("cut.gguf.engine*"))  # the spec and answer files are gone
+    # the good file passes the same check, and a prompt from engine.prompts is answered raw
+    prompts = [{"id": "r1", "messages": [{"role": "user", "content": "Sort: list dict"}], "max_tokens": 5}]
+    facts = engine.check(engine.engine_settings({"engine": {"n_ctx": 256, "threads": 1, "prompts": prompts}}),
+                         good, log)
+    assert [a["id"] for a in facts["answers"]] == ["smoke", "r1"] and 0 < facts["answers"][1]["tokens"] <= 5
+
+
+def test_a_gguf_corrupted_after_convert_fails_the_export_and_never_reaches_ollama(runs: dict[str, Run]) -> None:
+    """A GGUF the converter wrote, then corrupted (``_corrupt_after_convert``): the gguf reader's facts pass, the
+    engine load fails the export with exit 6 and one line, the file is deleted, and the service's verdict refuses it
+    (``daemon.cycle.exporting`` registers only an ``ok`` outcome with a GGUF path)."""
+    run = runs["qwen2-corrupted"]
+    assert run.returncode == 6, run.stderr[-4000:]
+    assert run.result["status"] == "failed" and "\n" not in run.result["error"]
+    assert run.result["error"] == ("llama.cpp could not load the GGUF: check_tensor_dims: tensor "
+                                   "'blk.2.attn_norm.weight' not found")
+    verdict = run.outcome(TEMPLATE["qwen2"])
+    assert not verdict.ok and verdict.gguf_path is None and verdict.sha256 is None  # nothing to register
+    assert verdict.reason == f"the llama.cpp engine check failed: {run.result['error']}"
+    assert not list(run.out.glob("*.gguf")) and "Traceback" not in run.stderr
+    assert "error loading model" in (run.out / "convert.log").read_text()  # llama.cpp's own lines stay in the log
+    assert_clean(run)
+
+
+def _register(client: Any, gguf: Path, name: str, stop: list[str]) -> None:
+    digest = client.ensure_blob(gguf)
+    client.create(name, {"model.gguf": digest}, template=TEMPLATE["qwen2"].ollama_template,
+                  parameters={"stop": stop, "temperature": 0})
+
+
+def test_the_standin_runs_the_export_and_honours_a_crafted_stop(runs: dict[str, Run], tmp_path: Path) -> None:
+    """The stand-in's /api/chat in xllamacpp on the real export: greedy output cut by num_predict is "length"; a
+    stop string taken from that output ends the answer there with "stop", and the registration's smoke check
+    (``ollama.smoke_problems``) passes with require_stop; without the stop it fails with its reason."""
+    from ollama_standin import StandinServer
+
+    from daemon.publish import ollama
+    from daemon.publish.ollama_client import OllamaClient
+
+    gguf = Path(runs["qwen2-q8_0"].result["gguf"]["path"])
+    msgs = [{"role": "user", "content": "Sort: list dict file loop"}]
+    with StandinServer(tmp_path / "ollama", use_llama=True) as srv, \
+            OllamaClient(srv.url, timeout_s=120, long_timeout_s=120) as client:
+        _register(client, gguf, "tiny:v1", list(TEMPLATE["qwen2"].stop))
+        free = client.chat("tiny:v1", msgs, num_predict=24)
+        assert "standin" not in free and free["done_reason"] == "length" and free["eval_count"] == 24, free
+        assert ollama.smoke_problems(free, require_stop=True) == [
+            "answer ran to num_predict without a stop (done_reason 'length'): check the template and stops"]
+        text = free["message"]["content"]
+        stop = _crafted_stop(text)
+        assert stop is not None, f"no usable stop string in the greedy output {text!r}"
+        _register(client, gguf, "tiny:v2", [stop])
+        stopped = client.chat("tiny:v2", msgs, num_predict=24)
+        assert stopped["done_reason"] == "stop" and stopped["eval_count"] < 24, stopped
+        assert stopped["message"]["content"] == text[:text.index(stop)], (stopped, stop)
+        assert ollama.smoke_problems(stopped, require_stop=True) == []
+        print(f"greedy {text!r}; crafted stop {stop!r} -> {stopped['message']['content']!r}")
+
+
+def _crafted_stop(text: str) -> str | None:
+    """A word of ``text`` (not its first) where it first occurs: stopping on it leaves a non-empty answer."""
+    for m in list(re.finditer(r"\S+", text))[1:]:
+        if text.find(m.group()) == m.start() and text[:m.start()].strip():
+            return m.group()
+    return None
+
+
+def test_registration_smoke_check_runs_the_export_for_real(runs: dict[str, Run], tmp_path: Path, state: Any,
+                                                          make_settings: Any) -> None:
+    """``registry.register`` against the stand-in running the GGUF in xllamacpp: the tiny model rambles to
+    num_predict, so ``export.smoke.require_stop`` true fails the registration with its reason, and false registers."""
+    from ollama_standin import StandinServer
+
+    from daemon.publish import ollama_client, registry
+
+    facts = runs["qwen2-q8_0"].result["gguf"]
+    with StandinServer(tmp_path / "ollama", use_llama=True) as srv:
+        for version, require_stop in ((1, True), (2, False)):
+            s = make_settings(ollama={"host": srv.url, "model_name": "tiny", "timeout_s": 120},
+                              export={"smoke": {"require_stop": require_stop, "num_predict": 8}})
+            v = registry.add_version(state, job_id=f"j{version}", dataset_version=version, manifest_hash=None,
+                                     gguf_path=facts["path"], gguf_sha256=f"sha256:{facts['sha256']}",
+                                     gguf_size=facts["size"], architecture="qwen2", chat_template="qwen-2.5",
+                                     eval_numbers={}, settings=s)
+            row = registry.register(s, state, v)
+            if require_stop:
+                assert row["status"] == "failed", row
+                assert row["last_error"].endswith("smoke test failed: answer ran to num_predict without a stop "
+                                                  "(done_reason 'length'): check the template and stops"), row
+            else:
+                assert row["status"] == "registered", row
+        with ollama_client.OllamaClient(srv.url) as client:  # v2 and latest, made from the real GGUF; v1 cleaned up
+            assert {m["name"] for m in client.tags()} == {"tiny:v2", "tiny:latest"}

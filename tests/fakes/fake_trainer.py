@@ -7,9 +7,10 @@ It checks its argv, cwd and environment the way the real contract demands, then 
   garbage | garbage_crash (hostile metrics lines, then exit 1) | partial | slow_ok (``FAKE_STEP_S`` per step).
   Real trainer output shapes (metrics.jsonl lines, result.json written last).
 - export, ``FAKE_EXPORT_MODE``: ok | fail (converter failure, exit 3) | hang | slow (a pause before the GGUF is
-  renamed into place) | badtemplate (a GGUF whose chat template is not the training one). It writes a tiny but valid
-  GGUF (the architecture the template is meant for, the training chat template, the job id in ``general.name`` so each
-  export has its own digest) through a ``.partial.gguf`` renamed into place, and ``export_result.json`` last and
+  renamed into place) | badtemplate (a GGUF whose chat template is not the training one) | engine (llama.cpp could
+  not load the GGUF: exit 6, no GGUF) | rambles (the engine's smoke answer ran to max_tokens). It writes a tiny but
+  valid GGUF (the architecture the template is meant for, the training chat template, the job id in ``general.name``
+  so each export has its own digest) through a ``.partial.gguf`` renamed into place, and ``export_result.json`` last and
   atomically, in the shape ``daemon/trainer/merge_export.py`` writes and ``daemon.publish.export.outcome`` reads.
 
 Training reports canary losses when the config names ``dataset.canary_path`` (``FAKE_CANARY_AFTER``,
@@ -117,6 +118,11 @@ def export_main(script: Path, cfg_path: Path) -> None:
                                         "error": "convert_hf_to_gguf.py failed: the converter does not support "
                                                  "the architecture FakeForCausalLM"})
         sys.exit(3)
+    if mode == "engine":
+        write_json_atomic(result_path, {**base, "status": "failed", "exit_code": 6, "finished_at": time.time(),
+                                        "error": "llama.cpp could not load the GGUF: tensor 'blk.0.attn_q.weight' data "
+                                                 "is not within the file bounds, model is corrupted or incomplete"})
+        sys.exit(6)
     template = cfg["chat_template"] if mode != "badtemplate" else "{{ messages }}"
     partial = Path(cfg["converter"]["output"])
     write_gguf(partial, ARCH.get(cfg["template_name"], "qwen2"), template, f"fake-{cfg.get('job_id')}")
@@ -128,7 +134,13 @@ def export_main(script: Path, cfg_path: Path) -> None:
              "name": f"fake-{cfg.get('job_id')}", "file_type": 7, "tensor_count": 2, "context_length": 128,
              "chat_template": template, "add_bos_token": None, "sha256": sha256_file(final)}
     facts["chat_template_equal"] = facts["chat_template"] == cfg["chat_template"]
+    rambles = mode == "rambles"  # the engine's smoke answer, as the real child's step 6 records it
+    smoke = {"id": "smoke", "content": "\n" * 64 if rambles else "Four.", "tokens": 64 if rambles else 3,
+             "finish_reason": "length" if rambles else "stop", "elapsed_s": 0.01}
+    engine = {"enabled": True, "loaded": True, "load_s": 0.1, "version": "fake",
+              "answers": [{**smoke, "stopped": smoke["finish_reason"] == "stop"}]}
     write_json_atomic(result_path, {**base, "status": "succeeded", "gguf": facts, "quantization": cfg["quantization"],
+                                    "engine": engine,
                                     "timings": {"total_s": round(time.time() - started, 3)}, "exit_code": 0,
                                     "versions": {"python": sys.version.split()[0]}, "finished_at": time.time()})
 

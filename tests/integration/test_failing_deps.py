@@ -274,11 +274,16 @@ def test_a_digest_mismatch_is_a_hard_failure_and_the_next_model_registers(
 
 @pytest.mark.parametrize(("mode", "words"), [("fail", "the GGUF converter failed: convert_hf_to_gguf.py failed"),
                                              ("badtemplate", "tokenizer.chat_template differs"),
-                                             ("hang", "timed out after 1s")])
+                                             ("hang", "timed out after 1s"),
+                                             ("engine", "the llama.cpp engine check failed: llama.cpp could not "
+                                                        "load the GGUF: tensor 'blk.0.attn_q.weight' data is not"),
+                                             ("rambles", "engine check failed: llama.cpp's smoke answer is empty; "
+                                                         "llama.cpp's smoke answer did not end on a stop")])
 def test_a_failing_export_registers_nothing(make_settings: Any, records: Path, fake_python: Path, base_model: Path,
                                             converter: Path, ollama_standin: StandinServer, mode: str,
                                             words: str) -> None:
-    s = make(make_settings, fake_python, base_model, export={"llama_cpp_dir": str(converter), "timeout": 1},
+    s = make(make_settings, fake_python, base_model, export={"llama_cpp_dir": str(converter), "timeout": 1,
+                                                             "engine": {"require_stop": True}},
              ollama={"host": ollama_standin.url, "model_name": "chatos"})
     s.training.env["FAKE_EXPORT_MODE"] = mode
     with State(s.state_dir()) as st:

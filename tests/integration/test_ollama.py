@@ -243,7 +243,8 @@ def test_create_error_line_inside_a_200(client: OllamaClient, tmp_path: Path) ->
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file")
     digest = client.ensure_blob(junk)
-    with pytest.raises(OllamaError, match=r"HTTP 200 stream: error line after 'parsing GGUF'.*not in GGUF") as e:
+    want = r"HTTP 200 stream: error line after 'parsing GGUF' \(status 400\): unsupported content type: text/plain"
+    with pytest.raises(OllamaError, match=want) as e:
         client.create("chatos:v1", {"model.gguf": digest})
     assert e.value.status == 400
     with pytest.raises(NotFound):
@@ -362,10 +363,10 @@ def test_every_request_is_logged(client: OllamaClient) -> None:
     assert reqs == [("GET", "/api/version"), ("POST", "/api/show"), ("POST", "/api/create")]
 
 
-def test_chat_with_llama_cpp_really_loads_the_gguf(tmp_path: Path, gguf: Path) -> None:
-    """With the engine on (use_llama=True), the stand-in loads the GGUF: our tiny one has no vocabulary, so the load
-    fails the way an Ollama runner does (a 500), instead of answering a canned reply."""
-    need_module("llama_cpp", "llama-cpp-python is not installed (.ci/train-setup.sh builds it)")
+def test_chat_with_the_engine_really_loads_the_gguf(tmp_path: Path, gguf: Path) -> None:
+    """With the engine on (use_llama=True), the stand-in loads the GGUF in xllamacpp: our tiny one has no vocabulary,
+    so the load fails the way an Ollama runner does (a 500), instead of answering a canned reply."""
+    need_module("xllamacpp", "xllamacpp is not installed (.ci/train-setup.sh installs it)")
     srv = StandinServer(tmp_path / "ollama-engine", use_llama=True).start()
     try:
         with OllamaClient(srv.url, timeout_s=5, long_timeout_s=5) as client:

@@ -22,6 +22,7 @@ from ollama_standin import (
     Name,
     StandinProcess,
     StandinServer,
+    go_template_error,
     make_tiny_gguf,
 )
 
@@ -148,7 +149,11 @@ def test_create_stream_false_answers_one_object(http: httpx.Client, gguf_bytes: 
     assert r.status_code == 200 and r.json() == {"status": "success"}
     bad = upload(http, b"not a gguf at all")
     r = http.post("/api/create", json={"model": "m2", "files": {"model.gguf": bad}, "stream": False})
+    assert r.status_code == 400 and r.json() == {"error": "unsupported content type: text/plain; charset=utf-8"}
+    bad = upload(http, b"\x00\x01\x02 binary, not a gguf")
+    r = http.post("/api/create", json={"model": "m2", "files": {"model.gguf": bad}, "stream": False})
     assert r.status_code == 400 and r.json() == {"error": ERR_NOT_GGUF}
+    assert ERR_NOT_GGUF == "unsupported content type: unknown"  # server/create.go detectContentType
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -181,7 +186,7 @@ def test_create_errors_after_the_first_line_are_error_lines_in_a_200(http: httpx
     not_gguf = upload(http, b"PK\x03\x04 a zip, not a gguf")
     code, lines = create(http, {"model": "x", "files": {"model.gguf": not_gguf}})
     assert code == 200
-    assert lines == [{"status": "parsing GGUF"}, {"error": ERR_NOT_GGUF, "status": 400}]
+    assert lines == [{"status": "parsing GGUF"}, {"error": "unsupported content type: application/zip", "status": 400}]
 
     adapter = upload(http, make_tiny_gguf(tmp_path / "lora.gguf", general_type="adapter").read_bytes())
     code, lines = create(http, {"model": "x", "files": {"model.gguf": adapter}})
@@ -255,6 +260,40 @@ def test_tags_copy_delete(srv: StandinServer, http: httpx.Client, gguf_bytes: by
     assert http.get("/api/tags").json() == {"models": []}
 
 
+@pytest.mark.parametrize(("template", "error"), [
+    ("{{ .Prompt", "template error: template: :1: unclosed action"),
+    ("{{ if .System }}{{ .System }}", "template error: template: :1: unexpected EOF"),
+    ("{{ .Prompt }}\n{{ end }}", "template error: template: :2: unexpected {{end}}"),
+    ("{{ range .Messages }}{{ else }}{{ else }}", "template error: template: :1: unexpected EOF"),
+    ("{{ bogus .Prompt }}", 'template error: template: :1: function "bogus" not defined'),
+    ("{{ }}", "template error: template: :1: missing value for command"),
+    ("{{ if }}x{{ end }}", "template error: template: :1: missing value for if"),
+    ("{{ else }}", "template error: template: :1: unexpected {{else}}"),
+])
+def test_create_with_a_template_that_does_not_parse_is_ollamas_400(http: httpx.Client, gguf_bytes: bytes,
+                                                                   template: str, error: str) -> None:
+    d = upload(http, gguf_bytes)
+    r = http.post("/api/create", json={"model": "m", "files": {"model.gguf": d}, "template": template,
+                                       "stream": False})
+    assert r.status_code == 400 and r.json() == {"error": error}
+    code, lines = create(http, {"model": "m", "files": {"model.gguf": d}, "template": template})
+    assert code == 200 and lines[0] == {"status": "parsing GGUF"} and lines[-1] == {"error": error, "status": 400}
+    assert http.post("/api/show", json={"model": "m"}).status_code == 404  # nothing was created
+
+
+def test_every_project_template_parses_and_capabilities_follow_the_template(http: httpx.Client,
+                                                                           gguf_bytes: bytes) -> None:
+    from daemon.train import templates  # the test may import the project; the stand-in may not
+
+    for name in templates.names():
+        assert go_template_error(templates.get(name).ollama_template) is None, name
+    make_model(http, gguf_bytes, "plain", template="{{ .Prompt }}")
+    assert http.post("/api/show", json={"model": "plain"}).json()["capabilities"] == ["completion"]
+    tools = "{{ if .Tools }}{{ json .Tools }}{{ end }}{{ range .Messages }}{{ .Content }}{{ end }}"
+    make_model(http, gguf_bytes, "tooly", template=tools)
+    assert http.post("/api/show", json={"model": "tooly"}).json()["capabilities"] == ["completion", "tools"]
+
+
 def test_chat_canned_reply_and_num_predict(http: httpx.Client, gguf_bytes: bytes) -> None:
     make_model(http, gguf_bytes, "chatos:v1")
     msgs = [{"role": "user", "content": "hi"}]
@@ -264,10 +303,10 @@ def test_chat_canned_reply_and_num_predict(http: httpx.Client, gguf_bytes: bytes
     out = r.json()
     assert out["message"] == {"role": "assistant", "content": CANNED_REPLY}
     assert out["done"] is True and out["done_reason"] == "stop"
-    # canned either way: without llama_cpp, or because this GGUF has no transformer blocks to run
-    engine = importlib.util.find_spec("llama_cpp") is not None
+    # canned either way: without xllamacpp, or because this GGUF has no transformer blocks to run
+    engine = importlib.util.find_spec("xllamacpp") is not None
     assert out["standin"] == ("not a runnable model (no transformer blocks): canned reply" if engine
-                              else "no llama_cpp: canned reply")
+                              else "no xllamacpp: canned reply")
     r = http.post("/api/chat", json={"model": "chatos:v1", "messages": msgs, "stream": False,
                                      "options": {"num_predict": 3}})
     assert r.json()["done_reason"] == "length" and r.json()["message"]["content"] == "Hello! This is"
