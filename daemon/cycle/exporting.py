@@ -12,7 +12,7 @@ from daemon.cycle.context import Cycle, CycleResult, Outcome
 from daemon.publish import converter, export, registry
 from daemon.settings import Settings
 from daemon.state import PendingExport, State, private_dir
-from daemon.train import jobspec, runner, templates
+from daemon.train import gate, jobspec, regressions, runner, templates
 
 _log = log.get("daemon.cycle")
 # state.service's pending export: the promoted job whose export has not finished yet. Set with the promotion (in
@@ -49,12 +49,56 @@ def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any
     return cfg, out_dir, template
 
 
+def regression_cases(settings: Settings) -> list[regressions.Case]:
+    """The operator's regression prompts (``gate.regressions_file``) when the ``regressions`` check runs; none when
+    it does not, or when the file cannot be used (the gate already failed that check before the export)."""
+    g = settings.gate
+    if "regressions" not in g.checks or g.regressions_file is None:
+        return []
+    try:
+        return regressions.load(g.regressions_file)
+    except regressions.RegressionFileError:
+        return []
+
+
 def engine_check(settings: Settings) -> export.EngineCheck:
-    """``export.engine.*`` as the child's llama.cpp check; its smoke prompt is the one Ollama's smoke chat asks.
-    ``prompts`` stays empty here: an operator's regression prompts are piped through by whoever fills it."""
+    """``export.engine.*`` as the child's llama.cpp check; its smoke prompt is the one Ollama's smoke chat asks,
+    its prompts the regression cases (their raw answers come back; :func:`_regressions` judges them)."""
     eng = settings.export.engine
     return export.EngineCheck(enabled=eng.enabled, n_ctx=eng.n_ctx, threads=eng.threads, max_tokens=eng.max_tokens,
-                              smoke_prompt=settings.export.smoke.prompt)
+                              smoke_prompt=settings.export.smoke.prompt,
+                              prompts=tuple(c.request() for c in regression_cases(settings)))
+
+
+def _regressions(cycle: Cycle, job_id: str, out: export.ExportOutcome, gate_numbers: dict[str, Any]
+                 ) -> dict[str, Any] | None:
+    """The gate's ``regressions`` check on the exported GGUF's answers: the updated numbers, or None when a required
+    check now fails. Then the job is rejected, the champion it replaced is back, and the GGUF is deleted."""
+    settings, state, result = cycle.settings, cycle.state, cycle.result
+    cases = regression_cases(settings)
+    if not cases:
+        return gate_numbers
+    engine = out.engine or {}
+    answers = engine.get("answers") if engine.get("loaded") else None
+    why_not = ("export.engine.enabled is false: the regression prompts run in llama.cpp's engine"
+               if not settings.export.engine.enabled else "llama.cpp gave no answers")
+    dec = gate.after_export(gate_numbers, answers, cases, why_not=why_not)
+    result.counts["gate"] = dec.numbers
+    if dec.promote:
+        with state.transaction():
+            state.jobs.judged(job_id, status="promoted", error=None, gate=dec.numbers)
+        return dec.numbers
+    previous = gate_numbers.get("previous_champion")
+    with state.transaction():
+        state.jobs.judged(job_id, status="rejected", error=dec.reason, gate=dec.numbers)
+        state.service.restore_champion(previous)
+        state.service.clear_pending_export()
+    if out.gguf_path is not None:
+        out.gguf_path.unlink(missing_ok=True)
+    _log.warning("gate.rejected_after_export", job_id=job_id, reason=dec.reason, champion=previous)
+    result.job_status = "rejected"
+    result.end(Outcome.REJECTED, f"job {job_id} rejected on its exported GGUF: {dec.reason}")
+    return None
 
 
 def _convert(cycle: Cycle, cfg: dict[str, Any], out_dir: Path, job_id: str, gate_numbers: dict[str, Any]
@@ -108,6 +152,10 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
         if not cycle.stop.is_set():  # failed on its own: not retried; stopped by us: resumed by the next cycle
             settled(state)
         return
+    checked = _regressions(cycle, job_id, out, gate_numbers)
+    if checked is None:
+        return
+    gate_numbers = checked
     faults.point("export.before_record")  # a verified GGUF on disk, no model version yet
     ds = state.datasets.get(job["dataset_version"])
     with state.transaction():  # the model version and the end of the pending export, together

@@ -110,6 +110,9 @@ def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
         # trained again after every cooldown (only new feedback starts the next run).
         state.service.set_last_trained(row.get("dataset_version"))
         if g.promote:
+            # the champion it replaces, kept with the numbers: a regression prompt failing on the exported GGUF
+            # puts it back (exporting.run)
+            g.numbers["previous_champion"] = state.service.get().champion_job
             state.service.set_champion(job_id, dataset_version=row.get("dataset_version"))
             if settings.export.enabled:
                 state.service.set_pending_export(PendingExport(job_id, g.numbers))

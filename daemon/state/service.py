@@ -38,6 +38,10 @@ class Service:
         """``job_id`` was promoted: its adapter is the one to beat, its dataset the last one trained on."""
         self._set("champion_job = ?, last_trained_dataset = ?", job_id, dataset_version)
 
+    def restore_champion(self, job_id: str | None) -> None:
+        """The promoted job failed a check after its export: ``job_id`` (the champion it replaced) is back."""
+        self._set("champion_job = ?", job_id)
+
     def set_last_trained(self, dataset_version: int | None) -> None:
         """A job trained on ``dataset_version`` and was judged (promoted or rejected): new examples count from it."""
         self._set("last_trained_dataset = ?", dataset_version)

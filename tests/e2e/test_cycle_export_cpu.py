@@ -112,3 +112,42 @@ def test_ollama_down_keeps_the_artifact_and_a_later_cycle_registers_it(
         again = run_cycle(s, st, CycleRequest(None, forced=True))  # a trigger retries pending registrations now
         assert "v1:registered" in again.counts["registrations_retried"], again.counts
         assert st.service.get().latest_model in (1, 2)
+
+
+def test_a_regression_prompt_the_exported_gguf_fails_keeps_the_champion(
+    tiny_models: dict[str, Path], make_settings: Any, store: Path, ollama_standin: StandinServer, tmp_path: Path
+) -> None:
+    """Issue 13: the operator's regression prompts run on the exported GGUF in llama.cpp's engine (the export
+    child). A candidate that passes loss but fails a required prompt is not promoted, the reason names the prompt and
+    what came back, nothing reaches Ollama and the champion stays; one that meets every expectation is registered
+    with every check's numbers recorded."""
+    generate_store(store, 60, days=2, seed=34, assistant_words=(6, 20), feedback_fraction=0.7)
+    cases = tmp_path / "regressions.yaml"
+    cases.write_text(
+        "- id: capital\n  prompt: What is the capital of France?\n  max_tokens: 8\n  expect: {contains: Paris}\n"
+        "- id: short\n  prompt: Say hi.\n  max_tokens: 8\n  expect: {max_words: 200}\n")
+    s = make(make_settings, tiny_models["qwen2"], ollama_standin.url)
+    s = s.model_copy(update={"gate": s.gate.model_copy(update={"regressions_file": cases,
+                                                               "required": ["loss", "regressions"]})})
+    with State(s.state_dir()) as st:
+        r = run_cycle(s, st, CycleRequest(None))
+        assert r.outcome == "rejected" and "rejected on its exported GGUF" in r.reason, r.reason
+        assert "capital: " in r.reason and "Paris" in r.reason and "got '" in r.reason, r.reason
+        assert "short" not in r.reason.split("regressions", 1)[1]  # the prompt it met is not named
+        checks = {c["name"]: c for c in r.counts["gate"]["checks"]}
+        assert not checks["regressions"]["passed"] and checks["loss"]["passed"]
+        assert st.models.all() == [] and st.service.get().champion_job is None
+        assert tags(ollama_standin) == {}
+        job = st.jobs.get(r.job_id)  # type: ignore[arg-type]
+        assert job is not None and job.status == "rejected" and "capital" in (job.error or "")
+
+        cases.write_text("- id: short\n  prompt: Say hi.\n  max_tokens: 8\n  expect: {max_words: 200}\n")
+        append_records(store, 8, seed=44, quality="excellent")
+        r = run_cycle(s, st, CycleRequest(None))
+        assert r.outcome == "registered" and r.model_tag == "chatos-e2e:v1", r.reason
+        checks = {c["name"]: c for c in r.counts["gate"]["checks"]}
+        assert set(checks) == {"loss", "learned_new", "preference", "canary", "regressions"}
+        assert checks["regressions"]["passed"] and not checks["regressions"].get("pending"), checks["regressions"]
+        assert isinstance(checks["canary"]["candidate_ppl"], float) and isinstance(checks["canary"]["champion_ppl"],
+                                                                                   float), checks["canary"]
+        assert st.service.get().champion_job == r.job_id
