@@ -70,6 +70,13 @@ def engine_check(settings: Settings) -> export.EngineCheck:
                               prompts=tuple(c.request() for c in regression_cases(settings)))
 
 
+def engine_require_stop(settings: Settings) -> bool:
+    """``export.engine.require_stop``, or (null) ``export.smoke.require_stop``: a real model's answer must end on a
+    stop token in llama.cpp as in Ollama; tiny random models ramble, and turning one off turns off both."""
+    own = settings.export.engine.require_stop
+    return settings.export.smoke.require_stop if own is None else own
+
+
 def _regressions(cycle: Cycle, job_id: str, out: export.ExportOutcome, gate_numbers: dict[str, Any]
                  ) -> dict[str, Any] | None:
     """The gate's ``regressions`` check on the exported GGUF's answers: the updated numbers, or None when a required
@@ -144,7 +151,7 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
         cycle.step("exporting", f"job {job_id}: merge + convert to GGUF ({settings.export.quantization})")
         code, why = _convert(cycle, cfg, out_dir, job_id, gate_numbers)
         out = export.outcome(code, export.read_result(Path(cfg["result_path"])), template,
-                             engine_require_stop=settings.export.engine.require_stop)
+                             engine_require_stop=engine_require_stop(settings))
     if not out.ok or out.gguf_path is None or out.sha256 is None:
         result.end(Outcome.EXPORT_FAILED,
                    f"{result.reason}; export failed: {out.reason if why == 'finished' else why}")

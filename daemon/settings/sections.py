@@ -170,7 +170,7 @@ class ExportEngineSettings(Section):
     n_ctx: int = Field(default=2048, ge=64)
     threads: int | None = Field(default=None, ge=1)
     max_tokens: int = Field(default=64, ge=1, le=4096)
-    require_stop: bool = False
+    require_stop: bool | None = None  # None: as export.smoke.require_stop
 
 
 class ExportSettings(Section):

@@ -66,7 +66,12 @@ def test_merge_config_engine_section_defaults_and_template_stops(tmp_path: Path)
 def test_merge_config_engine_from_settings(tmp_path: Path) -> None:
     s = Settings.model_validate({"export": {"engine": {"n_ctx": 512, "threads": 2, "max_tokens": 16},
                                             "smoke": {"prompt": "Say hi."}}})
-    assert s.export.engine.enabled is True and s.export.engine.require_stop is False
+    assert s.export.engine.enabled is True and s.export.engine.require_stop is None
+    assert exporting.engine_require_stop(s) is True  # null: as export.smoke.require_stop (on by default)
+    assert exporting.engine_require_stop(Settings.model_validate({"export": {"smoke": {"require_stop": False}}})) \
+        is False
+    assert exporting.engine_require_stop(Settings.model_validate(
+        {"export": {"smoke": {"require_stop": False}, "engine": {"require_stop": True}}})) is True
     prompts = ({"id": "r1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},)
     check = exporting.engine_check(s)
     cfg = _config(tmp_path, engine=export.EngineCheck(**{**check.__dict__, "prompts": prompts}))
@@ -76,7 +81,7 @@ def test_merge_config_engine_from_settings(tmp_path: Path) -> None:
     off = exporting.engine_check(Settings.model_validate({"export": {"engine": {"enabled": False}}}))
     assert _config(tmp_path, engine=off)["engine"]["enabled"] is False
     assert Settings().export.engine.model_dump() == {"enabled": True, "n_ctx": 2048, "threads": None,
-                                                     "max_tokens": 64, "require_stop": False}
+                                                     "max_tokens": 64, "require_stop": None}
 
 
 @pytest.mark.parametrize(("engine", "fragment"), [
