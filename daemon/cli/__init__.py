@@ -104,9 +104,11 @@ VERBS: tuple[Verb, ...] = (
                                                        "service's cache: $CACHE_DIRECTORY or ~/.cache/chatos-retrain)"),
                                JSON)),
     Verb("models", "model versions with their lineage (job, dataset, GGUF, Ollama tag)", models.models, (JSON,)),
-    Verb("rollback", "move <model_name>:latest back (to the previous version, or --to vN)", models.rollback,
+    Verb("rollback", "move <model_name>:latest back (to the previous version, or --to vN) once its GGUF loads in "
+         "llama.cpp again", models.rollback,
          (arg("--to", help="the version to point latest at, e.g. v3"),
-          arg("--force", action="store_true", help="also to a version that learned chats since deleted or un-voted"),
+          arg("--force", action="store_true", help="also to a version that learned chats since deleted or un-voted, "
+              "or whose GGUF no longer passes llama.cpp's load check"),
           JSON)),
     Verb("export retry", "register every pending or failed-to-reach-Ollama version now", models.export_retry,
          (JSON,)),

@@ -74,7 +74,7 @@ def rollback(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     else:
-        print(f"{out['tag']} -> v{out['latest']} (was v{out['previous']})")
+        print(f"{out['tag']} -> v{out['latest']} (was v{out['previous']}); GGUF check: {out['engine']}")
     return EXIT_OK
 
 

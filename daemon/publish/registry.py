@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import faults, log
-from daemon.publish import modelfile, ollama
+from daemon.publish import engine_check, modelfile, ollama
 from daemon.publish.ollama import OllamaError
 from daemon.publish.ollama_client import OllamaClient
 from daemon.settings import Settings
@@ -224,6 +224,12 @@ def rollback(settings: Settings, state: State, to: int | None = None,
         if gone and not force:
             raise ValueError(f"v{to} learned {len(gone)} chat(s) that were since deleted or un-voted "
                              f"(e.g. {gone[0]}); use --force to serve it anyway")
+        loads = None
+        if settings.export.engine.enabled and not force:  # served again only when its GGUF still loads
+            loads = engine_check.check(settings, Path(row.gguf_path), row.chat_template)
+            if not loads.ok:
+                raise ValueError(f"v{to}'s GGUF no longer passes llama.cpp's load check ({loads.reason}); use "
+                                 "--force to serve it anyway")
         client.show(row.tag)  # it must still exist in Ollama
         client.copy(row.tag, latest_tag(settings))
     finally:
@@ -233,8 +239,10 @@ def rollback(settings: Settings, state: State, to: int | None = None,
         state.service.set_latest_model(to)
         if current and current != to:
             state.service.set_previous_latest_model(current)
-    _log.info("registry.rollback", latest=f"v{to}", previous=f"v{current}" if current else None)
-    return {"latest": to, "previous": current, "tag": latest_tag(settings)}
+    engine = (loads.reason if loads is not None else "skipped (--force)" if force
+              else "skipped (export.engine.enabled: false)")
+    _log.info("registry.rollback", latest=f"v{to}", previous=f"v{current}" if current else None, engine=engine)
+    return {"latest": to, "previous": current, "tag": latest_tag(settings), "engine": engine}
 
 
 def lineage(state: State) -> list[dict[str, Any]]:

@@ -81,8 +81,17 @@ def test_three_cycles_register_versions_move_latest_retention_and_rollback(
         assert [m.status for m in st.models.all()] == ["deleted", "registered", "registered"]
         lineage = {m["version"]: m for m in registry.lineage(st)}
         assert lineage[3]["latest"] and lineage[3]["dataset_version"] == 3 and lineage[3]["manifest_hash"]
+        # rollback serves a version again only when its GGUF still loads in llama.cpp: a truncated v2 is refused
+        v2 = Path(st.models.get(2).gguf_path)  # type: ignore[union-attr]
+        whole = v2.read_bytes()
+        v2.write_bytes(whole[: len(whole) * 2 // 3])
+        with pytest.raises(ValueError, match=r"v2's GGUF no longer passes llama.cpp's load check \(llama.cpp could "
+                                             r"not load it: .*\); use --force"):
+            registry.rollback(s, st)
+        assert st.service.get().latest_model == 3
+        v2.write_bytes(whole)
         out = registry.rollback(s, st)
-        assert out["latest"] == 2
+        assert out["latest"] == 2 and out["engine"].startswith("llama.cpp loaded it in "), out
         t = tags(ollama_standin)
         assert t["chatos-e2e:latest"] == t["chatos-e2e:v2"] != t["chatos-e2e:v3"]
 
