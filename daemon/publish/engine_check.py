@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ def check(settings: Settings, gguf: Path, chat_template: str | None) -> LoadChec
         try:
             out = proc.run_command([str(settings.training.python), str(ENGINE_SCRIPT), "--spec", str(spec)],
                                    timeout=TIMEOUT_S, env={**os.environ, **settings.training.env})
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except (OSError, proc.TimeoutExpired) as exc:
             return LoadCheck(False, f"llama.cpp's check did not run: {exc}", {})
         facts = json.loads(answers.read_text()) if answers.is_file() else {}
     if out.returncode == 0 and facts.get("loaded"):
