@@ -59,9 +59,6 @@ def signal_group(pid: int, sig: signal.Signals) -> bool:
         return False
 
 
-TimeoutExpired: type[subprocess.TimeoutExpired] = subprocess.TimeoutExpired  # run_command past its timeout
-
-
 def run_command(argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
                 env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """A short helper command (argv list, never a shell), logged before it runs."""
