@@ -64,6 +64,9 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
         add_corrections(store)
     overrides = work / "overrides.yaml"
     overrides.write_text("training:\n  learning_rate: 0.01\n  eval_steps: null\nlora:\n  r: 8\n")
+    cases = work / "regressions.yaml"  # three prompts the tiny model can meet: the gate's cost, not its verdict
+    cases.write_text("".join(f"- id: r{i}\n  prompt: {q}\n  max_tokens: 16\n  expect: {{max_words: 500}}\n"
+                             for i, q in enumerate(["Say hi.", "What is 2 + 2?", "Name a colour."])))
     s = settings.Settings(
         store={"root": str(store)}, state={"dir": str(work / f"state-{backend}-{objective}")},
         training={"python": str(python), "base_model": str(model), "backend": backend, "max_steps": steps,
@@ -71,7 +74,8 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
                   "objective": objective},
         policy={"min_new_examples": 1, "min_total_examples": 1, "cooldown": 0},
         dataset={"min_train_examples": 4, "min_eval_examples": 4},
-        gate={"tolerance": 10.0, "min_new_gain": 0.0},
+        gate={"tolerance": 10.0, "min_new_gain": 0.0, "required": ["loss", "regressions"],
+              "regressions_file": str(cases)},
         export={"enabled": ollama_url is not None, "quantization": "q8_0", "smoke": {"require_stop": False}},
         ollama={"host": ollama_url or "http://127.0.0.1:9", "model_name": "bench"},
     )
@@ -81,7 +85,19 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
         wall = time.perf_counter() - t0
         job = st.jobs.get(r.job_id) if r.job_id else None
     res = (job.result if job else None) or {}
-    return {"backend": backend, "outcome": r.outcome, "reason": r.reason, "wall_s": wall, "timings": r.timings,
+    state_dir = work / f"state-{backend}-{objective}"
+    metrics = state_dir / "jobs" / str(r.job_id) / "metrics.jsonl"
+    evals = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    exported = state_dir / "exports" / str(r.job_id) / "export_result.json"
+    ex = json.loads(exported.read_text()) if exported.is_file() else {}
+    engine = ex.get("engine") or {}
+    canary = [e for e in evals if e.get("event") == "evaluated" and "canary" in e.get("phase", "")]
+    answers = engine.get("answers") or []
+    asked = [a for a in answers if a.get("id") != "smoke"]
+    return {"canary_s": sum(e.get("seconds") or 0 for e in canary), "canary_evals": len(canary),
+            "engine_s": (ex.get("timings") or {}).get("engine_s"), "engine_load_s": engine.get("load_s"),
+            "regressions_s": sum(a.get("elapsed_s") or 0 for a in asked), "regression_cases": len(asked),
+            "smoke_s": sum(a.get("elapsed_s") or 0 for a in answers if a.get("id") == "smoke"), "backend": backend, "outcome": r.outcome, "reason": r.reason, "wall_s": wall, "timings": r.timings,
             "train_s": r.timings.get("train"), "peak_rss_mb": (res.get("peak_rss_bytes") or 0) / 2**20,
             "tokens_per_s": res.get("tokens_per_s"), "steps": res.get("steps"),
             "eval_before": res.get("eval_loss_before"), "eval_after": res.get("eval_loss_after"),
@@ -174,9 +190,13 @@ def main() -> None:
     if len(rows) == 2 and rows[0]["tokens_per_s"] and rows[1]["tokens_per_s"]:
         print(f"unsloth / transformers tokens/s ratio: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} "
               "(CPU fallback; the GPU comparison needs a lent device)")
-    t = rows[0]["timings"]
+    t, g = rows[0]["timings"], rows[0]
     print(f"export (transformers adapter, q8_0): merge+convert+check {t.get('export', 0):.1f} s, "
           f"register (upload, create, show, smoke, copy) {t.get('register', 0):.2f} s")
+    print(f"the gate's added time (transformers cycle): canary {g['canary_s']:.1f} s ({g['canary_evals']} evaluations "
+          f"of the 40-item set, in the trainer); llama.cpp engine check {g['engine_s'] or 0:.1f} s in the export "
+          f"(load {g['engine_load_s'] or 0:.2f} s, smoke answer {g['smoke_s']:.2f} s, {g['regression_cases']} "
+          f"regression prompts {g['regressions_s']:.2f} s); outcome {g['outcome']}")
     if up:
         print(f"blob upload {up['size_mb']:.0f} MiB to the stand-in: {up['upload_s']:.1f} s "
               f"({up['mb_per_s']:.0f} MiB/s), "

@@ -186,6 +186,7 @@ class Scores:
 
     loss: float | None
     pref: dict[str, Any] | None = None
+    seconds: float = 0.0  # what the evaluation took (the gate's cost: bench_cycle reads it from metrics.jsonl)
 
 
 def loss_on(trainer: Any, dataset: Any = None) -> float | None:
@@ -195,7 +196,10 @@ def loss_on(trainer: Any, dataset: Any = None) -> float | None:
 
 def scores_of(trainer: Any, dataset: Any = None, scorer: Any = None, model: Any = None) -> Scores:
     """:func:`loss_on` and, with a ``scorer``, the preference scores of ``model`` as it is."""
-    return Scores(loss_on(trainer, dataset), scorer.score(model) if scorer is not None else None)
+    t = time.monotonic()
+    loss = loss_on(trainer, dataset)
+    pref = scorer.score(model) if scorer is not None else None
+    return Scores(loss, pref, round(time.monotonic() - t, 3))
 
 
 def evaluate(trainer: Any, log: MetricsLog, phase: str, dataset: Any = None, *, scorer: Any = None,
@@ -208,7 +212,7 @@ def evaluate(trainer: Any, log: MetricsLog, phase: str, dataset: Any = None, *, 
 
 def _log_scores(log: MetricsLog, phase: str, scores: Scores) -> None:
     extra = {"pref_accuracy": num(scores.pref["accuracy"])} if scores.pref is not None else {}
-    log.event("evaluated", phase=phase, eval_loss=scores.loss, **extra)
+    log.event("evaluated", phase=phase, eval_loss=scores.loss, seconds=scores.seconds, **extra)
 
 
 def evaluate_champion(

@@ -88,6 +88,7 @@ def check_job(job: Job, backend: str) -> tuple[list[dict[str, Any]], dict[str, A
 
     evaluated = {line["phase"]: line["eval_loss"] for line in lines if line.get("event") == "evaluated"}
     phases = [line["phase"] for line in lines if line.get("event") == "evaluated"]
+    assert all(line["seconds"] > 0 for line in lines if line.get("event") == "evaluated")  # what each one took
     assert [p for p in phases if p in ("base", "candidate")] == ["base", "candidate"]
     first_step = next(i for i, line in enumerate(lines) if "event" not in line)
     assert lines.index(next(x for x in lines if x.get("phase") == "base")) < first_step
