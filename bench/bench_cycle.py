@@ -1,6 +1,7 @@
 """Training and export benchmarks (issues 4, 5 and 12) on the CPU, with the real trainer and the real converter.
 
     .venv/bin/python bench/bench_cycle.py [--steps 30] [--upload-gib 1.0] [--skip-unsloth] [--objectives-only]
+                                          [--skip-objectives]
 
 Prints, per backend: the tiny-model cycle (dataset -> trained adapter -> gate) wall time, the trainer's peak RSS and
 tokens/s, with Unsloth vs TRL+PEFT as a ratio; then the export of the promoted adapter (merge + convert, register
@@ -97,7 +98,8 @@ def cycle(work: Path, model: Path, python: Path, backend: str, steps: int, ollam
     return {"canary_s": sum(e.get("seconds") or 0 for e in canary), "canary_evals": len(canary),
             "engine_s": (ex.get("timings") or {}).get("engine_s"), "engine_load_s": engine.get("load_s"),
             "regressions_s": sum(a.get("elapsed_s") or 0 for a in asked), "regression_cases": len(asked),
-            "smoke_s": sum(a.get("elapsed_s") or 0 for a in answers if a.get("id") == "smoke"), "backend": backend, "outcome": r.outcome, "reason": r.reason, "wall_s": wall, "timings": r.timings,
+            "smoke_s": sum(a.get("elapsed_s") or 0 for a in answers if a.get("id") == "smoke"),
+            "backend": backend, "outcome": r.outcome, "reason": r.reason, "wall_s": wall, "timings": r.timings,
             "train_s": r.timings.get("train"), "peak_rss_mb": (res.get("peak_rss_bytes") or 0) / 2**20,
             "tokens_per_s": res.get("tokens_per_s"), "steps": res.get("steps"),
             "eval_before": res.get("eval_loss_before"), "eval_after": res.get("eval_loss_after"),
@@ -163,6 +165,7 @@ def main() -> None:
     ap.add_argument("--upload-gib", type=float, default=1.0)
     ap.add_argument("--skip-unsloth", action="store_true")
     ap.add_argument("--objectives-only", action="store_true", help="only the SFT vs KTO vs DPO comparison")
+    ap.add_argument("--skip-objectives", action="store_true", help="without the SFT vs KTO vs DPO comparison")
     args = ap.parse_args()
     unsloth_py = ROOT / ".venv-unsloth" / "bin" / "python"
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +182,7 @@ def main() -> None:
         finally:
             standin.stop()
         up = upload(work, args.upload_gib) if args.upload_gib > 0 else None
-        by_objective = objectives(work, model, args.steps)
+        by_objective = [] if args.skip_objectives else objectives(work, model, args.steps)
     print(f"tiny model (Qwen2 shape hidden 64, 2 layers, real vocab), {args.steps} LoRA steps, CPU, 1 thread")
     print(f"{'backend':<13} {'cycle s':>8} {'train s':>8} {'peak RSS MB':>12} {'tokens/s':>9} {'eval before':>12} "
           f"{'eval after':>11}  outcome")
@@ -202,7 +205,8 @@ def main() -> None:
               f"({up['mb_per_s']:.0f} MiB/s), "
               f"sha256 {up['hash_s']:.1f} s; client peak RSS {up['client_peak_rss_mb']:.0f} MB "
               f"(+{up['client_rss_growth_mb']:.1f} MB during the upload); server {json.dumps(up['server'])}")
-    print_objectives(by_objective, args.steps)
+    if by_objective:
+        print_objectives(by_objective, args.steps)
 
 
 if __name__ == "__main__":
