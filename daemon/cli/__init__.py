@@ -23,6 +23,7 @@ from daemon.cli import model_verbs as models
 from daemon.cli import service_verbs as service
 from daemon.cli.common import EXIT_CONFIG, EXIT_ERROR, CliError
 from daemon.cli.demo_verb import demo
+from daemon.cli.metrics_verb import metrics
 from daemon.ingest.feedback import QUALITIES
 from daemon.state import StateError
 
@@ -85,6 +86,10 @@ VERBS: tuple[Verb, ...] = (
          (arg("version", help="N or vN"), JSON)),
     Verb("status", "live state from the running service, else state only: phase, last cycle and why, store counts, "
          "disk", service.status, (JSON,)),
+    Verb("metrics", "the Prometheus metrics (text exposition format) from state: cycles by outcome, last promotion, "
+         "model version, jobs, examples, feedback, pending registrations, disk", metrics, (
+        arg("--out", metavar="FILE", help="write FILE atomically (mode 0644) instead of printing, e.g. into "
+            "node_exporter's textfile collector folder"), JSON)),
     Verb("run", "run the service in the foreground (what systemd starts)", service.run),
     Verb("trigger", "run a cycle now, ignoring thresholds; single flight: during a running cycle it folds into "
          "exactly one follow-up; without a service it runs here", service.trigger,

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import structlog
 
 from daemon import log
-from daemon.cycle import building, deciding, exporting, ingesting, pruning, registering, training
+from daemon.cycle import building, deciding, exporting, ingesting, metrics, pruning, registering, training
 from daemon.cycle.context import Aborted, Cycle, CycleRequest, CycleResult, Outcome, Progress, new_cycle_id
 from daemon.settings import Settings
 from daemon.state import CycleRow, State, storage_problem
@@ -122,6 +122,7 @@ def run_cycle(
         finally:
             result.timings["total"] = round(time.perf_counter() - t_cycle, 4)
             _record(cycle)
+            metrics.publish(settings, state)  # metrics.textfile, when set; a failure is one warning line
     return result
 
 

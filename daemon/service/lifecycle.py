@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from daemon import cron, log, settings
+from daemon.cycle import metrics
 from daemon.cycle.pipeline import CycleRequest, CycleResult, Progress, run_cycle
 from daemon.cycle.worker import Worker
 from daemon.ingest import ingestor, watch
@@ -293,6 +294,7 @@ class Service:
                   store=str(s.store.root), state=str(s.state_dir()))
         with State(s.state_dir()) as st:  # create/migrate before anything else reads it
             self._resume, lost = runner.reattach(st)
+            metrics.publish(s, st)  # metrics.textfile from the start (a failure is one warning line)
         if lost:
             _log.warning("service.jobs_interrupted", jobs=lost)
         self._debouncer.set_ignore([s.state_dir()])

@@ -27,6 +27,7 @@ from daemon.settings.sections import (
     ExportSmokeSettings,
     GateSettings,
     LogSettings,
+    MetricsSettings,
     OllamaSettings,
     PolicySettings,
     RetentionSettings,
@@ -53,6 +54,7 @@ __all__ = [
     "ExportSmokeSettings",
     "GateSettings",
     "LogSettings",
+    "MetricsSettings",
     "OllamaSettings",
     "PolicySettings",
     "RetentionSettings",
@@ -89,6 +91,7 @@ PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "training": ("python", "config_template", "base_model"),
     "export": ("llama_cpp_dir", "quantize_bin"),
     "service": ("runtime_dir",),
+    "metrics": ("textfile",),
 }
 
 
@@ -129,6 +132,7 @@ class Settings(BaseSettings):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -224,3 +224,14 @@ class ServiceSettings(Section):
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "journal", "json", "console"] = "auto"
+
+
+class MetricsSettings(Section):
+    textfile: AbsPath | None = None
+
+    @field_validator("textfile")
+    @classmethod
+    def _prom_suffix(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix != ".prom":
+            raise ValueError(f"{v} must end in .prom (node_exporter's textfile collector reads only *.prom files)")
+        return v

@@ -77,6 +77,19 @@ class Jobs:
         ).fetchall()
         return [_row(r) for r in rows]
 
+    def status_counts(self) -> dict[str, int]:
+        """Jobs by status (``promoted``, ``rejected``, ``failed`` ...)."""
+        rows = self._db.conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def spans(self) -> list[tuple[str, str, str]]:
+        """``(job_id, started_at, finished_at)`` of every job that ran and ended, oldest first (job durations)."""
+        rows = self._db.conn.execute(
+            "SELECT job_id, started_at, finished_at FROM jobs WHERE started_at IS NOT NULL AND finished_at IS NOT NULL"
+            " ORDER BY finished_at, job_id"
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
     def started_since(self, iso: str) -> int:
         """Jobs created at or after ``iso``: the training runs of the policy's daily limit. A job re-attached after
         a restart is still one job, so it counts once."""
