@@ -221,7 +221,7 @@ def families(s: Snapshot) -> list[Family]:
         Family("dataset_version", "gauge", "The latest dataset version (0: none yet).", _one(s.dataset_version or 0)),
         Family("jobs", "gauge", "Training jobs held in state, by status (a job moves from running to its outcome).",
                _by("status", s.jobs)),
-        Family("job_duration_seconds", "summary", "Wall time of the training jobs that ran and ended.",
+        Family("job_duration_seconds", "summary", "Wall time of the training jobs that ran and ended (to the second).",
                [("_sum", {}, s.job_seconds_sum), ("_count", {}, s.job_seconds_count)]),
         Family("last_job_duration_seconds", "gauge", "Wall time of the last training job that ended.",
                _one(s.last_job_seconds)),

@@ -146,3 +146,32 @@ def test_the_textfile_setting(tmp_path: Path) -> None:
     with pytest.raises(settings.ConfigError) as err:
         settings.load(p)
     assert any(e.startswith("At 'metrics.textfile'") and ".prom" in e for e in err.value.errors), err.value.errors
+
+
+def test_the_state_queries_behind_the_counters(state: Any) -> None:
+    from daemon.state import CycleRow, JobRow
+
+    with state.transaction():
+        for i, (outcome, at) in enumerate([("skipped", "2026-01-01T00:00:00+00:00"),
+                                           ("promoted", "2026-01-02T00:00:00+00:00"),
+                                           ("registered", "2026-01-03T00:00:00+00:00"),
+                                           ("skipped", "2026-01-04T00:00:00+00:00")]):
+            state.cycles.record(CycleRow(f"c{i}", at, outcome, "", {"timings": {"total": 2.5}}))
+        state.jobs.add(JobRow(job_id="j1", dataset_version=1, status="promoted", job_dir="d", config_path="c",
+                              log_path="l", metrics_path="m", result_path="r", params={}, created_at="2026-01-02",
+                              started_at="2026-01-02T00:00:00Z", finished_at="2026-01-02T00:01:30Z",
+                              result={"tokens_per_s": 171.5}))
+        state.jobs.add(JobRow(job_id="j2", dataset_version=1, status="running", job_dir="d", config_path="c",
+                              log_path="l", metrics_path="m", result_path="r", params={}, created_at="2026-01-03",
+                              started_at="2026-01-03T00:00:00Z"))
+    assert state.cycles.outcome_counts() == {"skipped": 2, "promoted": 1, "registered": 1}
+    last = state.cycles.last_with(["promoted", "registered"])
+    assert last is not None and last.cycle_id == "c2" and state.cycles.last_with([]) is None
+    assert state.jobs.status_counts() == {"promoted": 1, "running": 1}
+    assert state.jobs.spans() == [("j1", "2026-01-02T00:00:00Z", "2026-01-02T00:01:30Z")]
+    s = settings.Settings(state={"dir": str(state.dir)})
+    snap = metrics.gather(s, state, now=5.0)
+    assert snap.generated_at == 5.0 and snap.cycles["promoted"] == 1 and snap.cycles["error"] == 0
+    assert snap.last_promotion_at == 1_767_398_400 + 2.5  # 2026-01-03 00:00 UTC + the cycle's total
+    assert (snap.job_seconds_sum, snap.job_seconds_count, snap.last_job_seconds) == (90.0, 1, 90.0)
+    assert snap.last_job_tokens_per_second == 171.5  # the running job has not ended: the last one that did
