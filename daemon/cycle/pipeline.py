@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from daemon import log
+from daemon import log, notify
 from daemon.cycle import building, deciding, exporting, ingesting, pruning, registering, training
 from daemon.cycle.context import Aborted, Cycle, CycleRequest, CycleResult, Outcome, Progress, new_cycle_id
 from daemon.settings import Settings
@@ -122,6 +122,7 @@ def run_cycle(
         finally:
             result.timings["total"] = round(time.perf_counter() - t_cycle, 4)
             _record(cycle)
+            notify.cycle_ended(settings, state, result.as_json(), now())  # enqueues only: never blocks, never raises
     return result
 
 

@@ -27,6 +27,7 @@ from daemon.settings.sections import (
     ExportSmokeSettings,
     GateSettings,
     LogSettings,
+    NotifySettings,
     OllamaSettings,
     PolicySettings,
     RetentionSettings,
@@ -53,6 +54,7 @@ __all__ = [
     "ExportSmokeSettings",
     "GateSettings",
     "LogSettings",
+    "NotifySettings",
     "OllamaSettings",
     "PolicySettings",
     "RetentionSettings",
@@ -129,6 +131,7 @@ class Settings(BaseSettings):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     @classmethod
     def settings_customise_sources(
