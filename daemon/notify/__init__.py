@@ -109,7 +109,9 @@ class Dispatcher:
         return self._queue.unfinished_tasks
 
     def close(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Wait up to ``grace_s`` for pending deliveries, then stop (retry waits end) and drop the rest."""
+        """Wait up to ``grace_s`` for pending deliveries, then stop (retry waits end) and drop the rest. Once."""
+        if self.stop.is_set():
+            return
         end = time.monotonic() + grace_s
         while self.pending() and time.monotonic() < end:
             time.sleep(0.05)
@@ -140,6 +142,7 @@ def close(grace_s: float = STOP_GRACE_S) -> None:
     with _lock:
         d, _dispatcher = _dispatcher, None
     if d is not None:
+        atexit.unregister(d.close)
         d.close(grace_s)
 
 
