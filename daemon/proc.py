@@ -67,6 +67,27 @@ def run_command(argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
                           text=True, timeout=timeout, check=False)
 
 
+def run_in_group(argv: Sequence[str], *, timeout: float, stdin: str = "",
+                 env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A short command given ``stdin`` (argv list, never a shell), logged before it runs, in its own session: after
+    ``timeout`` seconds its whole group is killed (what it started too) and :data:`TimeoutExpired` raised."""
+    _log.info("command.run", argv=[str(a) for a in argv])
+    child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             close_fds=True)
+    try:
+        out, err = child.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_group(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise
+    except BaseException:
+        signal_group(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
 def spawn_piped(argv: Sequence[str]) -> subprocess.Popen[bytes]:
     """A short-lived helper process of the service's own code (the cold-ingest parse worker) on stdin/stdout pipes:
     argv list, never a shell, no inherited descriptors, stderr discarded (the helper reports on stdout). It stays in

@@ -24,6 +24,7 @@ from daemon.cli import service_verbs as service
 from daemon.cli.common import EXIT_CONFIG, EXIT_ERROR, CliError
 from daemon.cli.demo_verb import demo
 from daemon.cli.metrics_verb import metrics
+from daemon.cli.notify_verb import notify_test
 from daemon.ingest.feedback import QUALITIES
 from daemon.state import StateError
 
@@ -63,6 +64,7 @@ GROUPS = {
     "job": "show one training job",
     "setup": "one-time setup steps",
     "export": "retry pending Ollama registrations",
+    "notify": "check the notifiers",
 }
 
 VERBS: tuple[Verb, ...] = (
@@ -117,6 +119,8 @@ VERBS: tuple[Verb, ...] = (
           JSON)),
     Verb("export retry", "register every pending or failed-to-reach-Ollama version now", models.export_retry,
          (JSON,)),
+    Verb("notify test", "send a test event to every configured notifier (webhook, desktop, command) and show each "
+         "result; exit 1 when one fails", notify_test, (JSON,)),
     Verb("install-unit", "render and install the systemd unit for this install's paths", service.install_unit, (
         arg("--user", action="store_true", help="a systemd --user unit instead of a system unit"),
         arg("--force", action="store_true", help="replace a different existing unit file"),

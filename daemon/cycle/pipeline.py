@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from daemon import log
+from daemon import log, notify
 from daemon.cycle import building, deciding, exporting, ingesting, metrics, pruning, registering, training
 from daemon.cycle.context import Aborted, Cycle, CycleRequest, CycleResult, Outcome, Progress, new_cycle_id
 from daemon.settings import Settings
@@ -123,6 +123,7 @@ def run_cycle(
             result.timings["total"] = round(time.perf_counter() - t_cycle, 4)
             _record(cycle)
             metrics.publish(settings, state)  # metrics.textfile, when set; a failure is one warning line
+            notify.cycle_ended(settings, state, result.as_json(), now())  # enqueues only: never blocks, never raises
     return result
 
 

@@ -28,6 +28,7 @@ from daemon.settings.sections import (
     GateSettings,
     LogSettings,
     MetricsSettings,
+    NotifySettings,
     OllamaSettings,
     PolicySettings,
     RetentionSettings,
@@ -55,6 +56,7 @@ __all__ = [
     "GateSettings",
     "LogSettings",
     "MetricsSettings",
+    "NotifySettings",
     "OllamaSettings",
     "PolicySettings",
     "RetentionSettings",
@@ -133,6 +135,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     @classmethod
     def settings_customise_sources(

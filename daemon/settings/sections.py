@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from daemon.settings.values import AbsPath, Duration, Section, StrList, looks_like_path
 
@@ -202,18 +202,24 @@ class OllamaSettings(Section):
 
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> OllamaSettings:
-        from urllib.parse import urlsplit
-
-        try:
-            parts = urlsplit(self.host)
-            host = parts.hostname or ""
-        except ValueError:
-            raise ValueError(f"host {self.host!r} is not a URL") from None
-        if parts.scheme not in ("http", "https") or not host:
-            raise ValueError(f"host {self.host!r} must look like http://127.0.0.1:11434")
-        if not (host in ("localhost", "::1") or host.startswith("127.")) and not self.allow_remote:
-            raise ValueError(f"host {self.host!r} is not a loopback address; set ollama.allow_remote: true to allow it")
+        check_loopback_url(self.host, allow_remote=self.allow_remote, key="ollama.allow_remote",
+                           example="http://127.0.0.1:11434", what="host")
         return self
+
+
+def check_loopback_url(url: str, *, allow_remote: bool, key: str, example: str, what: str = "url") -> None:
+    """An http(s) URL whose host is loopback, unless ``allow_remote`` (named ``key`` in the error) says otherwise."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        raise ValueError(f"{what} {url!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"{what} {url!r} must look like {example}")
+    if not (host in ("localhost", "::1") or host.startswith("127.")) and not allow_remote:
+        raise ValueError(f"{what} {url!r} is not a loopback address; set {key}: true to allow it")
 
 
 class ServiceSettings(Section):
@@ -235,3 +241,53 @@ class MetricsSettings(Section):
         if v is not None and v.suffix != ".prom":
             raise ValueError(f"{v} must end in .prom (node_exporter's textfile collector reads only *.prom files)")
         return v
+
+
+NotifyEvent = Literal["promoted", "rejected", "job_failed", "registration_failed", "ollama_waiting"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("promoted", "rejected", "job_failed", "registration_failed",
+                                          "ollama_waiting")
+
+
+class NotifyWebhookSettings(Section):
+    url: str | None = None  # None: no webhook
+    secret: SecretStr | None = None  # shown as ****** by `config show`
+    secret_file: AbsPath | None = None
+    allow_remote: bool = False
+    timeout_s: Duration = Field(default=10.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+    backoff_s: Duration = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _checked(self) -> NotifyWebhookSettings:
+        if self.url is not None:
+            check_loopback_url(self.url, allow_remote=self.allow_remote, key="notify.webhook.allow_remote",
+                               example="http://127.0.0.1:8080/hook")
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("set notify.webhook.secret or notify.webhook.secret_file, not both")
+        return self
+
+
+class NotifyDesktopSettings(Section):
+    enabled: bool = False
+
+
+class NotifyCommandSettings(Section):
+    argv: list[str] = Field(default_factory=list)  # empty: no command hook
+    timeout_s: Duration = Field(default=10.0, gt=0)
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, v: list[str]) -> list[str]:
+        if v and not os.path.isabs(v[0]):
+            raise ValueError(f"argv[0] {v[0]!r} must be an absolute path (no shell, no PATH lookup)")
+        if any(not a or "\0" in a for a in v):
+            raise ValueError("argv items must be non-empty strings without NUL")
+        return v
+
+
+class NotifySettings(Section):
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(NOTIFY_EVENTS))
+    ollama_wait_hours: float = Field(default=6.0, gt=0)
+    webhook: NotifyWebhookSettings = Field(default_factory=NotifyWebhookSettings)
+    desktop: NotifyDesktopSettings = Field(default_factory=NotifyDesktopSettings)
+    command: NotifyCommandSettings = Field(default_factory=NotifyCommandSettings)

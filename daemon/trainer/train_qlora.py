@@ -33,9 +33,9 @@ Optional inputs beside the train and eval splits:
 Outputs, in this order:
   * ``metrics.output_path`` (JSON lines, one complete line per write): ``{"event": "job_started", ...}``, step lines
     ``{"job_id", "step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s", "timestamp"}``,
-    ``{"event": "evaluated", "phase", "eval_loss", "seconds"}`` with phase, in this order, "base" (the starting weights on the
-    eval split), "new_before"*, "canary_before"***, then after training "candidate", "new_after"*,
-    "canary_after"***, "champion"**, "champion_new"*,**, "champion_canary"**,*** (* only with ``dataset.new_path``;
+    ``{"event": "evaluated", "phase", "eval_loss", "seconds"}`` (seconds: what it took) with phase, in this order,
+    "base" (the starting weights on the eval split), "new_before"*, "canary_before"***, then after training
+    "candidate", "new_after"*, "canary_after"***, "champion"**, "champion_new"*,**, "champion_canary"**,*** (* only with ``dataset.new_path``;
     *** only with ``dataset.canary_path``; ** only with a champion that is not ``init.adapter``; ``eval_loss`` is the
     loss on that phase's set; kto/dpo add ``pref_accuracy`` to base, candidate and champion), and last
     ``{"event": "job_finished", "status", "final_loss", "total_steps", "runtime_seconds", "error"?}``. With kto or

@@ -1,5 +1,5 @@
-"""House rules that keep the service safe, checked on the source: one module spawns processes, one speaks HTTP,
-no shell anywhere, the service never imports the training stack, secure defaults."""
+"""House rules that keep the service safe, checked on the source: one module spawns processes, two speak HTTP
+(Ollama, the webhook), no shell anywhere, the service never imports the training stack, secure defaults."""
 
 from __future__ import annotations
 
@@ -35,10 +35,16 @@ def test_only_the_state_package_speaks_sql() -> None:
     assert sql == []
 
 
-def test_only_the_ollama_adapter_speaks_http() -> None:
-    http = [p.name for p in SERVICE_MODULES if {"httpx", "requests", "urllib3", "http", "ollama"} & imports(p)
-            and p.name != "ollama_client.py"]
-    assert http == []
+# The modules that may speak HTTP, each with a reason: the Ollama adapter (its API), and the webhook notifier
+# (notify.webhook: one signed JSON POST to an operator's receiver, loopback unless allowed, like ollama.host). Both
+# set timeouts, never follow redirects and take no proxy from the environment.
+HTTP_MODULES = {"publish/ollama_client.py", "notify/webhook.py"}
+
+
+def test_only_the_ollama_adapter_and_the_webhook_speak_http() -> None:
+    http = [str(p.relative_to(PKG)) for p in SERVICE_MODULES
+            if {"httpx", "requests", "urllib3", "http", "ollama"} & imports(p)]
+    assert sorted(http) == sorted(HTTP_MODULES)
 
 
 def test_the_service_never_imports_the_training_stack() -> None:

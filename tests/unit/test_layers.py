@@ -1,7 +1,8 @@
 """The layer contract: which part of the package may import which, and no import cycle anywhere.
 
 Calls run one way: ``cli`` -> ``api``/``demo`` -> ``service`` -> ``cycle`` -> stages (``publish``, ``ingest`` over
-``train``, ``dataset``) -> leaves (``state``, ``settings``, ``log``, ``faults``, ``codec``, ``proc``). ``trainer``
+``train``, ``dataset``; ``notify``)
+-> leaves (``state``, ``settings``, ``log``, ``faults``, ``codec``, ``proc``). ``trainer``
 (the scripts the trainer's interpreter runs) imports nothing of ours. A module may import anything inside its own
 part; across parts only the edges in :data:`ALLOWED`. Function-level imports count: they are edges too.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "daemon"
 
 LEAVES = {"codec", "cron", "disk", "faults", "log", "settings", "proc", "state"}
-STAGES = {"ingest", "dataset", "train", "publish"}
+STAGES = {"ingest", "dataset", "train", "publish", "notify"}
 # part -> the other parts it may import. Leaves import only lower leaves.
 ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
@@ -28,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "ingest": {"dataset", *LEAVES},
     "train": set(LEAVES),
     "dataset": set(LEAVES),
+    "notify": set(LEAVES),  # the notifiers: the cycle hands them its summary (a dict), they import no stage
     "state": {"codec", "faults", "log"},
     "proc": {"faults", "log"},
     "settings": {"cron"},
