@@ -34,11 +34,11 @@ Outputs, in this order:
   * ``metrics.output_path`` (JSON lines, one complete line per write): ``{"event": "job_started", ...}``, step lines
     ``{"job_id", "step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s", "timestamp"}``,
     ``{"event": "evaluated", "phase", "eval_loss", "seconds"}`` (seconds: what it took) with phase, in this order,
-    "base" (the starting weights on the eval split), "new_before"*, "canary_before"***, then after training
-    "candidate", "new_after"*, "canary_after"***, "champion"**, "champion_new"*,**, "champion_canary"**,*** (* only
-    with ``dataset.new_path``; *** only with ``dataset.canary_path``; ** only with a champion that is not
-    ``init.adapter``; ``eval_loss`` is the loss on that phase's set; kto/dpo add ``pref_accuracy`` to base, candidate and champion), and last
-    ``{"event": "job_finished", "status", "final_loss", "total_steps", "runtime_seconds", "error"?}``. With kto or
+    "base" (the starting weights on the eval split), "new_before"*, "canary_before"***, then after training "candidate",
+    "new_after"*, "canary_after"***, "champion"**, "champion_new"*,**, "champion_canary"**,*** (* only with
+    ``dataset.new_path``; *** only with ``dataset.canary_path``; ** only with a champion that is not ``init.adapter``;
+    ``eval_loss`` is the loss on that phase's set; kto/dpo add ``pref_accuracy`` to base, candidate and champion), and
+    last ``{"event": "job_finished", "status", "final_loss", "total_steps", "runtime_seconds", "error"?}``. With kto or
     dpo, a step line's ``train_loss`` / ``eval_loss`` are the KTO/DPO loss (train split / preference eval split)
     and it also carries every other number TRL logs, flat under TRL's names (``rewards/chosen``,
     ``rewards/rejected``, ``rewards/margins``, ``kl``, ``logps/chosen``..., ``eval_rewards/chosen``... at an
