@@ -116,6 +116,8 @@ def _case(entry: Any, seen: set[str]) -> Case:
     cid = str(cid)
     if cid in seen:
         raise ValueError(f"id {cid!r} is used twice")
+    if cid == "smoke":
+        raise ValueError("id 'smoke' is the export's own smoke chat: use another id")
     messages = _messages(entry)
     max_tokens = entry.get("max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:

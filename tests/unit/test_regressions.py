@@ -60,6 +60,7 @@ def test_a_good_file_loads_into_cases(tmp_path: Path) -> None:
     ("- {id: a, prompt: hi, expect: {max_words: 0}}", "expect.max_words must be an integer >= 1"),
     ("- {id: a, prompt: hi, max_tokens: 0, expect: {json: true}}", "max_tokens must be an integer in 1..4096"),
     ("- {id: a, prompt: hi, temperature: 0, expect: {json: true}}", "entry 1 (id 'a'): unknown key(s) temperature"),
+    ("- {id: smoke, prompt: hi, expect: {json: true}}", "entry 1 (id 'smoke'): id 'smoke' is the export's own"),
     ("- {id: a, prompt: hi, expect: {json: true}}\n- {id: a, prompt: ho, expect: {json: true}}",
      "entry 2 (id 'a'): id 'a' is used twice"),
 ])
