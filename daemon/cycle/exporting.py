@@ -15,6 +15,7 @@ from daemon.state import PendingExport, State, private_dir
 from daemon.train import gate, jobspec, regressions, runner, templates
 
 _log = log.get("daemon.cycle")
+PREVIOUS_CHAMPION = "previous_champion"  # in the pending export's gate numbers: the champion the candidate replaced
 # state.service's pending export: the promoted job whose export has not finished yet. Set with the promotion (in
 # gating), cleared with the model version (or when the export failed on its own), so an export that a crash or a
 # stop interrupted is resumed by the next cycle instead of leaving the champion without a model.
@@ -77,8 +78,8 @@ def engine_require_stop(settings: Settings) -> bool:
     return settings.export.smoke.require_stop if own is None else own
 
 
-def _regressions(cycle: Cycle, job_id: str, out: export.ExportOutcome, gate_numbers: dict[str, Any]
-                 ) -> dict[str, Any] | None:
+def _regressions(cycle: Cycle, job_id: str, out: export.ExportOutcome, gate_numbers: dict[str, Any],
+                 previous: str | None) -> dict[str, Any] | None:
     """The gate's ``regressions`` check on the exported GGUF's answers: the updated numbers, or None when a required
     check now fails. Then the job is rejected, the champion it replaced is back, and the GGUF is deleted."""
     settings, state, result = cycle.settings, cycle.state, cycle.result
@@ -95,7 +96,6 @@ def _regressions(cycle: Cycle, job_id: str, out: export.ExportOutcome, gate_numb
         with state.transaction():
             state.jobs.judged(job_id, status="promoted", error=None, gate=dec.numbers)
         return dec.numbers
-    previous = gate_numbers.get("previous_champion")
     with state.transaction():
         state.jobs.judged(job_id, status="rejected", error=dec.reason, gate=dec.numbers)
         state.service.restore_champion(previous)
@@ -159,7 +159,9 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
         if not cycle.stop.is_set():  # failed on its own: not retried; stopped by us: resumed by the next cycle
             settled(state)
         return
-    checked = _regressions(cycle, job_id, out, gate_numbers)
+    previous = gate_numbers.get(PREVIOUS_CHAMPION)
+    gate_numbers = {k: v for k, v in gate_numbers.items() if k != PREVIOUS_CHAMPION}
+    checked = _regressions(cycle, job_id, out, gate_numbers, previous)
     if checked is None:
         return
     gate_numbers = checked

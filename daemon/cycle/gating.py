@@ -109,17 +109,17 @@ def conclude(cycle: Cycle, outcome: runner.JobOutcome) -> None:
         # Trained on, promoted or not: "new examples" count from here, so a rejected candidate's data is not
         # trained again after every cooldown (only new feedback starts the next run).
         state.service.set_last_trained(row.get("dataset_version"))
+        # the export's copy of the numbers also names the champion this one replaces: a regression prompt failing
+        # on the exported GGUF puts it back (exporting.run)
+        to_export = {**g.numbers, exporting.PREVIOUS_CHAMPION: state.service.get().champion_job}
         if g.promote:
-            # the champion it replaces, kept with the numbers: a regression prompt failing on the exported GGUF
-            # puts it back (exporting.run)
-            g.numbers["previous_champion"] = state.service.get().champion_job
             state.service.set_champion(job_id, dataset_version=row.get("dataset_version"))
             if settings.export.enabled:
-                state.service.set_pending_export(PendingExport(job_id, g.numbers))
+                state.service.set_pending_export(PendingExport(job_id, to_export))
     _log.info("gate.decided", job_id=job_id, promote=g.promote, reason=g.reason, **g.numbers)
     result.job_status = "promoted" if g.promote else "rejected"
     result.dataset_version = result.dataset_version or row.get("dataset_version")
     result.end(Outcome.PROMOTED if g.promote else Outcome.REJECTED, f"job {job_id} {g.reason}")
     faults.point("gate.decided")  # promoted in state, not exported yet
     if g.promote:
-        exporting.run(cycle, row, res, g.numbers)
+        exporting.run(cycle, row, res, to_export)
