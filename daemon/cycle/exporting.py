@@ -26,7 +26,8 @@ def settled(state: State) -> None:
         state.service.clear_pending_export()
 
 
-def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any], Path, templates.ChatTemplate]:
+def _plan(cycle: Cycle, job_id: str, res: dict[str, Any], cases: list[regressions.Case]
+          ) -> tuple[dict[str, Any], Path, templates.ChatTemplate]:
     """The merge + convert job's config, its folder and the chat template (pure but for the converter set-up)."""
     settings, q = cycle.settings, cycle.settings.export.quantization
     # a checkout in export.llama_cpp_dir wins; else the pinned converter in the cache, fetched here only when
@@ -45,7 +46,7 @@ def _plan(cycle: Cycle, job_id: str, res: dict[str, Any]) -> tuple[dict[str, Any
         out_dir=out_dir, template=template, converter=conv, python=settings.training.python,
         quantization=q, quantize_bin=settings.export.quantize_bin,
         gguf_name=export.gguf_filename(settings.ollama.model_name, version, q),
-        model_name=settings.ollama.model_name, engine=engine_check(settings),
+        model_name=settings.ollama.model_name, engine=engine_check(settings, cases),
     )
     return cfg, out_dir, template
 
@@ -62,13 +63,11 @@ def regression_cases(settings: Settings) -> list[regressions.Case]:
         return []
 
 
-def engine_check(settings: Settings) -> export.EngineCheck:
-    """``export.engine.*`` as the child's llama.cpp check; its smoke prompt is the one Ollama's smoke chat asks,
-    its prompts the regression cases (their raw answers come back; :func:`_regressions` judges them)."""
-    eng = settings.export.engine
-    return export.EngineCheck(enabled=eng.enabled, n_ctx=eng.n_ctx, threads=eng.threads, max_tokens=eng.max_tokens,
-                              smoke_prompt=settings.export.smoke.prompt,
-                              prompts=tuple(c.request() for c in regression_cases(settings)))
+def engine_check(settings: Settings, cases: list[regressions.Case] | None = None) -> export.EngineCheck:
+    """``export.engine.*`` as the child's llama.cpp check; its prompts are the regression cases (``cases``, else
+    read from the file; their raw answers come back and :func:`_regressions` judges them)."""
+    cases = regression_cases(settings) if cases is None else cases
+    return export.EngineCheck.of(settings, tuple(c.request() for c in cases))
 
 
 def engine_require_stop(settings: Settings) -> bool:
@@ -79,11 +78,10 @@ def engine_require_stop(settings: Settings) -> bool:
 
 
 def _regressions(cycle: Cycle, job_id: str, out: export.ExportOutcome, gate_numbers: dict[str, Any],
-                 previous: str | None) -> dict[str, Any] | None:
+                 previous: str | None, cases: list[regressions.Case]) -> dict[str, Any] | None:
     """The gate's ``regressions`` check on the exported GGUF's answers: the updated numbers, or None when a required
     check now fails. Then the job is rejected, the champion it replaced is back, and the GGUF is deleted."""
     settings, state, result = cycle.settings, cycle.state, cycle.result
-    cases = regression_cases(settings)
     if not cases:
         return gate_numbers
     engine = out.engine or {}
@@ -130,9 +128,10 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
         result.reason += "; export disabled (export.enabled: false)"
         return
     job_id = job["job_id"]
+    cases = regression_cases(settings)  # read once: the prompts asked and the expectations judged are the same
     with cycle.timed("export"):
         try:
-            cfg, out_dir, template = _plan(cycle, job_id, res)
+            cfg, out_dir, template = _plan(cycle, job_id, res, cases)
         except converter.NotSetUp as exc:  # stays pending: the next cycle resumes it once the converter is there
             _log.error("export.converter_missing", job_id=job_id, reason=str(exc))
             result.end(Outcome.EXPORT_FAILED, f"{result.reason}; export waits: {exc}")
@@ -161,7 +160,7 @@ def run(cycle: Cycle, job: dict[str, Any], res: dict[str, Any], gate_numbers: di
         return
     previous = gate_numbers.get(PREVIOUS_CHAMPION)
     gate_numbers = {k: v for k, v in gate_numbers.items() if k != PREVIOUS_CHAMPION}
-    checked = _regressions(cycle, job_id, out, gate_numbers, previous)
+    checked = _regressions(cycle, job_id, out, gate_numbers, previous, cases)
     if checked is None:
         return
     gate_numbers = checked

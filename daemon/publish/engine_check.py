@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import proc
+from daemon.publish.export import EngineCheck
 from daemon.settings import Settings
 from daemon.train import templates
 
@@ -41,14 +42,10 @@ def check(settings: Settings, gguf: Path, chat_template: str | None) -> LoadChec
     faults (a missing file, a failed load, a crash, a timeout are a failed check with its reason)."""
     if not gguf.is_file():
         return LoadCheck(False, f"its GGUF {gguf} is gone from disk: nothing to check", {})
-    eng = settings.export.engine
-    stop = list(templates.get(chat_template or settings.training.chat_template).stop)
+    section = EngineCheck.of(settings).section(templates.get(chat_template or settings.training.chat_template))
     with tempfile.TemporaryDirectory(prefix="engine-check-") as tmp:
         spec, answers = Path(tmp) / "spec.json", Path(tmp) / "answers.json"
-        spec.write_text(json.dumps({
-            "enabled": True, "n_ctx": eng.n_ctx, "threads": eng.threads, "max_tokens": eng.max_tokens, "stop": stop,
-            "smoke_prompt": settings.export.smoke.prompt, "prompts": [], "gguf": str(gguf),
-            "answer_path": str(answers)}))
+        spec.write_text(json.dumps({**section, "enabled": True, "gguf": str(gguf), "answer_path": str(answers)}))
         try:
             out = proc.run_command([str(settings.training.python), str(ENGINE_SCRIPT), "--spec", str(spec)],
                                    timeout=TIMEOUT_S, env={**os.environ, **settings.training.env})

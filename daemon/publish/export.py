@@ -24,6 +24,7 @@ import yaml
 
 from daemon.publish.converter import ConverterPaths
 from daemon.publish.converter import ExportError as ExportError  # the export stage's error; callers catch it here
+from daemon.settings import Settings
 from daemon.train.templates import ChatTemplate
 
 MERGE_EXPORT_SCRIPT = Path(__file__).resolve().parent.parent / "trainer" / "merge_export.py"
@@ -81,6 +82,13 @@ class EngineCheck:
     max_tokens: int = 64
     smoke_prompt: str = "Reply with one short sentence: what is 2 + 2?"
     prompts: tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, settings: Settings, prompts: tuple[Mapping[str, Any], ...] = ()) -> EngineCheck:
+        """``export.engine.*``; the smoke prompt is the one Ollama's smoke chat asks."""
+        eng = settings.export.engine
+        return cls(enabled=eng.enabled, n_ctx=eng.n_ctx, threads=eng.threads, max_tokens=eng.max_tokens,
+                   smoke_prompt=settings.export.smoke.prompt, prompts=prompts)
 
     def section(self, template: ChatTemplate) -> dict[str, Any]:
         """The config's ``engine`` section; the stops are the template's, the ones Ollama gets too."""
