@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon import disk
-from daemon.cycle import training
+from daemon.cycle import metrics, training
 from daemon.settings import Settings
-from daemon.state import DB_NAME, JobRow, State
+from daemon.state import JobRow, State
 from daemon.train import gate as train_gate
 from daemon.train import lineage
 
@@ -113,6 +113,4 @@ def gate_status(state: State) -> dict[str, Any] | None:
 
 def disk_usage(state_dir: Path) -> dict[str, int]:
     """What retention bounds, measured: the database (with its WAL), datasets, jobs and exports, and free space."""
-    db = sum(disk.tree_bytes(p) for p in state_dir.glob(f"{DB_NAME}*"))
-    parts = {name: disk.tree_bytes(state_dir / name) for name in ("datasets", "jobs", "exports")}
-    return {"state": db, **parts, "free": disk.free_bytes(state_dir)}
+    return {**metrics.disk_usage(state_dir), "free": disk.free_bytes(state_dir)}
