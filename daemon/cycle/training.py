@@ -151,6 +151,7 @@ def _job_config(cycle: Cycle, job_id: str, dataset_path: Path, version: int
         pref_train_path=planned if kind else None,
         pref_eval_path=dataset_path / f"{kind}_eval.jsonl" if kind else None,
         canary_path=gate.CANARY_PATH if "canary" in cycle.settings.gate.checks else None,
+        token_cache_dir=cycle.state.dir / "cache" / "tokens",
     )
     cfg["training"]["num_train_epochs"] = 1  # the plan's file holds the epochs; max_steps covers it exactly
     return cfg, p, choice, _trained(choice.objective, ids, p, lines)

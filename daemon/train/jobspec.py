@@ -112,13 +112,15 @@ def render_job_config(
     pref_train_path: Path | None = None,
     pref_eval_path: Path | None = None,
     canary_path: Path | None = None,
+    token_cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The trainer's config, with every path absolute (relative ones resolved against ``base_dir``, default cwd).
 
     ``init_adapter``: the adapter a warm-started run continues from; ``new_path``: the examples new since the
     champion's dataset (evaluated before and after training); ``learning_rate``: the plan's (else the template's);
     ``objective`` sft, kto or dpo, the last two with their preference files ``pref_train_path``/``pref_eval_path``;
-    ``canary_path``: the canary set the gate's ``canary`` check compares (evaluated before and after training).
+    ``canary_path``: the canary set the gate's ``canary`` check compares (evaluated before and after training);
+    ``token_cache_dir``: where the trainer keeps the tokenized sets between jobs.
     Raises :class:`templates.UnknownTemplate` for an unknown chat template name.
     """
     base = (base_dir or Path.cwd()).absolute()
@@ -137,7 +139,8 @@ def render_job_config(
     cfg["template"] = templates.trainer_block(tmpl.name)
     cfg["dataset"] = {"train_path": absolute(train_path), "eval_path": absolute(eval_path),
                       "new_path": absolute(new_path) if new_path else None,
-                      "canary_path": absolute(canary_path) if canary_path else None}
+                      "canary_path": absolute(canary_path) if canary_path else None,
+                      "token_cache_dir": absolute(token_cache_dir) if token_cache_dir else None}
     if objective != "sft" or pref_train_path or pref_eval_path:
         cfg["objective"] = objective
         cfg["dataset"]["pref_train_path"] = absolute(pref_train_path) if pref_train_path else None

@@ -12,17 +12,19 @@ caller warm-starts it (:func:`warm_start`) once every trainer is built. The heav
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import qlora_sft
+import qlora_tokens
 from qlora_init import load_init_adapter
 from trainer_common import one_line, sayer
 
 say = sayer("train_qlora")
 
-EVAL = "eval"  # the eval split's key in the eval datasets handed to SFTTrainer beside the extra sets
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Built:
     info: dict[str, Any]
     sets: dict[str, Any]
     args: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)  # model_load, tokenize (seconds)
 
     @property
     def new_ds(self) -> Any:
@@ -104,22 +107,6 @@ def warm_start(cfg: dict[str, Any], model: Any) -> None:
         load_init_adapter(model, cfg["init"]["adapter"])
 
 
-def eval_sets(evals: Any, extras: dict[str, Any]) -> Any:
-    """SFTTrainer's ``eval_dataset``: the eval split alone, or a dict with the extra sets beside it, so that the
-    trainer prepares them all the same way (and Unsloth's ``train_on_responses_only`` masks them all)."""
-    return {EVAL: evals, **extras} if extras else evals
-
-
-def split_eval_sets(trainer: Any) -> dict[str, Any]:
-    """Undo :func:`eval_sets` once the trainer prepared them: the eval split stays the trainer's (the evaluations
-    during training see it alone, logged as ``eval_loss``); the prepared extra sets are returned by name."""
-    sets = trainer.eval_dataset
-    if not isinstance(sets, dict):
-        return {}
-    trainer.eval_dataset = sets[EVAL]
-    return {k: v for k, v in sets.items() if k != EVAL}
-
-
 def _checkpointing(config_cls: Any, on: bool) -> dict[str, bool]:
     """Activation checkpointing on a GPU only (it only costs time on a CPU); transformers 5.24 renamed the field."""
     import dataclasses
@@ -163,20 +150,47 @@ def _load_kwargs(m: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], bool]:
     return kwargs, False
 
 
-def transformers_trainer(
-    cfg: dict[str, Any], train: list[Any], evals: list[Any], extras: Extras, cuda: bool, recorder: Any
-) -> Built:
-    """TRL SFTTrainer + PEFT LoRA; loss on assistant tokens via the template (TRL-recognised or with markers)."""
-    import torch
-    from datasets import Dataset
+def prepared(tok: Any, cfg: dict[str, Any], train: list[Any], evals: list[Any], extras: Extras
+             ) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """Tokenize the sets once, in our code (``qlora_tokens``): (train, eval, extra sets by name, facts)."""
+    tokenizer = qlora_tokens.Tokenizer(tok, qlora_tokens.training_template(tok, cfg["template"]),
+                                       cfg["model"]["max_seq_length"], cfg["dataset"]["token_cache_dir"])
+    paths = {"new": cfg["dataset"]["new_path"], "canary": cfg["dataset"]["canary_path"]}
+    train_t = tokenizer.tokenize(train, cfg["dataset"]["train_path"])
+    eval_t = tokenizer.tokenize(evals, cfg["dataset"]["eval_path"])
+    extra_t = {k: tokenizer.tokenize(v, paths.get(k)) for k, v in extras.items()}
+    if not train_t.input_ids:
+        raise qlora_tokens.TokenizeError("no training example keeps an assistant token within "
+                                         f"model.max_seq_length={cfg['model']['max_seq_length']}")
+    facts = {"tokenize_seconds": round(tokenizer.seconds, 3), "token_cache_hits": tokenizer.hits,
+             "train_tokens": train_t.tokens, "train_trained_tokens": train_t.trained_tokens,
+             "dropped_examples": train_t.dropped}
+    if train_t.dropped:
+        say(f"{train_t.dropped} training example(s) dropped: no assistant token within max_seq_length")
+    return train_t.dataset(), eval_t.dataset(), {k: v.dataset() for k, v in extra_t.items()}, facts
+
+
+def model_facts(model: Any, args: Any, batch: Any) -> dict[str, Any]:
+    """What was loaded and how it trains, read from the model itself (not from the request)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    four_bit = bool(getattr(base, "is_loaded_in_4bit", False))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in base.parameters() if p.is_floating_point()})
+    return {"load_in_4bit": four_bit, "param_dtypes": dtypes,
+            "attn_implementation": getattr(base.config, "_attn_implementation", None),
+            "gradient_checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+            "padding": batch.padding, "padding_why": batch.why,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}
+
+
+def _transformers_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool, dict[str, Any]]:
+    """The base with its fresh PEFT LoRA and the tokenizer with the configured template text set as it is (no
+    vocabulary edit): (model, tokenizer, 4-bit, from_pretrained keyword arguments)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
     m = cfg["model"]
     tok = AutoTokenizer.from_pretrained(m["name"])
-    tok.chat_template = cfg["template"]["training_jinja"] or cfg["template"]["jinja"]
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    tok.chat_template = cfg["template"]["jinja"]
     kwargs, four_bit = _load_kwargs(m, cuda)
     model = AutoModelForCausalLM.from_pretrained(m["name"], **kwargs)
     if four_bit:
@@ -184,87 +198,115 @@ def transformers_trainer(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(**lora_args(cfg), task_type="CAUSAL_LM"))
-    shared = train_args(cfg, cuda, bf16, **_checkpointing(SFTConfig, cuda))
-    args = SFTConfig(**sft_args(cfg, cuda, bf16, assistant_only_loss=True, **_checkpointing(SFTConfig, cuda)))
+    return model, tok, four_bit, kwargs
 
-    def messages(xs: list[Any] | None) -> Any:
-        return None if xs is None else Dataset.from_list([{"messages": x} for x in xs])
 
-    trainer = SFTTrainer(
+def load_model(backend: str, cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any]:
+    """(model with its LoRA, tokenizer) exactly as the trainer of ``backend`` sets them up before training."""
+    if backend == "unsloth":
+        model, tok, _ = _unsloth_model(cfg, cuda)
+        return model, tok
+    model, tok, _, _ = _transformers_model(cfg, cuda)
+    return model, tok
+
+
+def transformers_trainer(
+    cfg: dict[str, Any], train: list[Any], evals: list[Any], extras: Extras, cuda: bool, recorder: Any
+) -> Built:
+    """TRL SFTTrainer + PEFT LoRA over sets tokenized once (``qlora_tokens``), with the trained-tokens loss
+    (``qlora_sft``)."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    t = cfg["training"]
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    model, tok, four_bit, kwargs = _transformers_model(cfg, cuda)
+    timings["model_load"] = time.monotonic() - clock
+    clock = time.monotonic()
+    train_ds, eval_ds, sets, facts = prepared(tok, cfg, train, evals, extras)
+    timings["tokenize"] = time.monotonic() - clock
+    batch = qlora_sft.batching(t["padding"], t["pad_to_multiple_of"], cuda,
+                               getattr(model.config, "_attn_implementation", None))
+    checkpointing = _checkpointing(SFTConfig, checkpointing_on(cfg, cuda, four_bit))
+    shared = train_args(cfg, cuda, bf16, **checkpointing)
+    args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_kwargs={"skip_prepare_dataset": True},
+                                **batch.sft_kwargs(SFTConfig), **checkpointing))
+    trainer = qlora_sft.sft_class(SFTTrainer)(
         model=model,
         args=args,
-        train_dataset=messages(train),
-        eval_dataset=eval_sets(messages(evals), {k: messages(v) for k, v in extras.items()}),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
         processing_class=tok,
         callbacks=[recorder] if recorder is not None else None,
     )
-    sets = split_eval_sets(trainer)
     dtype = "nf4+" + str(kwargs["dtype"]).removeprefix("torch.") if four_bit else str(kwargs["dtype"])
-    info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), "load_in_4bit": four_bit}
-    return Built(trainer, model, tok, info, sets, shared)
+    info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), **model_facts(model, args, batch),
+            **facts}
+    return Built(trainer, model, tok, info, sets, shared, timings)
+
+
+def checkpointing_on(cfg: dict[str, Any], cuda: bool, four_bit: bool) -> bool:
+    """``training.gradient_checkpointing``: auto = never on a CPU (it only costs time there), on a GPU only for the
+    4-bit path (the memory-bound case it exists for); it costs ~30% of a step where the model fits without it."""
+    setting = cfg["training"]["gradient_checkpointing"]
+    if setting != "auto":
+        return bool(setting == "on")
+    return cuda and four_bit
 
 
 def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
-    """Unsloth FastLanguageModel with its LoRA and the configured template text: (model, tokenizer, 4-bit)."""
+    """Unsloth FastLanguageModel with its LoRA and the configured template text set on the tokenizer as it is (no
+    ``get_chat_template``: its ``map_eos_token`` renames the base's tokens): (model, tokenizer, 4-bit)."""
     from unsloth import FastLanguageModel
-    from unsloth.chat_templates import get_chat_template
 
     m, tpl = cfg["model"], cfg["template"]
     four_bit = bool(m["load_in_4bit"] and cuda)
     if m["load_in_4bit"] and not cuda:
         say("load_in_4bit ignored: no GPU (Unsloth's CPU fallback trains the full-precision base)")
     model, tok = FastLanguageModel.from_pretrained(
-        model_name=m["name"], max_seq_length=m["max_seq_length"], dtype=None, load_in_4bit=four_bit
+        model_name=m["name"], max_seq_length=m["max_seq_length"], dtype=None, load_in_4bit=four_bit,
+        use_exact_model_name=True,
     )
     model = FastLanguageModel.get_peft_model(
         model,
         **lora_args(cfg),
-        use_gradient_checkpointing="unsloth" if cuda else False,
+        use_gradient_checkpointing="unsloth" if checkpointing_on(cfg, cuda, four_bit) else False,
         random_state=cfg["training"]["seed"],
     )
-    tok = get_chat_template(tok, chat_template=m["chat_template"])
-    if tok.chat_template != tpl["jinja"]:
-        # Same format family, but the table's text is what the GGUF will embed: train on exactly that.
-        say(f"using the configured {m['chat_template']!r} template text instead of Unsloth's variant")
-        tok.chat_template = tpl["jinja"]
+    tok.chat_template = tpl["jinja"]
     return model, tok, four_bit
 
 
 def unsloth_trainer(
     cfg: dict[str, Any], train: list[Any], evals: list[Any], extras: Extras, cuda: bool, recorder: Any
 ) -> Built:
-    """Unsloth FastLanguageModel + its chat template + ``train_on_responses_only`` + TRL SFTTrainer."""
+    """Unsloth FastLanguageModel + TRL SFTTrainer over the same sets, tokenized once (``qlora_tokens``)."""
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from unsloth import is_bfloat16_supported
-    from unsloth.chat_templates import train_on_responses_only
 
-    tpl = cfg["template"]
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
     model, tok, four_bit = _unsloth_model(cfg, cuda)
-
-    def to_text(ex: dict[str, Any]) -> dict[str, str]:
-        return {"text": tok.apply_chat_template(ex["messages"], tokenize=False)}
-
-    def texts(xs: list[Any] | None) -> Any:
-        if xs is None:
-            return None
-        return Dataset.from_list([{"messages": x} for x in xs]).map(to_text, remove_columns=["messages"])
-
-    bf16 = bool(is_bfloat16_supported())
-    args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_text_field="text"))
+    timings["model_load"] = time.monotonic() - clock
+    clock = time.monotonic()
+    train_ds, eval_ds, sets, facts = prepared(tok, cfg, train, evals, extras)
+    timings["tokenize"] = time.monotonic() - clock
+    batch = qlora_sft.batching(cfg["training"]["padding"], cfg["training"]["pad_to_multiple_of"], cuda,
+                               getattr(model.config, "_attn_implementation", None))
+    bf16 = bool(is_bfloat16_supported()) and cuda
+    args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_kwargs={"skip_prepare_dataset": True},
+                                **batch.sft_kwargs(SFTConfig)))
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=texts(train),
-        eval_dataset=eval_sets(texts(evals), {k: texts(v) for k, v in extras.items()}),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
         processing_class=tok,
         callbacks=[recorder] if recorder is not None else None,
     )
-    trainer = train_on_responses_only(  # masks every eval set of the dict too
-        trainer, instruction_part=tpl["instruction_part"], response_part=tpl["response_part"]
-    )
-    sets = split_eval_sets(trainer)
     dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
-    info = {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}
-    return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, bf16))
+    info = {"device": device(cuda), "dtype": dtype, **model_facts(model, args, batch), **facts}
+    return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, bf16), timings)

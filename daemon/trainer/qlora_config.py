@@ -18,6 +18,7 @@ from trainer_common import ConfigError
 
 BACKENDS = ("auto", "unsloth", "transformers")
 OBJECTIVES = ("sft", "kto", "dpo")
+PADDINGS = ("auto", "free", "bucket", "longest")  # qlora_sft.PADDINGS
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REQUIRED = object()
 
@@ -52,6 +53,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "canary_path": ("abs?", None),
         "pref_train_path": ("abs?", None),
         "pref_eval_path": ("abs?", None),
+        "token_cache_dir": ("abs?", None),
     },
     "training": {
         "output_dir": ("abs", REQUIRED),
@@ -66,6 +68,9 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "eval_steps": (">=1", None),
         "save_steps": (">=0", 0),
         "seed": ("int", 3407),
+        "padding": (PADDINGS, "auto"),
+        "pad_to_multiple_of": (">=1", 64),
+        "gradient_checkpointing": (("auto", "on", "off"), "auto"),
     },
     "lora": {
         "r": (">=1", 16),

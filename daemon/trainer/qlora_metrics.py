@@ -1,7 +1,7 @@
 """``metrics.jsonl``: the append-only log the runner tails, and the callback that writes its step lines.
 
 Line shapes (every line also carries ``job_id`` and ``timestamp``): ``{"event": "job_started", ...}``, step lines
-``{"step", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s"}``,
+``{"step", "max_steps", "train_loss", "eval_loss"?, "epoch", "learning_rate", "tokens_per_s"}``,
 ``{"event": "evaluated", "phase", "eval_loss"}`` (phases: see ``train_qlora``) and last
 ``{"event": "job_finished", ...}``. With ``extra`` (the kto and dpo objectives) a step line also carries every other
 number the trainer logged, flat, under TRL's own names (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
@@ -69,7 +69,20 @@ class StepRecorder:
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.tokens = 0.0
+        self.counter = TokenCounter()  # the batches' own count, when the trainer logs no ``num_tokens``
+        self.started: float | None = None  # monotonic time training began
+        self.first: tuple[float, float] | None = None  # (tokens, time) at the first step's log
+        self.last: tuple[float, float] | None = None  # (tokens, time) at the latest step's log
         self._mark = (0.0, time.monotonic())
+
+    def timings(self) -> dict[str, float | None]:
+        """``first_step`` (seconds from the start of training to the first step's log) and ``steady_tokens_per_s``
+        (the rate after the first step: compile, warm-up and the first allocations left out)."""
+        first_step = (self.first[1] - self.started) if self.first and self.started is not None else None
+        steady = None
+        if self.first and self.last and self.last[1] > self.first[1]:
+            steady = (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+        return {"first_step": num(first_step), "steady_tokens_per_s": num(steady)}
 
     def flush(self) -> None:
         if self.pending is not None:
@@ -78,7 +91,10 @@ class StepRecorder:
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.training = True
-        self._mark = (0.0, time.monotonic())
+        self.counter.active = True
+        self.started = time.monotonic()
+        self.max_steps = int(getattr(state, "max_steps", 0) or 0) or None
+        self._mark = (0.0, self.started)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.flush()  # the previous step's line: no eval can join it any more
@@ -95,18 +111,24 @@ class StepRecorder:
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.flush()
         self.training = False
+        self.counter.active = False
 
     def _train_line(self, step: int, logs: dict[str, Any]) -> None:
         """A train log starts the step's line, held until the step ends (an eval at this step may join it)."""
         self.flush()
         now = time.monotonic()
         tokens = num(logs.get("num_tokens"))
+        if tokens is None and self.counter.tokens:
+            tokens = float(self.counter.tokens)  # e.g. Unsloth's trainer: counted from the batches
         tps = None
         if tokens is not None:
             seen, then = self._mark
             tps = num((tokens - seen) / (now - then)) if now > then else None
             self._mark = (tokens, now)
             self.tokens = tokens
+            if self.first is None:
+                self.first = (tokens, now)
+            self.last = (tokens, now)
         loss = num(logs["loss"])
         if self.first_loss is None:
             self.first_loss = loss
@@ -114,6 +136,7 @@ class StepRecorder:
         self.progress.update(step=step, loss=loss)
         self.pending = {
             "step": step,
+            "max_steps": getattr(self, "max_steps", None),
             "train_loss": loss,
             "epoch": num(logs.get("epoch")),
             "learning_rate": num(logs.get("learning_rate")),
@@ -142,6 +165,35 @@ class StepRecorder:
                 **others,
             }
         )
+
+
+class TokenCounter:
+    """Wraps the trainer's data collator and counts the tokens of the batches it makes while training runs: the
+    attention mask's ones, or with padding-free batches the flattened row's length."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.active = False
+
+    def wrap(self, collator: Any) -> Any:
+        def collate(examples: Any) -> Any:
+            batch = collator(examples)
+            if self.active:
+                self.tokens += count_tokens(batch)
+            return batch
+
+        return collate
+
+
+def count_tokens(batch: Any) -> int:
+    """The real (not padding) tokens of a collated batch."""
+    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+    if mask is not None:
+        return int(mask.sum())
+    ids = batch.get("position_ids") if hasattr(batch, "get") else None
+    if ids is None:
+        ids = batch["input_ids"]
+    return int(ids.numel())
 
 
 # What a step line holds under its own names, or leaves out (timings), of a train log and of an eval log.

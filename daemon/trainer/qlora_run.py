@@ -56,6 +56,26 @@ def pick_backend(backend: str, cuda: bool) -> str:
     return backend
 
 
+def tune_torch(torch: Any, cuda: bool) -> None:
+    """Intra-op threads from the cores this process may use, unless OMP_NUM_THREADS says otherwise (the runner's
+    ``training.env`` sets it on a shared box; a GPU job keeps a few for the data path). On sm90+ (H100/H200) the
+    cuDNN attention backend, which PyTorch >= 2.10 prefers there, builds a new plan for every new input shape (~1 s
+    each); it is turned off so SDPA takes the flash / memory-efficient kernels."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, min(cores, 4) if cuda else cores))
+    if cuda and torch.cuda.get_device_capability(0) >= (9, 0) and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def import_stack() -> None:
+    """The training stack's imports, up front, so that ``timings.imports`` holds them (the builders then find them
+    loaded)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+
 def run(
     cfg: dict[str, Any],
     train: list[Any],
@@ -75,10 +95,14 @@ def run(
     """
     name = cfg["model"]["name"]
     quiet_offline_env(name)
+    clock = time.monotonic()
     import torch
 
     cuda = torch.cuda.is_available()
+    tune_torch(torch, cuda)
     backend = pick_backend(cfg["backend"], cuda)
+    import_stack()
+    timings: dict[str, float | None] = {"imports": time.monotonic() - clock}
     objective = cfg["objective"]
     say(f"backend {backend} on {'cuda' if cuda else 'cpu'}; model {name}; template {cfg['model']['chat_template']}; "
         f"objective {objective}")
@@ -87,11 +111,16 @@ def run(
     extras = {k: v for k, v in (("new", new), ("canary", canary)) if v is not None}
     built = qlora_backends.build(backend)(cfg, train, evals, extras, cuda, recorder if prefs is None else None)
     sft, model, tok, new_ds, canary_ds = built.trainer, built.model, built.tok, built.new_ds, built.sets.get("canary")
+    timings.update(built.timings)
     trainer, pref_info, scorer = sft, {}, None
     if prefs is not None:  # the SFT trainer only evaluates; built before the warm start (see qlora_pref)
         trainer, pref_info = qlora_pref.build_trainer(cfg, model, tok, prefs[0], prefs[1], built.args, recorder)
         scorer = qlora_pref.PreferenceScorer(tok, prefs[1], objective, cfg["model"]["max_seq_length"])
     qlora_backends.warm_start(cfg, model)
+    trainer.data_collator = recorder.counter.wrap(trainer.data_collator)
+    say(f"ready in {time.monotonic() - clock:.1f}s after start: imports {timings['imports']:.1f}s, model "
+        f"{timings.get('model_load') or 0:.1f}s, tokenize {timings.get('tokenize') or 0:.1f}s; "
+        f"{built.info.get('padding_why', '')}")
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -109,7 +138,9 @@ def run(
     after_loss = evaluate(sft, log, "candidate", scorer=scorer, model=model)
     new_after = evaluate(sft, log, "new_after", new_ds) if new_ds is not None else None
     canary_after = evaluate(sft, log, "canary_after", canary_ds) if canary_ds is not None else None
+    clock = time.monotonic()
     adapter_dir = save_adapter(cfg, model, tok)
+    timings["save"] = time.monotonic() - clock
     champion, init = cfg["gate"]["champion_adapter"], cfg["init"]["adapter"]
     if champion is not None and init is not None and os.path.realpath(champion) == os.path.realpath(init):
         # Warm-started from the champion: the "before" evaluations were the champion's; no second load.
@@ -119,6 +150,9 @@ def run(
         champion_loss, champion_new, champion_error, champion_pref, champion_canary = evaluate_champion(
             champion, model, sft, log, new_ds, scorer, canary_ds)
     before, after = base_loss.pref, after_loss.pref
+    evaluated = {id(x): x for x in (base_loss, new_before, canary_before, after_loss, new_after, canary_after,
+                                    champion_loss, champion_new, champion_canary) if x is not None}
+    timings.update(train=train_seconds, eval=sum(x.seconds for x in evaluated.values()), **recorder.timings())
     return {
         "backend": backend,
         "objective": objective,
@@ -155,6 +189,7 @@ def run(
         "train_runtime_seconds": round(train_seconds, 3),
         "tokens_per_s": num(recorder.tokens / train_seconds) if recorder.tokens and train_seconds > 0 else None,
         "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+        "timings": {k: (round(v, 3) if v is not None else None) for k, v in timings.items()},
         **built.info,
     }
 

@@ -67,8 +67,13 @@ def source_files(family: str, llama_cpp_dir: Path) -> tuple[Path, Path]:
     return paths
 
 
-def build(family: str, out: Path, llama_cpp_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
-    """Build ``family``'s tiny model into ``out`` (created or overwritten); returns a summary dict."""
+def build(family: str, out: Path, llama_cpp_dir: Path | None = None, seed: int = 0, convention: str = "instruct"
+          ) -> dict[str, Any]:
+    """Build ``family``'s tiny model into ``out`` (created or overwritten); returns a summary dict.
+
+    ``convention`` "instruct": the EOS is the chat's end of turn (``<|im_end|>``, ``<|eot_id|>``), as instruct
+    checkpoints ship; "base": the EOS stays the vocabulary's end of text (``<|endoftext|>``, ``<|end_of_text|>``), as
+    base checkpoints ship (a template's stop word then differs from the EOS)."""
     vocab_path, template_path = source_files(family, llama_cpp_dir or default_llama_cpp_dir())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -83,7 +88,8 @@ def build(family: str, out: Path, llama_cpp_dir: Path | None = None, seed: int =
     tok.chat_template = template_path.read_text(encoding="utf-8")
     if tok.pad_token is None or tok.pad_token == eos:
         tok.pad_token = tok.eos_token  # the vocab's end-of-text, distinct from the chat end-of-turn below
-    tok.eos_token = eos  # like the instruct models: generation stops at the end of the assistant turn
+    if convention == "instruct":
+        tok.eos_token = eos  # like the instruct models: generation stops at the end of the assistant turn
 
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(
@@ -104,6 +110,7 @@ def build(family: str, out: Path, llama_cpp_dir: Path | None = None, seed: int =
         (out / "tokenizer.model").unlink()  # a GGUF-loaded BPE tokenizer may write one; the GGUF converter dies on it
     return {
         "family": family,
+        "convention": convention,
         "path": str(out),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tok),
@@ -118,6 +125,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", action="append", choices=sorted(FAMILIES), help="repeatable; default: qwen2")
     p.add_argument("--llama-cpp-dir", type=Path, default=None, help="extracted llama.cpp files (default: the cache)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--convention", choices=("instruct", "base"), default="instruct",
+                   help="whose EOS: the chat's end of turn (instruct) or the vocabulary's end of text (base; "
+                        "written as tiny-<family>-base/)")
     return p
 
 
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         for family in args.family or ["qwen2"]:
-            summary = build(family, args.out / f"tiny-{family}", args.llama_cpp_dir, args.seed)
+            name = f"tiny-{family}" + ("-base" if args.convention == "base" else "")
+            summary = build(family, args.out / name, args.llama_cpp_dir, args.seed, args.convention)
             print(json.dumps(summary), flush=True)
     except MissingLlamaCpp as e:
         print(f"tinymodel: {e}", file=sys.stderr)

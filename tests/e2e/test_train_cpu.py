@@ -36,7 +36,10 @@ RESULT_KEYS = {
     "champion_pref_accuracy", "pref_reward_desirable_before", "pref_reward_desirable_after",
     "pref_reward_undesirable_before", "pref_reward_undesirable_after", "pref_desirable_weight",
     "pref_undesirable_weight",
+    "timings", "tokenize_seconds", "token_cache_hits", "train_tokens", "train_trained_tokens", "dropped_examples",
+    "param_dtypes", "attn_implementation", "gradient_checkpointing", "padding", "padding_why", "precision",
 }  # fmt: skip
+TIMING_KEYS = {"imports", "model_load", "tokenize", "train", "first_step", "steady_tokens_per_s", "eval", "save"}
 PREF_KEYS = {k for k in RESULT_KEYS if k.startswith(("pref_", "champion_pref_"))}
 
 # Loads an adapter onto its base with PEFT, in the training venv, and reports what it found.
@@ -106,6 +109,19 @@ def check_job(job: Job, backend: str) -> tuple[list[dict[str, Any]], dict[str, A
     assert result["final_train_loss"] == end["final_loss"] and result["first_train_loss"] == steps[0]["train_loss"]
     assert result["eval_loss_before"] == evaluated["base"] and result["eval_loss_after"] == evaluated["candidate"]
     assert result["train_examples"] == 32 and result["eval_examples"] == 4
+    # Where the time went, read from the run (not the request): every part measured, the parts within the whole.
+    timings = result["timings"]
+    assert set(timings) == TIMING_KEYS and all(timings[k] > 0 for k in TIMING_KEYS), timings
+    assert sum(timings[k] for k in ("imports", "model_load", "tokenize", "train", "eval", "save")) \
+        <= result["runtime_seconds"]
+    assert result["tokens_per_s"] > 0 and steps[-1]["max_steps"] == max_steps
+    assert result["train_tokens"] >= result["train_trained_tokens"] > 0 and result["dropped_examples"] == 0
+    assert result["precision"] == "fp32"  # no mixed precision on a CPU
+    if backend == "transformers":  # (Unsloth's CPU fallback keeps some weights in bfloat16: reported as it is)
+        assert result["param_dtypes"] == ["float32"]
+    assert result["param_dtypes"] and set(result["param_dtypes"]) <= {"float32", "bfloat16", "float16"}
+    assert result["load_in_4bit"] is False and result["gradient_checkpointing"] is False
+    assert result["padding"] == "free" and result["attn_implementation"] in ("sdpa", "eager")
     versions = result["versions"]
     assert all(versions[k] for k in ("torch", "transformers", "trl", "peft"))
     assert (versions["unsloth"] is not None) == (backend == "unsloth")

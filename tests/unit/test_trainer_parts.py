@@ -259,7 +259,7 @@ def test_step_recorder_merges_an_eval_into_its_step_and_keeps_progress(monkeypat
 
     rec.on_log(None, at(1), None, logs={"loss": 9.0})  # before on_train_begin: the base eval's logs are not steps
     assert log.records == [] and rec.pending is None
-    rec.on_train_begin(None, at(0), None)
+    rec.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=2), None)
     rec.on_log(None, at(1), None, logs={"loss": 2.0, "epoch": 0.5, "learning_rate": 1e-4, "num_tokens": 100})
     assert log.records == [] and progress == {"step": 1, "loss": 2.0}  # held: an eval at step 1 may join it
     rec.on_log(None, at(1), None, logs={"eval_loss": 1.5, "epoch": 0.5})
@@ -270,10 +270,39 @@ def test_step_recorder_merges_an_eval_into_its_step_and_keeps_progress(monkeypat
     first, second, third = log.records
     assert first["step"] == 1 and first["train_loss"] == 2.0 and first["eval_loss"] == 1.5
     assert first["epoch"] == 0.5 and first["learning_rate"] == 1e-4 and first["tokens_per_s"] == 50.0
-    assert second == {"step": 2, "train_loss": None, "epoch": 1.0, "learning_rate": 0.0, "tokens_per_s": None}
+    assert second == {"step": 2, "max_steps": 2, "train_loss": None, "epoch": 1.0, "learning_rate": 0.0,
+                      "tokens_per_s": None}
+    assert first["max_steps"] == 2  # status shows step N/M and an ETA from these lines
     assert third == {"step": 2, "train_loss": None, "eval_loss": 1.25, "epoch": 1.0, "learning_rate": None,
                      "tokens_per_s": None}
     assert (rec.first_loss, rec.last_loss, rec.tokens, rec.training) == (2.0, None, 100.0, False)
+
+
+def test_step_recorder_times_the_first_step_and_the_steady_rate_and_counts_batches_without_num_tokens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unsloth's trainer may log no ``num_tokens``: the tokens then come from the collated batches (attention mask
+    ones, or a padding-free row's length), counted only while training runs; the steady rate leaves the first step
+    (warm-up, first allocations) out."""
+    import torch
+
+    clock = iter([0.0, 100.0, 104.0, 105.0, 106.0])
+    monkeypatch.setattr(qlora_metrics.time, "monotonic", lambda: next(clock))
+    log, progress = Lines(), {"step": 0, "loss": None}
+    rec = StepRecorder(log, progress)  # type: ignore[arg-type]
+    collate = rec.counter.wrap(lambda xs: xs[0])
+    collate([{"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}])  # an eval batch before training: not counted
+    rec.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=3), None)
+    collate([{"attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}])  # 6 real tokens of 8
+    rec.on_log(None, SimpleNamespace(global_step=1), None, logs={"loss": 3.0})
+    collate([{"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3]]), "input_ids": torch.zeros(1, 7)}])  # 7
+    rec.on_log(None, SimpleNamespace(global_step=2), None, logs={"loss": 2.0})
+    collate([{"input_ids": torch.zeros(2, 5)}])  # no mask, no positions: every id is a token
+    rec.on_log(None, SimpleNamespace(global_step=3), None, logs={"loss": 1.0})
+    rec.on_train_end(None, SimpleNamespace(global_step=3), None)
+    collate([{"attention_mask": torch.ones(1, 9)}])  # after training: not counted
+    assert rec.counter.tokens == 23 and rec.tokens == 23.0
+    assert [r["tokens_per_s"] for r in log.records] == [1.5, 7.0, 10.0]
+    assert rec.timings() == {"first_step": 4.0, "steady_tokens_per_s": 8.5}  # (23 - 6) / (106 - 104)
 
 
 def test_step_recorder_with_extra_keeps_every_trl_number_under_its_name() -> None:
@@ -287,8 +316,8 @@ def test_step_recorder_with_extra_keeps_every_trl_number_under_its_name() -> Non
                                         "epoch": 1.0})
     rec.on_train_end(None, state, None)
     [line] = log.records
-    assert line == {"step": 4, "train_loss": 0.5, "epoch": 1.0, "learning_rate": 1e-3, "tokens_per_s": None,
-                    "grad_norm": 2.0, "rewards/chosen": 0.25, "kl": 0.0, "logps/rejected": -30.0,
+    assert line == {"step": 4, "max_steps": None, "train_loss": 0.5, "epoch": 1.0, "learning_rate": 1e-3,
+                    "tokens_per_s": None, "grad_norm": 2.0, "rewards/chosen": 0.25, "kl": 0.0, "logps/rejected": -30.0,
                     "eval_loss": 0.4, "eval_rewards/margins": 1.5}
 
 
