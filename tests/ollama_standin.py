@@ -13,6 +13,12 @@ A real HTTP/1.1 server on loopback (stdlib ``ThreadingHTTPServer``) implementing
 - ``GET /api/tags``, ``POST /api/show`` (GGUF header read with the ``gguf`` package; ``capabilities`` derived like
   Ollama's: ``completion``, plus ``tools`` when the template uses ``.Tools``), ``POST /api/copy``, ``DELETE
   /api/delete`` (prunes blobs no other manifest uses), ``POST /api/chat``, ``GET /api/version``.
+- Loaded models, like Ollama's scheduler: a chat loads its model and keeps it for ``keep_alive`` (default 5m; a
+  number is seconds, a string a Go duration, negative = forever); ``GET /api/ps`` lists what is loaded (``name``,
+  ``model``, ``size``, ``digest``, ``details``, ``expires_at``, ``size_vram``, ``context_length``); ``keep_alive: 0``
+  unloads after answering. ``POST /api/generate`` with no prompt loads (``done_reason "load"``) or, with
+  ``keep_alive: 0``, unloads (``"unload"``); an unknown model is 404 ``model 'X' not found``; with a prompt it
+  answers like a one-message chat (``response``).
 - ``/api/create`` checks the Go ``template`` the way Ollama's ``template.Parse`` would reject it, with a Python
   check of text/template's action syntax (:func:`go_template_error`: unclosed ``{{``, empty or unknown actions,
   unknown functions, ``{{ if }}``/``{{ range }}``/``{{ with }}`` without ``{{ end }}``, a stray ``{{ end }}`` or
@@ -60,7 +66,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +428,29 @@ def _read_gguf(path: Path) -> dict[str, Any]:
     return {"kv": kv, "parameter_count": count, "runnable": runnable}
 
 
+def keep_alive_seconds(value: Any) -> float:
+    """Ollama's ``keep_alive``: absent = 5m; a number = seconds; a string = a Go duration ("5m", "1h30m", "0s", "0");
+    negative = forever (returned as -1)."""
+    if value is None or value == "":
+        return 300.0
+    if isinstance(value, bool):
+        raise ApiError(400, "invalid keep_alive")
+    if isinstance(value, int | float):
+        return -1.0 if value < 0 else float(value)
+    text = str(value).strip()
+    try:
+        number = float(text)
+        return -1.0 if number < 0 else number
+    except ValueError:
+        pass
+    units = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    found = re.fullmatch(r"-?(?:\d+(?:\.\d+)?(?:ns|us|ms|s|m|h))+", text)
+    if not found:
+        raise ApiError(400, f'time: invalid duration "{text}"')
+    total = sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)", text))
+    return -1.0 if text.startswith("-") else total
+
+
 def human_number(n: int) -> str:
     """Ollama's format.HumanNumber (parameter_size): 494.03M, 1.5B, 8K."""
     for unit, div in (("B", 1_000_000_000), ("M", 1_000_000), ("K", 1_000)):
@@ -689,6 +718,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             api.delete()
         elif path == "/api/chat" and method == "POST":
             api.chat()
+        elif path == "/api/generate" and method == "POST":
+            api.generate()
+        elif path == "/api/ps" and method in ("GET", "HEAD"):
+            self._send_json(200, {"models": self.server.standin.running()})
         else:
             self._discard_like_go()
             self._send(404, b"404 page not found", "text/plain")
@@ -1018,6 +1051,7 @@ class _Api:
         content, reason, count, how = self.standin.generate(
             self.store.blob_path(model_layer["digest"]), model_layer["digest"], messages, options, num_predict)
         elapsed = time.monotonic_ns() - started
+        self._keep(raw, path, m, req.get("keep_alive"))
         final: dict[str, Any] = {
             "model": raw,
             "created_at": datetime.now().astimezone().isoformat(),
@@ -1043,7 +1077,43 @@ class _Api:
         self.h._stream_line({**final, "message": {"role": "assistant", "content": ""}})
         self.h._stream_end()
 
+    def generate(self) -> None:
+        """``POST /api/generate``: no prompt = load (or unload with ``keep_alive: 0``); a prompt = a one-turn chat."""
+        req = self.h._json_body()
+        raw = req.get("model")
+        if not raw:
+            raise ApiError(400, "model is required")
+        _, path = self._lookup(raw)
+        m = self.store.read_manifest(path)
+        now = datetime.now().astimezone().isoformat()
+        prompt = req.get("prompt") or ""
+        if not prompt:
+            self._keep(raw, path, m, req.get("keep_alive"))
+            unload = keep_alive_seconds(req.get("keep_alive")) == 0
+            self.h._send_json(200, {"model": raw, "created_at": now, "response": "", "done": True,
+                                    "done_reason": "unload" if unload else "load"})
+            return
+        layers = {x.get("mediaType"): x for x in m.get("layers", [])}
+        model_layer = layers.get(MT_MODEL)
+        if model_layer is None:
+            raise ApiError(500, "model has no weights")
+        options = {**(json.loads(self._layer_text(layers[MT_PARAMS])) if MT_PARAMS in layers else {}),
+                   **(req.get("options") or {})}
+        content, reason, count, _ = self.standin.generate(
+            self.store.blob_path(model_layer["digest"]), model_layer["digest"],
+            [{"role": "user", "content": str(prompt)}], options, int(options.get("num_predict", -1)))
+        self._keep(raw, path, m, req.get("keep_alive"))
+        self.h._send_json(200, {"model": raw, "created_at": now, "response": content, "done": True,
+                                "done_reason": reason, "eval_count": count})
+
     # helpers -------------------------------------------------------------------------------------------------
+
+    def _keep(self, raw: str, path: Path, manifest: dict[str, Any], keep_alive: Any) -> None:
+        name = Name.parse(raw)
+        size = sum(int(x.get("size", 0)) for x in manifest.get("layers", []))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.standin.keep_loaded(name.display() if name else raw, digest, size,
+                                 _details(self._config(manifest)), keep_alive)
 
     def _lookup(self, raw: str) -> tuple[Name, Path]:
         name = Name.parse(raw)
@@ -1147,6 +1217,7 @@ class StandinServer:
         self._use_llama = use_llama
         self._llamas: dict[str, Any] = {}
         self._llama_lock = threading.Lock()
+        self.loaded: dict[str, dict[str, Any]] = {}  # name -> /api/ps entry + "until" (monotonic; None = forever)
         self._state_lock = threading.RLock()
         self._api: _HTTPServer | None = None
         self._admin: _HTTPServer | None = None
@@ -1222,6 +1293,36 @@ class StandinServer:
                 self.halt.clear()
                 if self._admin is not None:  # started: bring the listener back on the same port
                     self._open_api()
+
+    # loaded models -------------------------------------------------------------------------------------------
+
+    def keep_loaded(self, name: str, digest: str, size: int, details: dict[str, Any], keep_alive: Any) -> None:
+        """After a request ran ``name``: keep it loaded for ``keep_alive`` (0: unload now, like Ollama)."""
+        seconds = keep_alive_seconds(keep_alive)
+        with self._state_lock:
+            if seconds == 0:
+                self.unload(name)
+                return
+            until = None if seconds < 0 else time.monotonic() + seconds
+            expires = (datetime.now().astimezone() + timedelta(seconds=seconds if seconds > 0 else 10 * 365 * 86400))
+            self.loaded[name] = {"name": name, "model": name, "size": size, "digest": digest, "details": details,
+                                 "expires_at": expires.isoformat(), "size_vram": size, "context_length": 2048,
+                                 "until": until}
+
+    def unload(self, name: str) -> None:
+        with self._state_lock:
+            entry = self.loaded.pop(name, None)
+            if entry is not None and not any(e["digest"] == entry["digest"] for e in self.loaded.values()):
+                with self._llama_lock:
+                    self._llamas.pop(entry["digest"], None)
+
+    def running(self) -> list[dict[str, Any]]:
+        """What /api/ps lists: the loaded models whose keep-alive has not run out."""
+        now = time.monotonic()
+        with self._state_lock:
+            for name in [n for n, e in self.loaded.items() if e["until"] is not None and e["until"] <= now]:
+                self.unload(name)
+            return [{k: v for k, v in e.items() if k != "until"} for e in self.loaded.values()]
 
     # generation ----------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from daemon import disk, log
 from daemon.cycle import deciding, gating
 from daemon.cycle.context import Cycle, Outcome
 from daemon.dataset.builder import TRAIN_IDS, read_train_ids
+from daemon.publish import gpu_share
 from daemon.settings import Settings
 from daemon.state import State, private_dir
 from daemon.train import gate, jobspec, lineage, objective, plan, runner, templates
@@ -183,6 +184,8 @@ def run(cycle: Cycle) -> bool:
         result.end(Outcome.NO_SPACE, str(short))
         return False
     cycle.step("training", f"job {job_id} on dataset v{version}: {line}")
+    freed = gpu_share.free_gpu(settings)
+    result.counts["ollama_unload"] = {"unloaded": freed.unloaded, "line": freed.line()}
     with state.transaction():
         state.service.set_last_run_at(cycle.now().isoformat())
     result.job_id = job_id

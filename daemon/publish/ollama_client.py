@@ -192,6 +192,18 @@ class OllamaClient:
         """``DELETE /api/delete``: remove one tag (the server prunes blobs nothing else uses). Unknown -> NotFound."""
         self._ok("DELETE", "/api/delete", json={"model": name})
 
+    def ps(self) -> list[dict[str, Any]]:
+        """``GET /api/ps``: the models loaded now (``name``, ``size``, ``size_vram``, ``expires_at``...)."""
+        models = self._json("GET", "/api/ps").get("models")
+        if not isinstance(models, list):
+            raise OllamaError("Ollama GET /api/ps: answer has no 'models' list")
+        return [m for m in models if isinstance(m, dict)]
+
+    def unload(self, name: str) -> None:
+        """``POST /api/generate`` with no prompt and ``keep_alive: 0``: Ollama frees the model's memory now (its
+        documented way to unload). Unknown -> NotFound."""
+        self._ok("POST", "/api/generate", json={"model": name, "keep_alive": 0, "stream": False})
+
     def chat(
         self,
         name: str,

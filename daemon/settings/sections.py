@@ -131,6 +131,7 @@ class TrainingSettings(Section):
     env: dict[str, str] = Field(default_factory=dict)
     config_template: AbsPath | None = None
     retry_backoff: Duration = Field(default=600.0, gt=0)
+    unload_ollama: Literal["auto"] | bool = "auto"  # auto: when ollama.host is this host
 
 
 GateCheck = Literal["loss", "learned_new", "preference", "canary", "regressions"]
@@ -207,6 +208,20 @@ class OllamaSettings(Section):
         return self
 
 
+def loopback_host(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this host (a loopback address)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return loopback_host(urlsplit(url).hostname or "")
+    except ValueError:
+        return False
+
+
 def check_loopback_url(url: str, *, allow_remote: bool, key: str, example: str, what: str = "url") -> None:
     """An http(s) URL whose host is loopback, unless ``allow_remote`` (named ``key`` in the error) says otherwise."""
     from urllib.parse import urlsplit
@@ -218,7 +233,7 @@ def check_loopback_url(url: str, *, allow_remote: bool, key: str, example: str, 
         raise ValueError(f"{what} {url!r} is not a URL") from None
     if parts.scheme not in ("http", "https") or not host:
         raise ValueError(f"{what} {url!r} must look like {example}")
-    if not (host in ("localhost", "::1") or host.startswith("127.")) and not allow_remote:
+    if not loopback_host(host) and not allow_remote:
         raise ValueError(f"{what} {url!r} is not a loopback address; set {key}: true to allow it")
 
 

@@ -212,8 +212,10 @@ def supervise(
         state.jobs.finished(job.id, status=outcome.status, exit_code=code, error=None if outcome.status == "succeeded"
                             else outcome.reason, result=outcome.result, latest_metrics=job.latest or None,
                             finished_at=utcnow())
+    res = outcome.result or {}
     _log.info("job.finished", job_id=job.id, status=outcome.status, reason=outcome.reason, exit_code=code,
-              final_loss=(outcome.result or {}).get("final_train_loss"))
+              final_loss=res.get("final_train_loss"), steps=res.get("steps"), tokens_per_s=res.get("tokens_per_s"),
+              timings=res.get("timings"))  # where the time went: imports, model load, tokenize, first step, ...
     return outcome
 
 

@@ -8,6 +8,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -316,6 +318,39 @@ def test_chat_canned_reply_and_num_predict(http: httpx.Client, gguf_bytes: bytes
     assert "".join(x["message"]["content"] for x in lines).strip() == CANNED_REPLY
     r = http.post("/api/chat", json={"model": "ghost", "messages": msgs, "stream": False})
     assert r.status_code == 404 and r.json() == {"error": "model 'ghost' not found"}
+
+
+def test_ps_lists_what_a_chat_loaded_and_keep_alive_zero_unloads(http: httpx.Client, gguf_bytes: bytes) -> None:
+    """Ollama's scheduler as its API shows it: a chat loads the model for keep_alive (default 5m), /api/ps lists it,
+    keep_alive 0 (on a chat, or a prompt-less /api/generate) unloads it; a prompt-less generate without it loads."""
+    make_model(http, gguf_bytes, "chatos:v1")
+    make_model(http, gguf_bytes, "chatos:v2")
+    assert http.get("/api/ps").json() == {"models": []}
+    msgs = [{"role": "user", "content": "hi"}]
+    assert http.post("/api/chat", json={"model": "chatos:v1", "messages": msgs, "stream": False}).status_code == 200
+    r = http.post("/api/generate", json={"model": "chatos:v2"})
+    assert r.status_code == 200 and r.json()["done_reason"] == "load" and r.json()["response"] == ""
+    loaded = {m["name"]: m for m in http.get("/api/ps").json()["models"]}
+    assert set(loaded) == {"chatos:v1", "chatos:v2"}
+    v1 = loaded["chatos:v1"]
+    assert v1["size"] > 0 and v1["size_vram"] == v1["size"] and re.fullmatch(HEX_RE, v1["digest"])
+    assert set(v1) >= {"name", "model", "size", "digest", "details", "expires_at", "size_vram", "context_length"}
+    r = http.post("/api/generate", json={"model": "chatos:v1", "keep_alive": 0})
+    assert r.json()["done_reason"] == "unload" and r.json()["done"] is True
+    assert [m["name"] for m in http.get("/api/ps").json()["models"]] == ["chatos:v2"]
+    http.post("/api/chat", json={"model": "chatos:v2", "messages": msgs, "stream": False, "keep_alive": "0s"})
+    assert http.get("/api/ps").json() == {"models": []}
+    http.post("/api/chat", json={"model": "chatos:v1", "messages": msgs, "stream": False, "keep_alive": 0.2})
+    assert len(http.get("/api/ps").json()["models"]) == 1
+    time.sleep(0.4)  # its keep-alive ran out
+    assert http.get("/api/ps").json() == {"models": []}
+    r = http.post("/api/generate", json={"model": "ghost", "keep_alive": 0})
+    assert r.status_code == 404 and r.json() == {"error": "model 'ghost' not found"}
+    r = http.post("/api/generate", json={"model": "chatos:v1", "keep_alive": "soon"})
+    assert r.status_code == 400 and "invalid duration" in r.json()["error"]
+    r = http.post("/api/generate", json={"model": "chatos:v1", "prompt": "hi", "stream": False,
+                                         "options": {"num_predict": 3}})
+    assert r.json()["response"] == "Hello! This is" and r.json()["done_reason"] == "length"
 
 
 def test_version_and_unknown_paths(http: httpx.Client) -> None:
