@@ -142,7 +142,16 @@ def _add_args(p: argparse.ArgumentParser, args: Sequence[Arg]) -> None:
                 groups[a.group] = p.add_mutually_exclusive_group(required=not a.group.startswith("?"))
             target = groups[a.group]
         target.add_argument(*a.flags, **a.options)
+    _add_common(p)
+
+
+VERBOSE_HELP = "also print the log records of info level (a verb prints only warnings and errors by default)"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """What every verb takes after its name too: ``--config`` and ``-v``."""
     p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (same as the global --config)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -152,6 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None,
                         help="config file (default: /etc/chatos-retrain/retrain.yaml, "
                              "then ~/.config/chatos-retrain/retrain.yaml, else built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help=VERBOSE_HELP)
     top = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     nested: dict[str, Any] = {}
     for verb in VERBS:
@@ -159,8 +169,7 @@ def make_parser() -> argparse.ArgumentParser:
         if tail:
             if head not in nested:
                 group = top.add_parser(head, help=GROUPS[head], description=GROUPS[head])
-                group.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                                   help="config file (same as the global --config)")
+                _add_common(group)
                 nested[head] = group.add_subparsers(dest="action", metavar="ACTION", required=True)
             p = nested[head].add_parser(tail, help=verb.help, description=verb.help)
         else:
