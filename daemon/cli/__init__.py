@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import settings
+from daemon import log, settings
 from daemon.cli import data_verbs as data
 from daemon.cli import model_verbs as models
 from daemon.cli import service_verbs as service
@@ -182,6 +182,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     func: Handler = args.func
+    # Until a verb loads its settings (the demo prepares its folder first): records to stderr, warnings unless -v.
+    log.configure("info" if args.verbose else "warning", "auto", stream=sys.stderr)
     try:
         return func(args)
     except CliError as exc:
