@@ -25,6 +25,7 @@ from daemon.cli.common import EXIT_CONFIG, EXIT_ERROR, CliError
 from daemon.cli.demo_verb import demo
 from daemon.cli.metrics_verb import metrics
 from daemon.cli.notify_verb import notify_test
+from daemon.cli.report_verb import report
 from daemon.ingest.feedback import QUALITIES
 from daemon.state import StateError
 
@@ -92,6 +93,11 @@ VERBS: tuple[Verb, ...] = (
          "model version, jobs, examples, feedback, pending registrations, disk", metrics, (
         arg("--out", metavar="FILE", help="write FILE atomically (mode 0644) instead of printing, e.g. into "
             "node_exporter's textfile collector folder"), JSON)),
+    Verb("report", "one self-contained HTML page with plots: the gate's checks per version, loss curves, tokens/s "
+         "and wall time, examples and feedback per day, dataset versions, latest and its rollbacks (needs the "
+         "report extra: matplotlib)", report, (
+        arg("--out", metavar="DIR", help="write DIR/index.html (default: <state dir>/report)"),
+        arg("--open", action="store_true", help="open the page in a web browser when one is found"), JSON)),
     Verb("run", "run the service in the foreground (what systemd starts)", service.run),
     Verb("trigger", "run a cycle now, ignoring thresholds; single flight: during a running cycle it folds into "
          "exactly one follow-up; without a service it runs here", service.trigger,
