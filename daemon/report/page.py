@@ -36,6 +36,9 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.DOTALL)  # RDF boilerplate, ~600 bytes a plot
+
+
 @contextmanager
 def _figure(name: str, width: float, height: float, ncols: int = 1) -> Iterator[tuple[Figure, Any]]:
     with matplotlib.rc_context({**STYLE, "svg.hashsalt": name}):  # a salt per plot: ids stay distinct on a page
@@ -48,7 +51,7 @@ def svg(fig: Figure) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None})
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return METADATA.sub("", text[text.index("<svg"):])
 
 
 def _short(value: float) -> str:
@@ -88,7 +91,9 @@ def gate_plot(jobs: Sequence[JobView]) -> str | None:
             _bars(ax, [r[0] for r in rows], [("candidate", [r[1].candidate for r in rows], CANDIDATE),
                                              ("champion", [r[1].champion for r in rows], CHAMPION)])
             values = [v for r in rows for v in (r[1].candidate, r[1].champion) if v is not None]
-            ax.set_ylim(min(values) * 0.97, max(values) * 1.02)  # the differences, not the distance from 0
+            low, high = min(values), max(values)
+            pad = (high - low) * 0.3 or abs(high) * 0.05 or 1.0
+            ax.set_ylim(low - pad, high + pad)  # the differences, not the distance from 0
             for bars in ax.containers:
                 ax.bar_label(bars, fmt=_short, fontsize=7, padding=2)
             ax.set_title(title)
@@ -237,6 +242,14 @@ def _curves(r: Report) -> str:
     return '<div class="grid">' + "".join(parts) + "</div>"
 
 
+def _jobs(r: Report) -> str:
+    rows = [(j.job_id, j.status, f"v{j.dataset_version}", j.label if j.model_version is not None else "-",
+             f"{j.wall_s / 60:.1f} min" if j.wall_s is not None else "-",
+             f"{j.tokens_per_s:,.0f}" if j.tokens_per_s is not None else "-", j.error or "")
+            for j in reversed(r.jobs)]
+    return _table(("job", "status", "dataset", "model", "wall time", "tokens/s", "error"), rows) if rows else ""
+
+
 def render(r: Report) -> str:
     """The whole page."""
     latest = f"v{r.latest}" if r.latest else "none"
@@ -255,6 +268,7 @@ def render(r: Report) -> str:
         "<h2>Loss curves of recent jobs</h2>", _curves(r),
         "<h2>Speed: tokens/s and wall time</h2>",
         _plot(speed_plot(r.jobs), "No finished job yet: throughput and wall time appear after the first one."),
+        _jobs(r),
         "<h2>Data: examples and feedback per day</h2>",
         _plot(days_plot(r.days), "No eligible examples or feedback yet: rate some chats in ChatOS "
               "(or `chatos-retrain feedback`) and run `chatos-retrain ingest`."),
