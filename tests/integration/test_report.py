@@ -111,8 +111,9 @@ def populated(tmp_path: Path, store: Path) -> Path:
     cfg = config(tmp_path, store)
     for day in range(5):
         when = T0 + timedelta(days=day)
-        recs = [rec(f"c{day}-{i}", user=f"Question {day}-{i}: how do I sort?", answer=f"Answer {day} {i}: sorted(xs).", started_at=when.replace(tzinfo=None).isoformat(), thumbs_up=True,
-                    quality="good") for i in range(4 + day)]
+        recs = [rec(f"c{day}-{i}", user=f"Question {day}-{i}: how do I sort?", answer=f"Answer {day} {i}: sorted.",
+                    started_at=when.replace(tzinfo=None).isoformat(), thumbs_up=True, quality="good")
+                for i in range(4 + day)]
         write_lines(logs_file(store, when.strftime("%Y-%m-%d")), recs)
         write_lines(feedback_file(store, when.strftime("%Y-%m-%d")),
                     [fb(f"c{day}-{i}", thumbs_up=i % 3 != 0, ts=(when + timedelta(hours=i)).replace(tzinfo=None)

@@ -83,8 +83,8 @@ def test_the_service_and_the_cli_never_load_the_plotting_library() -> None:
     """Importing the service, every verb's module and the report's data does not load matplotlib (the verb
     imports the page lazily): the service runs without the report extra installed."""
     code = ("import sys, daemon.cli, daemon.service.lifecycle, daemon.cycle.pipeline, daemon.report.data; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in %r or m == 'daemon.report.page'))"
-            % sorted(PLOTTING))
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(PLOTTING)!r} "
+            "or m == 'daemon.report.page'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=PKG.parent, check=True)
     assert out.stdout.strip() == "[]"
