@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.train import doctor
+from daemon.train import doctor, jobspec
 
 
 def bare_python(tmp_path: Path) -> Path:
@@ -48,16 +47,8 @@ def test_cli_exit_code(tmp_path: Path, store: Path) -> None:
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:
-    """The lines of ``text`` that are JSON objects (log records), parsed."""
-    found = []
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            found.append(obj)
-    return found
+    """The lines of ``text`` that are JSON objects (log records), parsed as the runner parses metrics lines."""
+    return jobspec.parse_metrics(text.encode() + b"\n")[0]
 
 
 def test_a_verb_prints_its_answer_and_logs_only_with_verbose(tmp_path: Path, store: Path) -> None:
