@@ -14,7 +14,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from daemon.train.policy import span
@@ -85,6 +85,7 @@ def job_progress(lines: Sequence[Mapping[str, Any]], total_steps: int | None, no
     pace = seconds_per_step(points)
     eta = None
     if pace is not None and total is not None:
+        now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)  # a naive clock reads as UTC
         since_last = max(0.0, (now - points[-1][1]).total_seconds())
         eta = max(0.0, max(0, total - step) * pace - since_last)
     speeds = [v for m in steps[-RECENT:] if (v := _number(m.get("tokens_per_s"))) is not None]

@@ -51,3 +51,10 @@ def test_a_late_status_counts_down_and_never_goes_below_zero() -> None:
     assert p is not None and p.eta_s == 5.0
     late = job_progress(lines, 4, T0 + timedelta(seconds=500))
     assert late is not None and late.eta_s == 0.0
+
+
+def test_hostile_lines_give_no_pace_rather_than_an_error() -> None:
+    lines = [{"step": 1, "timestamp": 5}, {"step": True}, {"step": 2, "timestamp": "2026-12-05T12:00:00"},
+             {"step": 3, "timestamp": {"x": 1}, "train_loss": "nan", "tokens_per_s": float("inf")}]
+    p = job_progress(lines, 10, datetime(2026, 12, 5, 12, 1))  # naive timestamps and clock: no pace from them
+    assert p is not None and p.step == 3 and p.eta_s is None and p.tokens_per_s is None and p.train_loss is None
