@@ -88,6 +88,8 @@ def job_progress(lines: Sequence[Mapping[str, Any]], total_steps: int | None, no
         now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)  # a naive clock reads as UTC
         since_last = max(0.0, (now - points[-1][1]).total_seconds())
         eta = max(0.0, max(0, total - step) * pace - since_last)
+    if total is not None and step >= total:
+        eta = 0.0  # every planned step done (the final eval and the save remain)
     speeds = [v for m in steps[-RECENT:] if (v := _number(m.get("tokens_per_s"))) is not None]
     return JobProgress(
         step=step, total_steps=total, percent=min(100.0, 100.0 * step / total) if total else None,

@@ -58,3 +58,8 @@ def test_hostile_lines_give_no_pace_rather_than_an_error() -> None:
              {"step": 3, "timestamp": {"x": 1}, "train_loss": "nan", "tokens_per_s": float("inf")}]
     p = job_progress(lines, 10, datetime(2026, 12, 5, 12, 1))  # naive timestamps and clock: no pace from them
     assert p is not None and p.step == 3 and p.eta_s is None and p.tokens_per_s is None and p.train_loss is None
+
+
+def test_every_planned_step_done_is_no_time_left_even_without_a_pace() -> None:
+    p = job_progress([{"step": 20, "train_loss": 1.0}], 20, T0)
+    assert p is not None and p.percent == 100.0 and p.eta_s == 0.0 and p.line().endswith("ETA 0s")
