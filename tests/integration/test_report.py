@@ -175,3 +175,20 @@ def test_open_without_a_browser_says_so(tmp_path: Path, store: Path, flag: str) 
                           str(tmp_path / "o"), flag], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert "no browser found" in out.stderr and (tmp_path / "o" / "index.html").is_file()
+
+
+def test_one_version_draws_its_own_plots_and_says_what_else_is_missing(tmp_path: Path, store: Path) -> None:
+    need_module("matplotlib", "the report extra: pip install -e '.[dev]'")
+    from daemon.report import data, page
+
+    s, _ = settings.load(config(tmp_path, store))
+    with api.open_state(s) as st:
+        _job(st, "j-20261120T100000-aaaa", 1, "promoted", start=2.5, champion=None, at=T0)
+        _model(st, 1, "j-20261120T100000-aaaa", T0)
+        with st.transaction():
+            st.service.latest_moved(1, previous=None, how="registered", at=T0.isoformat())
+            st.service.set_latest_model(1)
+        text = page.render(data.gather(s, st))
+    assert page.plot_count(text) == 3  # the gate, v1's loss curve, its speed
+    assert "v1 (latest)" in text and "0 rollback(s)" in text and "v1: promoted" in text
+    assert "No eligible examples or feedback yet" in text and "No dataset version yet" in text
