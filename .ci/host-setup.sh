@@ -3,7 +3,9 @@
 #
 #   - golang-go: tests/unit/test_templates.py renders the Ollama Go templates with Go's own text/template and
 #     compares them with the Jinja renders (the only check that Ollama prompts the way the model was trained);
-#   - systemd (systemd-analyze): tests/unit/test_unit_render.py verifies the rendered units and scores them.
+#   - systemd (systemd-analyze): tests/unit/test_unit_render.py verifies the rendered units and scores them;
+#   - chromium: tests/integration/test_report.py renders the `report` page in a real headless browser and checks the
+#     screenshot (~11 s more the first time on 2 cores: 25 packages with apt-get update).
 #
 # Under CI=true a missing tool fails those tests (tests/helpers.py: need), so CI must install them here.
 # Needs root for apt; elsewhere it only says what is missing. Measured on 2 cores: ~40 s the first time, ~0 s after.
@@ -14,8 +16,9 @@ say() { printf '[host-setup] %s\n' "$*"; }
 missing=()
 command -v go >/dev/null || missing+=(golang-go)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -eq 0 ]; then
-    say "go and systemd-analyze present"
+    say "go, systemd-analyze and chromium present"
     exit 0
 fi
 if [ "$(id -u)" != "0" ]; then

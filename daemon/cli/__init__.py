@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import settings
+from daemon import log, settings
 from daemon.cli import data_verbs as data
 from daemon.cli import model_verbs as models
 from daemon.cli import service_verbs as service
@@ -25,6 +25,7 @@ from daemon.cli.common import EXIT_CONFIG, EXIT_ERROR, CliError
 from daemon.cli.demo_verb import demo
 from daemon.cli.metrics_verb import metrics
 from daemon.cli.notify_verb import notify_test
+from daemon.cli.report_verb import report
 from daemon.ingest.feedback import QUALITIES
 from daemon.state import StateError
 
@@ -92,6 +93,11 @@ VERBS: tuple[Verb, ...] = (
          "model version, jobs, examples, feedback, pending registrations, disk", metrics, (
         arg("--out", metavar="FILE", help="write FILE atomically (mode 0644) instead of printing, e.g. into "
             "node_exporter's textfile collector folder"), JSON)),
+    Verb("report", "one self-contained HTML page with plots: the gate's checks per version, loss curves, tokens/s "
+         "and wall time, examples and feedback per day, dataset versions, latest and its rollbacks (needs the "
+         "report extra: matplotlib)", report, (
+        arg("--out", metavar="DIR", help="write DIR/index.html (default: <state dir>/report)"),
+        arg("--open", action="store_true", help="open the page in a web browser when one is found"), JSON)),
     Verb("run", "run the service in the foreground (what systemd starts)", service.run),
     Verb("trigger", "run a cycle now, ignoring thresholds; single flight: during a running cycle it folds into "
          "exactly one follow-up; without a service it runs here", service.trigger,
@@ -142,7 +148,16 @@ def _add_args(p: argparse.ArgumentParser, args: Sequence[Arg]) -> None:
                 groups[a.group] = p.add_mutually_exclusive_group(required=not a.group.startswith("?"))
             target = groups[a.group]
         target.add_argument(*a.flags, **a.options)
+    _add_common(p)
+
+
+VERBOSE_HELP = "also print the log records of info level (a verb prints only warnings and errors by default)"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """What every verb takes after its name too: ``--config`` and ``-v``."""
     p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (same as the global --config)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -152,6 +167,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None,
                         help="config file (default: /etc/chatos-retrain/retrain.yaml, "
                              "then ~/.config/chatos-retrain/retrain.yaml, else built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help=VERBOSE_HELP)
     top = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     nested: dict[str, Any] = {}
     for verb in VERBS:
@@ -159,8 +175,7 @@ def make_parser() -> argparse.ArgumentParser:
         if tail:
             if head not in nested:
                 group = top.add_parser(head, help=GROUPS[head], description=GROUPS[head])
-                group.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                                   help="config file (same as the global --config)")
+                _add_common(group)
                 nested[head] = group.add_subparsers(dest="action", metavar="ACTION", required=True)
             p = nested[head].add_parser(tail, help=verb.help, description=verb.help)
         else:
@@ -173,6 +188,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     func: Handler = args.func
+    # Until a verb loads its settings (the demo prepares its folder first): records to stderr, warnings unless -v.
+    log.configure("info" if args.verbose else "warning", "auto", stream=sys.stderr)
     try:
         return func(args)
     except CliError as exc:

@@ -34,14 +34,24 @@ def config_errors(exc: settings.ConfigError) -> None:
         print(f"{exc.source}: {line}", file=sys.stderr)
 
 
+def verb_log_level(configured: str, verbose: bool) -> str:
+    """A verb's log level: the configured one with ``-v``, else warning at least (a verb prints its answer, not its
+    internal log records)."""
+    if verbose:
+        return configured
+    return configured if configured in ("warning", "error") else "warning"
+
+
 def load(args: argparse.Namespace) -> settings.Settings:
-    """The effective settings (``--config``, env, defaults); logs go to stderr so stdout stays the answer."""
+    """The effective settings (``--config``, env, defaults); logs go to stderr so stdout stays the answer, at
+    warning and above unless ``-v`` (the service's ``run`` keeps ``log.level``)."""
     try:
         s, _ = settings.load(args.config)
     except settings.ConfigError as exc:
         config_errors(exc)
         raise CliError("", EXIT_CONFIG) from None
-    log.configure(s.log.level, s.log.format, stream=sys.stderr)
+    log.configure(verb_log_level(s.log.level, bool(getattr(args, "verbose", False))), s.log.format,
+                  stream=sys.stderr)
     return s
 
 

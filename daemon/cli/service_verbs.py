@@ -55,6 +55,11 @@ def _print_store(status: api.StoreStatus) -> None:
     latest = f"v{status.latest_dataset}" if status.latest_dataset else "none"
     print(f"dataset:   latest {latest}; {status.new_eligible_since_dataset} new eligible since")
     print(f"model:     latest {status.latest_model or 'none'}")
+    if status.job:
+        print(f"job:       {status.job['job_id']} on dataset v{status.job['dataset_version']}: {status.job['line']}")
+    elif status.waiting:
+        print(f"training:  {'ready' if status.waiting['train'] else 'waits'}: {status.waiting['reason']}")
+        print(f"           expected {status.waiting['next']}")
     for m in status.pending_registrations or []:
         print(f"pending:   {m['tag']} (attempt {m['attempts']}, next try {m['next_attempt_at']}): {m['last_error']}")
     if status.disk:

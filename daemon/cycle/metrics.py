@@ -63,7 +63,7 @@ class Snapshot:
 # -- gather: state -> snapshot -----------------------------------------------------------------------------------
 
 
-def _epoch(iso: str | None) -> float | None:
+def epoch(iso: str | None) -> float | None:
     if not iso:
         return None
     try:
@@ -74,12 +74,12 @@ def _epoch(iso: str | None) -> float | None:
 
 def _ended_at(started_at: str, summary: Mapping[str, Any]) -> float | None:
     """When a recorded cycle ended: its start plus its total time."""
-    start = _epoch(started_at)
+    start = epoch(started_at)
     total = (summary.get("timings") or {}).get("total")
     return None if start is None else start + (float(total) if isinstance(total, int | float) else 0.0)
 
 
-def _tokens_per_second(result: Mapping[str, Any] | None, latest: Mapping[str, Any] | None) -> float | None:
+def tokens_per_second(result: Mapping[str, Any] | None, latest: Mapping[str, Any] | None) -> float | None:
     """The trainer's figure for the whole run (``result.json``), else its last metrics line's."""
     for source in (result, latest):
         value = (source or {}).get("tokens_per_s")
@@ -104,12 +104,12 @@ def gather(settings: Settings, state: State, *, now: float | None = None) -> Sna
     promoted = state.cycles.last_with([str(o) for o in PROMOTED])
     durations: list[float] = []
     for _, started, finished in state.jobs.spans():
-        a, b = _epoch(started), _epoch(finished)
+        a, b = epoch(started), epoch(finished)
         if a is not None and b is not None and b >= a:
             durations.append(b - a)
     ended = [j for j in state.jobs.recent(limit=20) if j.finished_at]
     last_job = ended[0] if ended else None
-    last_span = (_epoch(last_job.started_at), _epoch(last_job.finished_at)) if last_job else (None, None)
+    last_span = (epoch(last_job.started_at), epoch(last_job.finished_at)) if last_job else (None, None)
     return Snapshot(
         generated_at=time.time() if now is None else now,
         cycles={str(o): 0 for o in Outcome} | state.cycles.outcome_counts(),
@@ -122,7 +122,7 @@ def gather(settings: Settings, state: State, *, now: float | None = None) -> Sna
         job_seconds_count=len(durations),
         last_job_seconds=(last_span[1] - last_span[0]
                           if last_span[0] is not None and last_span[1] is not None else None),
-        last_job_tokens_per_second=(_tokens_per_second(last_job.result, last_job.latest_metrics)
+        last_job_tokens_per_second=(tokens_per_second(last_job.result, last_job.latest_metrics)
                                     if last_job else None),
         examples={"eligible": eligible["eligible"], "positive": eligible["positive"],
                   "new": eligible["new_since_dataset"]},

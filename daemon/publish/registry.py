@@ -120,6 +120,7 @@ def register(settings: Settings, state: State, version: int, client: OllamaClien
             state.models.registered(version, registered_at=utcnow(), ollama_digest=ollama_digest,
                                     attempts=row.attempts + 1)
             state.service.set_latest_model(version)
+            state.service.latest_moved(version, previous=previous or None, how="registered", at=utcnow())
             if previous and previous != version:
                 state.service.set_previous_latest_model(previous)
         _log.info("registry.registered", model_version=version, tag=name, latest=latest_tag(settings))
@@ -237,6 +238,7 @@ def rollback(settings: Settings, state: State, to: int | None = None,
             client.close()
     with state.transaction():
         state.service.set_latest_model(to)
+        state.service.latest_moved(to, previous=current, how="rollback", at=utcnow())
         if current and current != to:
             state.service.set_previous_latest_model(current)
     engine = (loads.reason if loads is not None else "skipped (--force)" if force

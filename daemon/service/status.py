@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from daemon import disk
-from daemon.cycle import metrics, training
+from daemon.cycle import deciding, metrics, training
 from daemon.settings import Settings
 from daemon.state import JobRow, State
 from daemon.train import gate as train_gate
-from daemon.train import lineage
+from daemon.train import jobspec, lineage, policy, progress
 
 
 @dataclass
@@ -30,12 +31,15 @@ class StoreStatus:
     disk: dict[str, int] | None = None  # bytes used by state, datasets, jobs, exports; free on the state's disk
     model: dict[str, Any] | None = None  # the champion: its plan, lineage depth, deleted chats it still holds
     gate: dict[str, Any] | None = None  # the gate's checks on the champion and on the last candidate judged
+    job: dict[str, Any] | None = None  # the running job: step N/M, %, tokens/s, ETA (progress.JobProgress)
+    waiting: dict[str, Any] | None = None  # the policy now: what training waits for, and when it expects to run
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def store_status(settings: Settings, state: State) -> StoreStatus:
+def store_status(settings: Settings, state: State, now: datetime | None = None) -> StoreStatus:
+    now = now or datetime.now(UTC)
     c = state.conversations.counts()
     marks = state.service.get()
     d = settings.dataset
@@ -64,7 +68,35 @@ def store_status(settings: Settings, state: State) -> StoreStatus:
         disk=disk_usage(state.dir),
         model=model_status(settings, state),
         gate=gate_status(state),
+        job=running_job(state, now),
+        waiting=waiting_for(settings, state, now),
     )
+
+
+def running_job(state: State, now: datetime) -> dict[str, Any] | None:
+    """The running job's progress from its metrics file so far (steps of the plan's ``max_steps``), or None."""
+    rows = state.jobs.recent(status="running", limit=1)
+    if not rows:
+        return None
+    row = rows[0]
+    try:
+        lines, _ = jobspec.parse_metrics(Path(row.metrics_path).read_bytes())
+    except OSError:
+        lines = []
+    total = (row.params.get("training") or {}).get("max_steps") or (row.params.get("plan") or {}).get("steps")
+    seen = progress.job_progress(lines, total if isinstance(total, int) else None, now)
+    return {"job_id": row.job_id, "dataset_version": row.dataset_version,
+            **(seen.as_json() if seen else {}), "line": seen.line() if seen else "starting (no step finished yet)"}
+
+
+def waiting_for(settings: Settings, state: State, now: datetime) -> dict[str, Any]:
+    """The training policy evaluated now: the one thing it waits for (its reason), and when it expects to train."""
+    decision = policy.decide(deciding.policy_input(settings, state, now), settings.policy, now)
+    backoff = deciding.backoff_until(state)
+    if decision.train and backoff is not None and backoff > now:
+        return {"train": False, "reason": "backing off after a failed job",
+                "next": f"at {policy.clock(backoff, now)} (in {policy.span(backoff - now)})"}
+    return {"train": decision.train, "reason": decision.reason, "next": policy.expected_next(decision)}
 
 
 def model_status(settings: Settings, state: State) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from daemon.state.rows import (
     DatasetRow,
     Eligible,
     JobRow,
+    LatestMove,
     ModelRow,
     PendingExport,
     ServiceRow,
@@ -39,8 +40,8 @@ from daemon.state.rows import (
 from daemon.state.service import Service
 
 __all__ = [
-    "DB_NAME", "CycleRow", "DatasetRow", "Eligible", "JobRow", "ModelRow", "PendingExport", "ServiceRow", "State",
-    "StateError", "private_dir", "storage_problem", "utcnow",
+    "DB_NAME", "CycleRow", "DatasetRow", "Eligible", "JobRow", "LatestMove", "ModelRow", "PendingExport", "ServiceRow",
+    "State", "StateError", "private_dir", "storage_problem", "utcnow",
 ]
 
 

@@ -102,6 +102,12 @@ class Examples:
         row = self._db.conn.execute(sql, (since_version, *modes, min_score, include_unrated)).fetchone()
         return {"eligible": row[0] or 0, "positive": row[1] or 0, "new_since_dataset": row[2] or 0}
 
+    def eligible_per_day(self, modes: Sequence[str], min_score: int, include_unrated: bool) -> list[tuple[str, int]]:
+        """Eligible conversations (the same filter) by the day they started (else were first seen), oldest first."""
+        sql = _eligible_sql("SELECT substr(COALESCE(c.started_at, c.first_seen), 1, 10) AS day, COUNT(*)", modes)
+        rows = self._db.conn.execute(sql + " GROUP BY day ORDER BY day", (*modes, min_score, include_unrated))
+        return [(r[0], int(r[1])) for r in rows]
+
     def cached(self, cfg: str) -> dict[str, CachedExample]:
         """Cached examples made under ``cfg``: cid -> (cid, rev, dedup, pii, line, bucket); valid while ``rev`` is
         current."""

@@ -46,6 +46,13 @@ class Feedback:
         )
         self.refresh_labels({r[2] for r in rows})
 
+    def per_day(self) -> list[tuple[str, int, int, int]]:
+        """Feedback events by the day of their timestamp (its first ten characters, ``YYYY-MM-DD``), oldest first:
+        ``(day, thumbs up, thumbs down, events)``."""
+        sql = ("SELECT substr(ts, 1, 10) AS day, SUM(thumbs_up = 1), SUM(thumbs_up = 0), COUNT(*) FROM feedback"
+               " GROUP BY day ORDER BY day")
+        return [(r[0], int(r[1] or 0), int(r[2] or 0), int(r[3])) for r in self._db.conn.execute(sql)]
+
     def corrections(self) -> dict[str, str]:
         """Conversation id -> the correction that counts (its latest thumbs vote is down and carries one)."""
         return dict(self._db.conn.execute("SELECT cid, better FROM labels WHERE better IS NOT NULL"))

@@ -173,4 +173,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN gate TEXT;
     """,
+    # 12: every move of <model_name>:latest (a registration promoting a version, or a rollback), for the report's
+    # history; 'previous' is the version it pointed at before (NULL: none)
+    """
+    CREATE TABLE latest_moves (
+        id INTEGER PRIMARY KEY, at TEXT NOT NULL, version INTEGER NOT NULL, previous INTEGER, how TEXT NOT NULL
+    );
+    """,
 ]

@@ -126,6 +126,16 @@ class ModelRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LatestMove:
+    """``latest`` moved to ``version`` at ``at`` from ``previous`` (None: none): ``registered`` or ``rollback``."""
+
+    at: str
+    version: int
+    previous: int | None
+    how: str
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceRow:
     """The service's own progress: the champion job and the dataset it trained on, the training backoff, the model
     version ``latest`` points at (and the one before), and when ingest and training last ran."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from daemon.state.db import Database
-from daemon.state.rows import PendingExport, ServiceRow
+from daemon.state.rows import LatestMove, PendingExport, ServiceRow
 
 _COLS = ("champion_job, last_trained_dataset, last_run_at, last_ingest_at, train_failures, train_backoff_until,"
          " latest_model, previous_latest_model")
@@ -53,6 +53,16 @@ class Service:
     def set_latest_model(self, version: int | None) -> None:
         """The model version ``latest`` points at (None: none)."""
         self._set("latest_model = ?", version)
+
+    def latest_moved(self, version: int, *, previous: int | None, how: str, at: str) -> None:
+        """``latest`` now points at ``version`` (``how``: ``registered`` or ``rollback``): one row of its history."""
+        self._db.conn.execute("INSERT INTO latest_moves (at, version, previous, how) VALUES (?,?,?,?)",
+                              (at, version, previous, how))
+
+    def latest_moves(self) -> list[LatestMove]:
+        """Every move of ``latest``, oldest first."""
+        rows = self._db.conn.execute("SELECT at, version, previous, how FROM latest_moves ORDER BY id").fetchall()
+        return [LatestMove(at=r[0], version=int(r[1]), previous=r[2], how=r[3]) for r in rows]
 
     def set_previous_latest_model(self, version: int) -> None:
         """The version ``latest`` pointed at before (kept from retention, the target of a rollback)."""

@@ -275,12 +275,20 @@ def decide(candidate: float | None, champion: float | None, tolerance: float, *,
                  Limits(tolerance=tolerance, min_new_gain=min_new_gain, checks=("loss", "learned_new")))
 
 
+def check_state(check: dict[str, Any]) -> str:
+    """``skipped``, ``pending``, ``passed`` or ``FAILED``: how one check of a decision ended."""
+    if check.get("skipped"):
+        return "skipped"
+    if check.get("pending"):
+        return "pending"
+    return "passed" if check.get("passed") else "FAILED"
+
+
 def lines(numbers: dict[str, Any] | None) -> list[str]:
     """One line per check of a decision's numbers: ``canary    passed  canary: perplexity 12.1 -> 12.3 (+1.7%)``."""
     out = []
     for c in (numbers or {}).get("checks") or []:
-        state = ("skipped" if c.get("skipped") else "pending" if c.get("pending")
-                 else "passed" if c.get("passed") else "FAILED")
+        state = check_state(c)
         opt = "" if c.get("required", True) else " (not required)"
         detail = str(c.get("detail", "")).split(": ", 1)[-1].removeprefix("skipped: ")
         out.append(f"{c.get('name', '?'):<12} {state + opt:<7} {detail}")

@@ -121,11 +121,11 @@ def _timing_blockers(inputs: PolicyInput, cfg: PolicySettings, f: _Facts) -> lis
         reset = day_start(now) + timedelta(days=1)
         blockers.append(
             f"daily limit reached: {inputs.runs_today}/{cfg.max_runs_per_day} runs today; "
-            f"resets 00:00 UTC (in {_span(reset - now)})"
+            f"resets 00:00 UTC (in {span(reset - now)})"
         )
     if f.last_run is not None and f.cooldown_left > 0:
         blockers.append(
-            f"cooldown: {_span(timedelta(seconds=f.cooldown_left))} left (last run {_clock(f.last_run, now)})"
+            f"cooldown: {span(timedelta(seconds=f.cooldown_left))} left (last run {clock(f.last_run, now)})"
         )
     return blockers
 
@@ -136,7 +136,7 @@ def _window_blocker(f: _Facts) -> str | None:
         return None
     if f.next_open is None:
         return "outside training windows; none of them opens again"
-    return f"outside training windows; next opens {_clock(f.next_open, f.now)} (in {_span(f.next_open - f.now)})"
+    return f"outside training windows; next opens {clock(f.next_open, f.now)} (in {span(f.next_open - f.now)})"
 
 
 def _numbers(inputs: PolicyInput, cfg: PolicySettings, f: _Facts) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def decide(inputs: PolicyInput, cfg: PolicySettings, now: datetime) -> Decision:
     if blockers:
         reason = blockers[0]
         if window_blocker is not None and window_blocker is not reason and f.next_open is not None:
-            reason += f"; window opens {_clock(f.next_open, f.now)}"
+            reason += f"; window opens {clock(f.next_open, f.now)}"
         return Decision(False, reason, numbers, blockers, f.next_open)
     total, positive = inputs.total_examples, inputs.positive_examples
     down = f" ({inputs.new_thumbs_down} thumbs-down)" if inputs.new_thumbs_down else ""
@@ -244,7 +244,7 @@ def _utc(t: datetime, name: str) -> datetime:
     return t.astimezone(UTC)
 
 
-def _span(d: timedelta) -> str:
+def span(d: timedelta) -> str:
     """A remaining time, rounded up to the minute: ``2h14m``, ``45m``, ``1d3h``; under a minute in seconds."""
     s = max(0.0, d.total_seconds())
     if s < 60:
@@ -259,7 +259,7 @@ def _span(d: timedelta) -> str:
     return f"{mins}m"
 
 
-def _clock(t: datetime, now: datetime) -> str:
+def clock(t: datetime, now: datetime) -> str:
     """``03:10 UTC`` when within a day of ``now``, else with the date."""
     if abs(t - now) < timedelta(days=1):
         return t.strftime("%H:%M UTC")
@@ -275,3 +275,32 @@ def _pct(part: int, whole: int) -> str:
 def _pct_float(x: float) -> str:
     s = f"{x * 100:.1f}"
     return (s[:-2] if s.endswith(".0") else s) + "%"
+
+
+def expected_next(decision: Decision) -> str:
+    """When training is expected to start, for ``status``: ready now; when more data arrives (a data threshold
+    blocks it, so no time can be promised); else the latest of the cooldown's end, the daily reset and the next
+    window's opening (those blocks pass by themselves)."""
+    n = decision.numbers
+    if decision.train:
+        return "now: the next cycle trains (a change in the store, the periodic reconcile or `trigger`)"
+    if n.get("job_running"):
+        return "after the running job ends"
+    need = []
+    if n["new_examples"] < n["min_new_examples"]:
+        need.append(f"{n['min_new_examples'] - n['new_examples']} more new rated example(s)")
+    if n["total_examples"] < n["min_total_examples"]:
+        need.append(f"{n['min_total_examples'] - n['total_examples']} more rated example(s) in total")
+    if n["positive_ratio"] is None or n["positive_ratio"] < n["min_positive_ratio"]:
+        need.append("more positive feedback")
+    if need:
+        return "when " + " and ".join(need) + " arrive"
+    now = datetime.fromisoformat(n["now"])
+    at = now + timedelta(seconds=float(n.get("cooldown_left_s") or 0))
+    if n["runs_today"] >= n["max_runs_per_day"]:
+        at = max(at, day_start(now) + timedelta(days=1))
+    if not n["window_open"]:
+        if decision.next_window is None:
+            return "never: no training window opens again"
+        at = max(at, decision.next_window)
+    return f"at {clock(at, now)} (in {span(at - now)})"

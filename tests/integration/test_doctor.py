@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.train import doctor
+from daemon.train import doctor, jobspec
 
 
 def bare_python(tmp_path: Path) -> Path:
@@ -44,3 +44,28 @@ def test_cli_exit_code(tmp_path: Path, store: Path) -> None:
                          text=True, timeout=120)
     assert out.returncode == 1
     assert "[FAIL] trainer interpreter" in out.stdout and "set training.python" in out.stdout
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    """The lines of ``text`` that are JSON objects (log records), parsed as the runner parses metrics lines."""
+    return jobspec.parse_metrics(text.encode() + b"\n")[0]
+
+
+def test_a_verb_prints_its_answer_and_logs_only_with_verbose(tmp_path: Path, store: Path) -> None:
+    """Issue 16: on its own a verb prints its answer, not its log records (doctor's probe script was one); with -v
+    (before or after the verb) the info records come back on stderr, as JSON lines off a terminal."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"store:\n  root: {store}\nstate:\n  dir: st\n")
+
+    def doctor(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), *flags], capture_output=True,
+                              text=True, timeout=120)
+
+    quiet = doctor("doctor")
+    assert "[ok  ] trainer interpreter" in quiet.stdout
+    assert _json_lines(quiet.stdout) == [] and _json_lines(quiet.stderr) == []
+    for flags in (("-v", "doctor"), ("doctor", "--verbose")):
+        loud = doctor(*flags)
+        events = [e.get("event") for e in _json_lines(loud.stderr)]
+        assert "command.run" in events, (flags, loud.stderr[-2000:])
+        assert _json_lines(loud.stdout) == []  # stdout stays the answer

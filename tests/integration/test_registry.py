@@ -131,6 +131,9 @@ def test_rollback(s: Any, state: State, tmp_path: Path, ollama_standin: StandinS
     assert registry.rollback(s, state, to=2)["latest"] == 2
     with pytest.raises(ValueError, match="not a registered version"):
         registry.rollback(s, state, to=9)
+    # every move of latest is kept, for the report's history: two registrations, then two rollbacks
+    moves = [(m.version, m.previous, m.how) for m in state.service.latest_moves()]
+    assert moves == [(1, None, "registered"), (2, 1, "registered"), (1, 2, "rollback"), (2, 1, "rollback")]
 
 
 def test_llama3_template_path(s: Any, state: State, tmp_path: Path, ollama_standin: StandinServer) -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,27 @@ def test_no_shell_anywhere(path: Path) -> None:
             if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
                 assert (f.value.id, f.attr) not in {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"),
                                                     ("subprocess", "getstatusoutput")}, f"{path.name}:{node.lineno}"
+
+
+# The plotting library of `chatos-retrain report` (an optional extra): one module draws the page, and only the
+# report verb imports it, when it runs.
+PLOTTING = {"matplotlib", "plotly", "bokeh", "seaborn"}
+
+
+def test_only_the_report_page_imports_the_plotting_library() -> None:
+    plotting = [str(p.relative_to(PKG)) for p in SERVICE_MODULES if PLOTTING & imports(p)]
+    assert plotting == ["report/page.py"]
+
+
+def test_the_service_and_the_cli_never_load_the_plotting_library() -> None:
+    """Importing the service, every verb's module and the report's data does not load matplotlib (the verb
+    imports the page lazily): the service runs without the report extra installed."""
+    code = ("import sys, daemon.cli, daemon.service.lifecycle, daemon.cycle.pipeline, daemon.report.data; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(PLOTTING)!r} "
+            "or m == 'daemon.report.page'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PKG.parent, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_training_scripts_import_nothing_of_the_service() -> None:

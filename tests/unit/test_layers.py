@@ -1,6 +1,6 @@
 """The layer contract: which part of the package may import which, and no import cycle anywhere.
 
-Calls run one way: ``cli`` -> ``api``/``demo`` -> ``service`` -> ``cycle`` -> stages (``publish``, ``ingest`` over
+Calls run one way: ``cli`` -> ``api``/``demo``/``report`` -> ``service`` -> ``cycle`` -> stages (``publish``, ``ingest`` over
 ``train``, ``dataset``; ``notify``)
 -> leaves (``state``, ``settings``, ``log``, ``faults``, ``codec``, ``proc``). ``trainer``
 (the scripts the trainer's interpreter runs) imports nothing of ours. A module may import anything inside its own
@@ -20,7 +20,8 @@ STAGES = {"ingest", "dataset", "train", "publish", "notify"}
 # part -> the other parts it may import. Leaves import only lower leaves.
 ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
-    "cli": {"api", "demo", "service", "cycle", *STAGES, *LEAVES},
+    "cli": {"api", "demo", "service", "report", "cycle", *STAGES, *LEAVES},
+    "report": {"cycle", *STAGES, *LEAVES},  # the report verb's page: reads state and job files, draws, writes
     "api": {"demo", "service", "cycle", *STAGES, *LEAVES},
     "demo": {"service", "cycle", *STAGES, *LEAVES},
     "service": {"cycle", *STAGES, *LEAVES},

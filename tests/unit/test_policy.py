@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from daemon.cron import trigger as cron_trigger
 from daemon.settings import PolicySettings, Window
-from daemon.train.policy import PolicyInput, current_window, day_start, decide, next_window_open
+from daemon.train.policy import PolicyInput, current_window, day_start, decide, expected_next, next_window_open
 
 NOW = datetime(2025, 3, 14, 6, 56, tzinfo=UTC)  # a Friday
 
@@ -327,3 +327,25 @@ def test_current_window_matches_a_brute_force_walk(cron: str, minutes: int, offs
     expected = _walk_last_fire(cron, now, duration)
     got = current_window(cfg(windows=[Window(cron=cron, duration=duration.total_seconds())]), now)
     assert (got.opened_at if got else None) == expected
+
+
+# -- expected_next: when a waiting service expects to train (issue 16) ----------------------------------------------
+
+
+def test_expected_next_ready_and_running() -> None:
+    assert expected_next(decide(READY, cfg(), NOW)).startswith("now:")
+    assert expected_next(decide(replace(READY, job_running=True), cfg(), NOW)) == "after the running job ends"
+
+
+def test_expected_next_names_the_data_it_waits_for() -> None:
+    line = expected_next(decide(replace(READY, new_examples=37), cfg(), NOW))
+    assert line == "when 13 more new rated example(s) arrive"
+
+
+def test_expected_next_is_the_latest_of_cooldown_and_window() -> None:
+    last = NOW - timedelta(hours=5)  # 1 h of cooldown left: 07:56
+    assert expected_next(decide(replace(READY, last_run_at=last), cfg(), NOW)) == "at 07:56 UTC (in 1h00m)"
+    nightly = cfg(windows=[win("0 2 * * *", 3)])  # opens 02:00 tomorrow, after the cooldown
+    assert expected_next(decide(replace(READY, last_run_at=last), nightly, NOW)) == "at 02:00 UTC (in 19h04m)"
+    limit = decide(replace(READY, runs_today=2), cfg(), NOW)  # the daily limit resets at midnight UTC
+    assert expected_next(limit) == "at 00:00 UTC (in 17h04m)"

@@ -178,7 +178,7 @@ def test_migration_7_carries_the_key_value_state_over(tmp_path: Path) -> None:
         "export_pending": json.dumps(pending),
     })
     with State(tmp_path / "st") as st:
-        assert st.schema_version == len(MIGRATIONS) == 11
+        assert st.schema_version == len(MIGRATIONS) == 12
         assert st.service.get() == ServiceRow(
             champion_job="j-7", last_trained_dataset=4, last_run_at="2026-01-02T03:04:05+00:00",
             last_ingest_at="2026-01-02T03:00:00Z", train_failures=3, train_backoff_until="2026-01-02T04:00:00+00:00",
@@ -237,3 +237,19 @@ def test_pruned_records_what_retention_removed(state: State) -> None:
         state.pruned.mark("job", "j-1", at="2026-12-06T00:00:00+00:00", freed=100)  # again: one row
     assert state.pruned.keys("job") == {"j-1"} and state.pruned.keys("dataset") == {"3"}
     assert state.pruned.keys("gguf") == set() and state.pruned.freed() == 150
+
+
+def test_latest_moves_and_feedback_per_day_for_the_report(state: State) -> None:
+    assert state.service.latest_moves() == [] and state.feedback.per_day() == []
+    with state.transaction():
+        state.service.latest_moved(1, previous=None, how="registered", at="2026-01-01T00:00:00Z")
+        state.service.latest_moved(2, previous=1, how="registered", at="2026-01-02T00:00:00Z")
+        state.service.latest_moved(1, previous=2, how="rollback", at="2026-01-03T00:00:00Z")
+        state.feedback.add([("f.jsonl", 1, "c1", 1, None, None, "2026-01-01T10:00:00", 1),
+                            ("f.jsonl", 2, "c2", 0, None, None, "2026-01-01T11:00:00", -1),
+                            ("f.jsonl", 3, "c3", None, "good", None, "2026-01-01T12:00:00", 1),
+                            ("f.jsonl", 4, "c1", 0, None, None, "2026-01-03T09:00:00", -1)])
+    moves = state.service.latest_moves()
+    assert [(m.version, m.previous, m.how) for m in moves] == [(1, None, "registered"), (2, 1, "registered"),
+                                                               (1, 2, "rollback")]
+    assert state.feedback.per_day() == [("2026-01-01", 1, 1, 3), ("2026-01-03", 0, 1, 1)]
