@@ -77,9 +77,9 @@ def job_config(folder: Path, model: Path, train: Path, evals: Path, backend: str
                             "canary_path": str(ROOT / "daemon" / "train" / "canary.jsonl")},
                    training={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_steps": steps,
                              "logging_steps": 1, "eval_steps": None, "learning_rate": 0.01, "seed": 3407,
-                             "warmup_ratio": 0.05},
-                   model={"max_seq_length": 1024})
+                             "warmup_ratio": 0.05})
     cfg = job.config
+    cfg["model"]["max_seq_length"] = 1024
     if new:
         cfg["dataset"]["token_cache_dir"] = str(folder / "token-cache")
     else:

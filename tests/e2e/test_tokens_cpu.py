@@ -168,10 +168,10 @@ def test_trainer_setup_and_the_saved_adapter_keep_the_base_tokenizers_ids(
     sys.path.insert(0, str(PROBE.parent))
     from token_probe import ids_of
 
+    bases = {m: AutoTokenizer.from_pretrained(m) for m in {c["model"] for c in cases}}  # each loaded once
     for got in seen:
         case = cases[got["case"]]
-        base = AutoTokenizer.from_pretrained(case["model"])
-        want = ids_of(base, case["template"])
+        want = ids_of(bases[case["model"]], case["template"])
         where = f"{Path(case['model']).name} / {case['template']['name']}"
         assert got["setup"] == want, f"{backend}: ids moved at trainer setup ({where})"
         assert got["saved"] == want, f"{backend}: ids moved in the saved adapter ({where})"
