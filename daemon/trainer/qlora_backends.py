@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora_gpu import prepare_4bit, run_precision, torch_dtype, trainer_flags
 from qlora_init import load_init_adapter
 from trainer_common import one_line, sayer
 
@@ -48,14 +49,14 @@ def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], Extra
     return unsloth_trainer if backend == "unsloth" else transformers_trainer
 
 
-def sft_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[str, Any]:
+def sft_args(cfg: dict[str, Any], cuda: bool, prec: str, **extra: Any) -> dict[str, Any]:
     """SFTConfig keyword arguments shared by both backends."""
-    return {**train_args(cfg, cuda, bf16), "packing": False, **extra}
+    return {**train_args(cfg, cuda, prec), "packing": False, **extra}
 
 
-def train_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[str, Any]:
+def train_args(cfg: dict[str, Any], cuda: bool, prec: str, **extra: Any) -> dict[str, Any]:
     """The trainer keyword arguments SFTConfig, KTOConfig and DPOConfig share (TRL 1.15 and 1.16 spell them the
-    same)."""
+    same); ``prec`` is the precision rule's answer (``qlora_gpu.run_precision``)."""
     t = cfg["training"]
     evals_every = t["eval_steps"]
     return {
@@ -76,8 +77,7 @@ def train_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dic
         "save_total_limit": 2,
         "seed": t["seed"],
         "max_length": cfg["model"]["max_seq_length"],
-        "bf16": bf16,
-        "fp16": False,
+        **trainer_flags(prec),
         "use_cpu": not cuda,
         "report_to": "none",
         "disable_tqdm": True,
@@ -136,12 +136,9 @@ def device(cuda: bool) -> str:
     return f"cuda:{torch.cuda.get_device_name(0)}"
 
 
-def _load_kwargs(m: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], bool]:
+def _load_kwargs(m: dict[str, Any], cuda: bool, prec: str) -> tuple[dict[str, Any], bool]:
     """``from_pretrained`` keyword arguments and whether they quantize to 4 bits (only on a GPU, with bitsandbytes)."""
-    import torch
-
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(prec)}
     if m["load_in_4bit"] and cuda and importlib.util.find_spec("bitsandbytes") is None:
         say("load_in_4bit ignored: bitsandbytes is not installed in this interpreter")
     elif m["load_in_4bit"] and cuda:
@@ -167,7 +164,6 @@ def transformers_trainer(
     cfg: dict[str, Any], train: list[Any], evals: list[Any], extras: Extras, cuda: bool, recorder: Any
 ) -> Built:
     """TRL SFTTrainer + PEFT LoRA; loss on assistant tokens via the template (TRL-recognised or with markers)."""
-    import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,16 +172,14 @@ def transformers_trainer(
     m = cfg["model"]
     tok = AutoTokenizer.from_pretrained(m["name"])
     tok.chat_template = cfg["template"]["training_jinja"] or cfg["template"]["jinja"]
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    kwargs, four_bit = _load_kwargs(m, cuda)
+    prec = run_precision(cfg, cuda)
+    kwargs, four_bit = _load_kwargs(m, cuda, prec)
     model = AutoModelForCausalLM.from_pretrained(m["name"], **kwargs)
     if four_bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_4bit(model)  # embeddings and LM head stay 16-bit (peft's helper upcasts them to fp32)
     model = get_peft_model(model, LoraConfig(**lora_args(cfg), task_type="CAUSAL_LM"))
-    shared = train_args(cfg, cuda, bf16, **_checkpointing(SFTConfig, cuda))
-    args = SFTConfig(**sft_args(cfg, cuda, bf16, assistant_only_loss=True, **_checkpointing(SFTConfig, cuda)))
+    shared = train_args(cfg, cuda, prec, **_checkpointing(SFTConfig, cuda))
+    args = SFTConfig(**sft_args(cfg, cuda, prec, assistant_only_loss=True, **_checkpointing(SFTConfig, cuda)))
 
     def messages(xs: list[Any] | None) -> Any:
         return None if xs is None else Dataset.from_list([{"messages": x} for x in xs])
@@ -213,8 +207,9 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
     four_bit = bool(m["load_in_4bit"] and cuda)
     if m["load_in_4bit"] and not cuda:
         say("load_in_4bit ignored: no GPU (Unsloth's CPU fallback trains the full-precision base)")
-    model, tok = FastLanguageModel.from_pretrained(
-        model_name=m["name"], max_seq_length=m["max_seq_length"], dtype=None, load_in_4bit=four_bit
+    model, tok = FastLanguageModel.from_pretrained(  # use_exact_model_name: the configured base, no bnb-4bit mirror
+        model_name=m["name"], max_seq_length=m["max_seq_length"], load_in_4bit=four_bit, use_exact_model_name=True,
+        dtype=torch_dtype(run_precision(cfg, cuda)) if cuda else None,  # CPU: Unsloth's fallback picks its own
     )
     model = FastLanguageModel.get_peft_model(
         model,
@@ -237,7 +232,6 @@ def unsloth_trainer(
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
-    from unsloth import is_bfloat16_supported
     from unsloth.chat_templates import train_on_responses_only
 
     tpl = cfg["template"]
@@ -251,8 +245,8 @@ def unsloth_trainer(
             return None
         return Dataset.from_list([{"messages": x} for x in xs]).map(to_text, remove_columns=["messages"])
 
-    bf16 = bool(is_bfloat16_supported())
-    args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_text_field="text"))
+    prec = run_precision(cfg, cuda)
+    args = SFTConfig(**sft_args(cfg, cuda, prec, dataset_text_field="text"))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -267,4 +261,4 @@ def unsloth_trainer(
     sets = split_eval_sets(trainer)
     dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
     info = {"device": device(cuda), "dtype": dtype, "load_in_4bit": four_bit}
-    return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, bf16))
+    return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, prec))

@@ -66,6 +66,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "eval_steps": (">=1", None),
         "save_steps": (">=0", 0),
         "seed": ("int", 3407),
+        "gpu_fp32": ("bool", False),
     },
     "lora": {
         "r": (">=1", 16),
