@@ -1,5 +1,6 @@
 """The merge: a LoRA adapter into its 16-bit base (PEFT, for both backends), saved with the tokenizer and the chat
-template the GGUF must embed. The heavy imports live inside the functions (``unsloth`` first: it patches transformers/peft).
+template the GGUF must embed. The heavy imports live inside the functions (``unsloth`` first: it patches
+transformers/peft).
 """
 
 from __future__ import annotations
