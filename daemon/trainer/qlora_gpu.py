@@ -207,6 +207,7 @@ def estimate(
     four_bit: bool = True,
     gradient_checkpointing: bool = True,
     dtype_size: int = 2,
+    unsloth: bool = True,
 ) -> Estimate:
     """GPU bytes one training step of a LoRA on ``model`` (a config dict, or billions of parameters: the nearest
     :data:`SHAPES`) needs at ``batch`` x ``seq_len`` tokens, by part:
@@ -215,15 +216,17 @@ def estimate(
     - ``embeddings``: the input embedding and the untied LM head, kept 16-bit (``dtype_size``) even on the 4-bit
       path (:func:`prepare_4bit` does not upcast them);
     - ``lora+optimizer``: the LoRA on every projection, fp32 weight, gradient and AdamW moments;
-    - ``activations``: with ``gradient_checkpointing`` the layer boundaries live off the GPU (Unsloth's offloaded
-      checkpointing) and one layer's forward+backward working set is resident; without it every layer's
-      activations stay;
-    - ``logits``: the loss in chunks of :data:`LOSS_CHUNK_TOKENS` tokens (fp32 logits and their gradient);
+    - ``activations``: with ``gradient_checkpointing`` one layer's forward+backward working set, plus (``unsloth``
+      false: the TRL path) every layer's checkpointed input, which Unsloth offloads to the CPU; without it every
+      layer's activations stay;
+    - ``logits``: Unsloth's loss in chunks of :data:`LOSS_CHUNK_TOKENS` tokens (fp32 logits and their gradient);
+      the TRL path (``unsloth`` false) holds every token's logits, in the model's dtype and in fp32;
     - ``overhead``: workspaces and fragmentation, not the CUDA context (a preflight reads the free memory after it).
 
     It is calibrated on Unsloth's published QLoRA minimums (7B 5 GB, 8B 6 GB, 14B 8.5 GB at 2048 tokens, batch 2,
-    r 16, gradient checkpointing), which the unit tests hold it to within 25% for the real Qwen2.5-7B, Llama-3.1-8B
-    and Qwen2.5-14B shapes. The TRL path keeps its checkpoints and full logits on the GPU and needs more.
+    r 16, gradient checkpointing). Those figures are a 32k vocabulary's: the unit tests hold the estimate to them
+    within 25% on the Qwen2.5-7B, Llama-3.1-8B and Qwen2.5-14B shapes with a 32k vocabulary; the real vocabularies
+    add their 16-bit embeddings and LM head on top (2 GiB more on Qwen2.5-7B, 2.3 GiB on Qwen2.5-14B).
     """
     shape = shape_of(model)
     h, inter, q, kv, layers = _dims(shape)
@@ -232,16 +235,17 @@ def estimate(
     weights = int(proj * NF4_BITS / 8) if four_bit else proj * dtype_size
     per_token = 4 * h + q + 2 * kv + 3 * inter  # residual, norm, q/k/v, attention out, gate/up/act of one layer
     if gradient_checkpointing:
-        activations = tokens * per_token * dtype_size
+        activations = tokens * per_token * dtype_size + (0 if unsloth else tokens * h * dtype_size * layers)
     else:
         activations = tokens * per_token * dtype_size * layers
-    chunk = min(tokens, LOSS_CHUNK_TOKENS)
+    vocab = int(shape["vocab_size"])
+    logits = min(tokens, LOSS_CHUNK_TOKENS) * vocab * 4 * 2 if unsloth else tokens * vocab * (dtype_size + 4)
     parts = {
         "weights": weights,
         "embeddings": embedding_parameters(shape) * dtype_size,
         "lora+optimizer": lora_parameters(shape, lora_r) * LORA_BYTES,
         "activations": activations,
-        "logits": chunk * int(shape["vocab_size"]) * 4 * 2 + tokens * h * dtype_size,
+        "logits": logits + tokens * h * dtype_size,
         "overhead": OVERHEAD_BYTES,
     }
     return Estimate(sum(parts.values()), parts)

@@ -136,6 +136,9 @@ def test_the_estimate_parts_and_what_moves_them() -> None:
         28 * base.parts["activations"]
     assert estimate(QWEN25_7B, 4096, 2).total_bytes > base.total_bytes > estimate(QWEN25_7B, 1024, 2).total_bytes
     assert estimate(7.6, 2048, 2) == base  # a parameter count takes the nearest common shape
+    trl = estimate(QWEN25_7B, 2048, 2, unsloth=False)  # checkpoints of all 28 layers and every token's logits
+    assert trl.parts["activations"] - base.parts["activations"] == 28 * 4096 * 3584 * 2
+    assert trl.parts["logits"] - base.parts["logits"] == 4096 * 152064 * 6 - 256 * 152064 * 8
 
 
 # ---------------------------------------------------------------------------------------------- prepare_4bit
