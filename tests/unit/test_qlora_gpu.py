@@ -263,3 +263,29 @@ def test_a_hub_id_not_in_the_cache_fails_the_trainer_in_its_first_seconds(tmp_pa
     assert finished["event"] == "job_finished" and finished["exit_code"] == 2
     assert "nobody/not-cached-model" in finished["error"]
     assert took < 10, took
+
+
+def test_export_merge_device_setting_reaches_the_merge_config(tmp_path: Path) -> None:
+    """``export.merge_device`` (auto by default) is a service setting the export config carries to the child,
+    which refuses other values."""
+    from pydantic import ValidationError
+
+    from daemon.publish import converter, export
+    from daemon.settings import Settings
+    from daemon.train import templates
+    from daemon.trainer import merge_export
+
+    assert Settings.model_validate({}).export.merge_device == "auto"
+    assert Settings.model_validate({"export": {"merge_device": "cuda"}}).export.merge_device == "cuda"
+    with pytest.raises(ValidationError):
+        Settings.model_validate({"export": {"merge_device": "gpu"}})
+    args: dict[str, Any] = {
+        "job_id": "e1", "backend": "unsloth", "base_model": "/models/base", "adapter_dir": tmp_path / "adapter",
+        "out_dir": tmp_path / "out", "template": templates.get("qwen-2.5"), "python": Path("/v/bin/python"),
+        "converter": converter.ConverterPaths(root=Path("/opt/llama.cpp"), source="checkout"),
+    }
+    assert export.merge_config(**args)["merge_device"] == "auto"
+    cfg = export.merge_config(**args, merge_device="cpu")
+    assert cfg["merge_device"] == "cpu" and merge_export.validate(cfg) == []
+    assert merge_export.validate({**cfg, "merge_device": "gpu"}) == ["At 'merge_device': must be one of auto, cpu, "
+                                                                     "cuda"]
