@@ -47,6 +47,7 @@ def _plan(cycle: Cycle, job_id: str, res: dict[str, Any], cases: list[regression
         quantization=q, quantize_bin=settings.export.quantize_bin,
         gguf_name=export.gguf_filename(settings.ollama.model_name, version, q),
         model_name=settings.ollama.model_name, engine=engine_check(settings, cases),
+        merge_device=settings.export.merge_device,
     )
     return cfg, out_dir, template
 

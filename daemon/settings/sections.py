@@ -184,6 +184,7 @@ class ExportSettings(Section):
     engine: ExportEngineSettings = Field(default_factory=ExportEngineSettings)
     cache_dir: AbsPath | None = None
     auto_setup: bool = False
+    merge_device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class RetentionSettings(Section):

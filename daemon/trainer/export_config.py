@@ -18,6 +18,7 @@ EXIT_ENGINE = 6
 
 BACKENDS = ("transformers", "unsloth")
 MERGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+MERGE_DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConvertError(Failure):
@@ -58,6 +59,8 @@ def validate(raw: Any) -> list[str]:
         problems.append(f"At 'backend': must be one of {', '.join(BACKENDS)}, got {raw.get('backend')!r}")
     if raw.get("merge_dtype", "auto") not in MERGE_DTYPES:
         problems.append(f"At 'merge_dtype': must be one of {', '.join(MERGE_DTYPES)}")
+    if raw.get("merge_device", "auto") not in MERGE_DEVICES:
+        problems.append(f"At 'merge_device': must be one of {', '.join(MERGE_DEVICES)}")
     for key in ("converter", "quantize"):
         step = raw.get(key)
         if step is None and key == "quantize":

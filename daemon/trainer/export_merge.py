@@ -1,5 +1,6 @@
-"""The merge: a LoRA adapter into its 16-bit base (PEFT or Unsloth), saved with the tokenizer and the chat template
-the GGUF must embed. The heavy imports live inside the functions (``unsloth`` first: it patches transformers/peft).
+"""The merge: a LoRA adapter into its 16-bit base (PEFT, for both backends), saved with the tokenizer and the chat
+template the GGUF must embed. The heavy imports live inside the functions (``unsloth`` first: it patches
+transformers/peft).
 """
 
 from __future__ import annotations
@@ -11,6 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_gpu import (
+    MIN_CAPABILITY,
+    base_config,
+    cuda_capability,
+    dtype_name,
+    gpu_memory,
+    merge_device,
+    model_16bit_bytes,
+    precision,
+)
 from trainer_common import ConfigError, unparsable_sentencepiece
 
 # The merge needs torch/transformers/peft; the converter imports sentencepiece even for BPE vocabularies, numpy and
@@ -36,15 +47,34 @@ def _quantized_base(model: str) -> str | None:
 
 
 def merge(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Load base + adapter in 16/32-bit, merge, save the merged model and tokenizer into ``work``."""
+    """Load base + adapter in 16/32-bit, merge, save the merged model and tokenizer into ``work``: one PEFT path for
+    both backends (under the Unsloth interpreter ``unsloth`` is imported first, as it patches transformers/peft)."""
     method = _quantized_base(cfg["base_model"])
     if method:
         raise ConfigError(f"base model {cfg['base_model']} is pre-quantized ({method}); the merge needs its 16-bit "
                           "original (training.base_model)")
     shutil.rmtree(work, ignore_errors=True)
     if cfg["backend"] == "unsloth":
-        return _merge_unsloth(cfg, work)
-    return _merge_peft(cfg, work)
+        import unsloth  # noqa: F401
+    return _merge_peft(cfg, work, *merge_placement(cfg))
+
+
+def merge_placement(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(device, dtype name) of the merge: ``merge_device`` by :func:`qlora_gpu.merge_device` (auto: the GPU only with
+    1.3x the 16-bit model free); ``merge_dtype`` auto is the precision rule's dtype on the GPU, the checkpoint's own
+    on the CPU."""
+    setting = cfg.get("merge_device", "auto")
+    cap = cuda_capability()
+    mem = gpu_memory() if cap is not None and (cap >= MIN_CAPABILITY or setting == "cuda") else None
+    shape = base_config(cfg["base_model"])
+    need = model_16bit_bytes(shape) if shape is not None else None
+    # an unknown base size counts as no GPU for auto (the CPU cannot run out of GPU memory)
+    free = mem[0] if mem is not None and (need is not None or setting == "cuda") else None
+    where = merge_device(setting, free, need or 0)
+    dtype = cfg["merge_dtype"]
+    if where == "cuda" and dtype == "auto":
+        dtype = dtype_name(precision(cap))
+    return where, dtype
 
 
 def import_stack(backend: str) -> float:
@@ -65,12 +95,13 @@ def _torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def _merge_peft(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+def _merge_peft(cfg: dict[str, Any], work: Path, where: str = "cpu", load_dtype: str = "auto") -> dict[str, Any]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=_torch_dtype(cfg["merge_dtype"]))
+    placed = {"device_map": {"": 0}} if where == "cuda" else {}
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=_torch_dtype(load_dtype), **placed)
     if getattr(base, "hf_quantizer", None) is not None or getattr(base, "is_quantized", False):
         raise ConfigError(f"base model {cfg['base_model']} loaded quantized; the merge needs a 16-bit base")
     dtype = next(base.parameters()).dtype
@@ -81,7 +112,8 @@ def _merge_peft(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     merged.save_pretrained(str(work))
     tok = _load_tokenizer(cfg)
     tok.save_pretrained(str(work))
-    return {"dtype": str(dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in merged.parameters())}
+    return {"dtype": str(dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in merged.parameters()),
+            "device": where}
 
 
 def _load_tokenizer(cfg: dict[str, Any]) -> Any:
@@ -91,35 +123,6 @@ def _load_tokenizer(cfg: dict[str, Any]) -> Any:
     adapter = Path(cfg["adapter_dir"])
     src = adapter if (adapter / "tokenizer_config.json").is_file() else cfg["base_model"]
     return AutoTokenizer.from_pretrained(str(src))
-
-
-def _merge_unsloth(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Unsloth loads an adapter dir by loading the base its ``adapter_config.json`` names: a copy of the adapter
-    pointing at the configured 16-bit base makes sure that is the base (a QLoRA run may have trained on a
-    pre-quantized ``*-bnb-4bit`` repo)."""
-    from unsloth import FastLanguageModel
-
-    adapter = work.with_name(work.name + ".adapter")
-    shutil.rmtree(adapter, ignore_errors=True)
-    shutil.copytree(cfg["adapter_dir"], adapter)
-    ac_path = adapter / "adapter_config.json"
-    ac = json.loads(ac_path.read_text(encoding="utf-8"))
-    ac["base_model_name_or_path"] = cfg["base_model"]
-    ac_path.write_text(json.dumps(ac, indent=2), encoding="utf-8")
-    try:
-        model, tok = FastLanguageModel.from_pretrained(
-            model_name=str(adapter),
-            max_seq_length=int(cfg.get("max_seq_length") or 2048),
-            dtype=None if cfg["merge_dtype"] == "auto" else _torch_dtype(cfg["merge_dtype"]),
-            load_in_4bit=False,
-        )
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
-            raise ConfigError(f"base model {cfg['base_model']} loaded quantized; the merge needs a 16-bit base")
-        model.save_pretrained_merged(str(work), tok, save_method="merged_16bit")
-    finally:
-        shutil.rmtree(adapter, ignore_errors=True)
-    base = [p for n, p in model.named_parameters() if "lora_" not in n]
-    return {"dtype": str(base[0].dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in base)}
 
 
 def finish_tokenizer(cfg: dict[str, Any], work: Path) -> dict[str, Any]:

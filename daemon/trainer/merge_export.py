@@ -8,9 +8,10 @@ The config is written by ``daemon.publish.export.merge_config`` (the service can
 is absolute and the converter/quantizer argv are already built. Steps:
 
 1. free-disk pre-check (``min_free_factor`` x the base's weights, 3x by default: merged copy, f16 and final GGUF);
-2. merge: PEFT ``merge_and_unload()`` on an fp16/bf16/fp32 base (``backend: transformers``) or Unsloth
-   ``save_pretrained_merged(..., "merged_16bit")`` (``backend: unsloth``; never ``save_pretrained_gguf``, which goes
-   online and compiles llama.cpp); a pre-quantized (4-bit) base is refused;
+2. merge: PEFT ``merge_and_unload()`` on an fp16/bf16/fp32 base, for both backends (``backend: unsloth`` imports
+   ``unsloth`` first; never its ``save_pretrained_gguf``, which goes online and compiles llama.cpp), on the device
+   ``merge_device`` picks (auto: the GPU only with 1.3x the 16-bit model free, ``qlora_gpu.merge_device``); a
+   pre-quantized (4-bit) base is refused;
 3. tokenizer + chat template saved with it: the training template, without a leading ``{{ bos_token }}`` when the
    tokenizer adds BOS itself (decided the way the converter will decide, by ``gguf.SpecialVocab``); a
    ``tokenizer.model`` sentencepiece cannot parse is removed (it crashes the converter);
@@ -164,7 +165,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     require_engine(engine)
 
     import_s = import_stack(cfg["backend"])
-    say(f"merging {Path(cfg['adapter_dir'])} into {cfg['base_model']} ({cfg['backend']}, dtype {cfg['merge_dtype']})")
+    say(f"merging {Path(cfg['adapter_dir'])} into {cfg['base_model']} ({cfg['backend']}, dtype {cfg['merge_dtype']}, "
+        f"device {cfg.get('merge_device', 'auto')})")
     t = time.monotonic()
     merged = merge(cfg, work)
     if disk is None:  # a hub base: its size is known now (16-bit bytes per parameter)

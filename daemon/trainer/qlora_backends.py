@@ -20,6 +20,7 @@ from typing import Any
 
 import qlora_sft
 import qlora_tokens
+from qlora_gpu import prepare_4bit, run_precision, torch_dtype, trainer_flags
 from qlora_init import load_init_adapter
 from trainer_common import one_line, sayer
 
@@ -51,14 +52,14 @@ def build(backend: str) -> Callable[[dict[str, Any], list[Any], list[Any], Extra
     return unsloth_trainer if backend == "unsloth" else transformers_trainer
 
 
-def sft_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[str, Any]:
+def sft_args(cfg: dict[str, Any], cuda: bool, prec: str, **extra: Any) -> dict[str, Any]:
     """SFTConfig keyword arguments shared by both backends."""
-    return {**train_args(cfg, cuda, bf16), "packing": False, **extra}
+    return {**train_args(cfg, cuda, prec), "packing": False, **extra}
 
 
-def train_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dict[str, Any]:
+def train_args(cfg: dict[str, Any], cuda: bool, prec: str, **extra: Any) -> dict[str, Any]:
     """The trainer keyword arguments SFTConfig, KTOConfig and DPOConfig share (TRL 1.15 and 1.16 spell them the
-    same)."""
+    same); ``prec`` is the precision rule's answer (``qlora_gpu.run_precision``)."""
     t = cfg["training"]
     evals_every = t["eval_steps"]
     return {
@@ -79,8 +80,7 @@ def train_args(cfg: dict[str, Any], cuda: bool, bf16: bool, **extra: Any) -> dic
         "save_total_limit": 2,
         "seed": t["seed"],
         "max_length": cfg["model"]["max_seq_length"],
-        "bf16": bf16,
-        "fp16": False,
+        **trainer_flags(prec),
         "use_cpu": not cuda,
         "report_to": "none",
         "disable_tqdm": True,
@@ -123,12 +123,9 @@ def device(cuda: bool) -> str:
     return f"cuda:{torch.cuda.get_device_name(0)}"
 
 
-def _load_kwargs(m: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], bool]:
+def _load_kwargs(m: dict[str, Any], cuda: bool, prec: str) -> tuple[dict[str, Any], bool]:
     """``from_pretrained`` keyword arguments and whether they quantize to 4 bits (only on a GPU, with bitsandbytes)."""
-    import torch
-
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(prec)}
     if m["load_in_4bit"] and cuda and importlib.util.find_spec("bitsandbytes") is None:
         say("load_in_4bit ignored: bitsandbytes is not installed in this interpreter")
     elif m["load_in_4bit"] and cuda:
@@ -191,12 +188,11 @@ def _transformers_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool
     m = cfg["model"]
     tok = AutoTokenizer.from_pretrained(m["name"])
     tok.chat_template = cfg["template"]["jinja"]
-    kwargs, four_bit = _load_kwargs(m, cuda)
+    prec = run_precision(cfg, cuda)
+    kwargs, four_bit = _load_kwargs(m, cuda, prec)
     model = AutoModelForCausalLM.from_pretrained(m["name"], **kwargs)
     if four_bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_4bit(model)  # embeddings and LM head stay 16-bit (peft's helper upcasts them to fp32)
     model = get_peft_model(model, LoraConfig(**lora_args(cfg), task_type="CAUSAL_LM"))
     return model, tok, four_bit, kwargs
 
@@ -215,13 +211,12 @@ def transformers_trainer(
 ) -> Built:
     """TRL SFTTrainer + PEFT LoRA over sets tokenized once (``qlora_tokens``), with the trained-tokens loss
     (``qlora_sft``)."""
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     t = cfg["training"]
     timings: dict[str, float] = {}
     clock = time.monotonic()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    prec = run_precision(cfg, cuda)
     model, tok, four_bit, kwargs = _transformers_model(cfg, cuda)
     timings["model_load"] = time.monotonic() - clock
     clock = time.monotonic()
@@ -230,8 +225,8 @@ def transformers_trainer(
     batch = qlora_sft.batching(t["padding"], t["pad_to_multiple_of"], cuda,
                                getattr(model.config, "_attn_implementation", None))
     checkpointing = _checkpointing(SFTConfig, checkpointing_on(cfg, cuda, four_bit))
-    shared = train_args(cfg, cuda, bf16, **checkpointing)
-    args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_kwargs={"skip_prepare_dataset": True},
+    shared = train_args(cfg, cuda, prec, **checkpointing)
+    args = SFTConfig(**sft_args(cfg, cuda, prec, dataset_kwargs={"skip_prepare_dataset": True},
                                 **batch.sft_kwargs(SFTConfig), **checkpointing))
     trainer = qlora_sft.sft_class(SFTTrainer)(
         model=model,
@@ -265,9 +260,9 @@ def _unsloth_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool]:
     four_bit = bool(m["load_in_4bit"] and cuda)
     if m["load_in_4bit"] and not cuda:
         say("load_in_4bit ignored: no GPU (Unsloth's CPU fallback trains the full-precision base)")
-    model, tok = FastLanguageModel.from_pretrained(
-        model_name=m["name"], max_seq_length=m["max_seq_length"], dtype=None, load_in_4bit=four_bit,
-        use_exact_model_name=True,
+    model, tok = FastLanguageModel.from_pretrained(  # use_exact_model_name: the configured base, no bnb-4bit mirror
+        model_name=m["name"], max_seq_length=m["max_seq_length"], load_in_4bit=four_bit, use_exact_model_name=True,
+        dtype=torch_dtype(run_precision(cfg, cuda)) if cuda else None,  # CPU: Unsloth's fallback picks its own
     )
     model = FastLanguageModel.get_peft_model(
         model,
@@ -285,7 +280,6 @@ def unsloth_trainer(
     """Unsloth FastLanguageModel + TRL SFTTrainer over the same sets, tokenized once (``qlora_tokens``)."""
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     from trl import SFTConfig, SFTTrainer
-    from unsloth import is_bfloat16_supported
 
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -296,8 +290,8 @@ def unsloth_trainer(
     timings["tokenize"] = time.monotonic() - clock
     batch = qlora_sft.batching(cfg["training"]["padding"], cfg["training"]["pad_to_multiple_of"], cuda,
                                getattr(model.config, "_attn_implementation", None))
-    bf16 = bool(is_bfloat16_supported()) and cuda
-    args = SFTConfig(**sft_args(cfg, cuda, bf16, dataset_kwargs={"skip_prepare_dataset": True},
+    prec = run_precision(cfg, cuda)
+    args = SFTConfig(**sft_args(cfg, cuda, prec, dataset_kwargs={"skip_prepare_dataset": True},
                                 **batch.sft_kwargs(SFTConfig)))
     trainer = SFTTrainer(
         model=model,
@@ -309,4 +303,4 @@ def unsloth_trainer(
     )
     dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
     info = {"device": device(cuda), "dtype": dtype, **model_facts(model, args, batch), **facts}
-    return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, bf16), timings)
+    return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, prec), timings)

@@ -71,6 +71,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Kind, Any]]] = {
         "padding": (PADDINGS, "auto"),
         "pad_to_multiple_of": (">=1", 64),
         "gradient_checkpointing": (("auto", "on", "off"), "auto"),
+        "gpu_fp32": ("bool", False),
     },
     "lora": {
         "r": (">=1", 16),

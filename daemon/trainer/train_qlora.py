@@ -9,7 +9,8 @@ block) and keeps torch & co. inside :func:`run`'s callees, so a bad config fails
 The config contract is documented in ``configs/chatos_qlora.yaml``. Its parts, beside it: ``qlora_config`` (the
 config's table and checks), ``qlora_data`` (the examples), ``qlora_metrics`` (``metrics.jsonl`` and the step
 callback), ``qlora_backends`` (model + trainer per backend), ``qlora_pref`` (the preference objectives),
-``qlora_init`` (the warm start), ``qlora_run`` (the run) and ``trainer_common``.
+``qlora_init`` (the warm start), ``qlora_gpu`` (the card's precision and memory, the base in the cache), ``qlora_run``
+(the run) and ``trainer_common``.
 
 ``objective``: ``sft`` (default) trains the SFT split with TRL's SFTTrainer. ``kto`` / ``dpo`` train
 ``dataset.pref_train_path`` with TRL's KTOTrainer / DPOTrainer on the same PEFT model (the reference is the base with
@@ -80,6 +81,7 @@ if sys.path[:1] != [_HERE]:  # imported by file path or as daemon.trainer.train_
 
 from qlora_config import load_config, result_path  # noqa: E402
 from qlora_data import read_examples, read_preferences  # noqa: E402
+from qlora_gpu import check_base_cached  # noqa: E402
 from qlora_metrics import MetricsLog, utcnow  # noqa: E402
 from qlora_run import run  # noqa: E402
 from trainer_common import (  # noqa: E402
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     catch_sigterm()
     try:
         cfg = load_config(config)
+        _base_cached(cfg)
     except ConfigError as e:
         say(f"bad config: {e}")
         _report_early_failure(e.raw, str(e), t0)
@@ -146,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     if outcome is not None:
         _write_result(cfg, status, outcome, runtime)
     return code
+
+
+def _base_cached(cfg: dict[str, Any]) -> None:
+    """A hub id must be in the local cache (``qlora_gpu.check_base_cached``): fail in the first second, not after
+    the heavy imports; the error is reported into the config's metrics path like any config error."""
+    try:
+        check_base_cached(cfg["model"]["name"])
+    except ConfigError as e:
+        raise ConfigError(str(e), cfg) from None
 
 
 def _train(

@@ -331,7 +331,9 @@ def test_unknown_pre_tokenizer_is_one_line_exit_3(runs: dict[str, Run]) -> None:
     assert not list(run.out.glob("*.gguf"))
 
 
-def test_unsloth_backend_merges_with_save_pretrained_merged(runs: dict[str, Run]) -> None:
+def test_unsloth_backend_merges_through_peft_on_the_cpu(runs: dict[str, Run]) -> None:
+    """One merge path for both backends: under the Unsloth interpreter too, PEFT's merge_and_unload, on the CPU
+    (``merge_device: auto`` and no GPU)."""
     need(UNSLOTH_PYTHON.exists(), f"{UNSLOTH_PYTHON} missing: run .ci/train-setup.sh")
     run, tmpl = runs["qwen2-unsloth"], TEMPLATE["qwen2"]
     assert run.returncode == 0, run.stderr[-4000:]
@@ -339,6 +341,7 @@ def test_unsloth_backend_merges_with_save_pretrained_merged(runs: dict[str, Run]
     assert run.result["backend"] == "unsloth" and run.result["versions"]["unsloth"]
     assert run.result["gguf"]["architecture"] == "qwen2" and run.result["gguf"]["chat_template"] == tmpl.jinja
     assert run.result["merge"]["parameters"] == 9798208  # the base's, without the LoRA matrices
+    assert run.result["merge"]["device"] == "cpu"
     assert_clean(run)
     print(f"qwen2 q8_0 via unsloth: {run.result['timings']}")
 
