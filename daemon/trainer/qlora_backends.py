@@ -167,7 +167,7 @@ def prepared(tok: Any, cfg: dict[str, Any], train: list[Any], evals: list[Any], 
     return train_t.dataset(), eval_t.dataset(), {k: v.dataset() for k, v in extra_t.items()}, facts
 
 
-def model_facts(model: Any, args: Any, batch: Any) -> dict[str, Any]:
+def model_facts(model: Any, prec: str, batch: Any) -> dict[str, Any]:
     """What was loaded and how it trains, read from the model itself (not from the request)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     four_bit = bool(getattr(base, "is_loaded_in_4bit", False))
@@ -176,7 +176,7 @@ def model_facts(model: Any, args: Any, batch: Any) -> dict[str, Any]:
             "attn_implementation": getattr(base.config, "_attn_implementation", None),
             "gradient_checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
             "padding": batch.padding, "padding_why": batch.why,
-            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}
+            "precision": prec}
 
 
 def _transformers_model(cfg: dict[str, Any], cuda: bool) -> tuple[Any, Any, bool, dict[str, Any]]:
@@ -237,7 +237,7 @@ def transformers_trainer(
         callbacks=[recorder] if recorder is not None else None,
     )
     dtype = "nf4+" + str(kwargs["dtype"]).removeprefix("torch.") if four_bit else str(kwargs["dtype"])
-    info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), **model_facts(model, args, batch),
+    info = {"device": device(cuda), "dtype": dtype.removeprefix("torch."), **model_facts(model, prec, batch),
             **facts}
     return Built(trainer, model, tok, info, sets, shared, timings)
 
@@ -302,5 +302,5 @@ def unsloth_trainer(
         callbacks=[recorder] if recorder is not None else None,
     )
     dtype = ("nf4+" if four_bit else "") + str(getattr(model, "dtype", "")).removeprefix("torch.")
-    info = {"device": device(cuda), "dtype": dtype, **model_facts(model, args, batch), **facts}
+    info = {"device": device(cuda), "dtype": dtype, **model_facts(model, prec, batch), **facts}
     return Built(trainer, model, tok, info, sets, train_args(cfg, cuda, prec), timings)

@@ -103,7 +103,10 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
         @staticmethod
         def from_pretrained(**kwargs: Any) -> tuple[Any, Any]:
             rec.add("from_pretrained", **kwargs)
-            return types.SimpleNamespace(dtype=kwargs.get("dtype")), FakeTokenizer()
+            model = types.SimpleNamespace(dtype=kwargs.get("dtype"), is_loaded_in_4bit=kwargs.get("load_in_4bit"),
+                                          config=types.SimpleNamespace(_attn_implementation="sdpa"),
+                                          parameters=lambda: iter(()))
+            return model, FakeTokenizer()
 
         @staticmethod
         def get_peft_model(model: Any, **kwargs: Any) -> Any:
@@ -131,6 +134,12 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
     monkeypatch.setattr(trl, "SFTTrainer", RecordingSFTTrainer)
     monkeypatch.setattr(transformers, "BitsAndBytesConfig", RecordingBnB)
     monkeypatch.setattr(qlora_backends, "device", lambda cuda: "cuda:fake" if cuda else "cpu")
+
+    def prepared(tok: Any, cfg: dict[str, Any], train: Any, evals: Any, extras: Any) -> Any:
+        rec.add("prepared", train=train, evals=evals)  # the data seam: tokenizing is tests/e2e/test_tokens_cpu.py's
+        return ["train-set"], ["eval-set"], {}, {}
+
+    monkeypatch.setattr(qlora_backends, "prepared", prepared)
     return rec
 
 
@@ -158,7 +167,9 @@ def test_unsloth_loads_the_configured_base_in_4bit_at_the_cards_precision(
     args = calls.one("SFTConfig")
     assert (args["bf16"], args["fp16"]) == (prec == "bf16", prec == "fp16") and args["use_cpu"] is False
     assert (built.args["bf16"], built.args["fp16"]) == (prec == "bf16", prec == "fp16")  # what kto/dpo share
-    assert built.info["load_in_4bit"] is True
+    assert built.info["load_in_4bit"] is True and built.info["precision"] == prec  # read from what was loaded
+    assert args["dataset_kwargs"] == {"skip_prepare_dataset": True}  # tokenized once, in our code
+    assert calls.one("SFTTrainer")["train_dataset"] == ["train-set"] and "train_on_responses_only" not in calls.by_name
     assert "get_chat_template" not in calls.by_name  # no vocabulary edit (issue 18 item 1)
     assert built.tok.chat_template == cfg["template"]["jinja"]
 
@@ -205,8 +216,10 @@ def test_the_4bit_trl_path_quantizes_at_the_cards_precision(
         from tinymodel import SHAPE
 
         shape = {**SHAPE, "tie_word_embeddings": False}
-        return transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**shape, vocab_size=256)).to(
+        model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**shape, vocab_size=256)).to(
             kwargs["dtype"])
+        model.is_loaded_in_4bit = "quantization_config" in kwargs  # what a real NF4 load reports
+        return model
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tiny)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: FakeTokenizer())
