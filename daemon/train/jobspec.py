@@ -58,6 +58,7 @@ EXIT_MEANING = {
     2: ("failed", "bad training config"),
     3: ("failed", "data problem"),
     4: ("failed", "out of memory"),
+    5: ("failed", "not enough GPU memory for the job (preflight)"),
     1: ("failed", "trainer error"),
     143: ("cancelled", "terminated by SIGTERM"),
 }

@@ -243,8 +243,8 @@ def transformers_trainer(
 
 
 def checkpointing_on(cfg: dict[str, Any], cuda: bool, four_bit: bool) -> bool:
-    """``training.gradient_checkpointing``: auto = never on a CPU (it only costs time there), on a GPU only for the
-    4-bit path (the memory-bound case it exists for); it costs ~30% of a step where the model fits without it."""
+    """``training.gradient_checkpointing``: on / off; auto (left so only when the VRAM preflight could not decide,
+    ``qlora_gpu.preflight``) = never on a CPU (it only costs time there), on a GPU for the 4-bit path."""
     setting = cfg["training"]["gradient_checkpointing"]
     if setting != "auto":
         return bool(setting == "on")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer_common import ConfigError
+from trainer_common import ConfigError, Failure
 
 FAKE_GPU_ENV = "CHATOS_RETRAIN_FAKE_GPU"
 MIN_CAPABILITY = (7, 0)  # Unsloth's documented minimum (V100, T4, RTX 20xx and newer)
@@ -332,3 +332,65 @@ def check_base_cached(name: str) -> None:
         raise ConfigError(f"base model {name} is not in the local Hugging Face cache; download it first "
                           f"(hf download {name}) or set training.base_model to its absolute folder")
     os.environ["HF_HUB_OFFLINE"] = "1"  # in the cache: nothing more is fetched (no substituted repository either)
+
+
+# ---------------------------------------------------------------------------------------------- the VRAM preflight
+
+EXIT_NO_VRAM = 5
+
+
+class NotEnoughVram(Failure):
+    """The job cannot fit in the GPU's free memory: exit 5 before loading anything (the service backs off)."""
+
+    exit_code = EXIT_NO_VRAM
+
+
+def preflight(cfg: dict[str, Any], backend: str, memory: tuple[int, int] | None) -> dict[str, Any] | None:
+    """Before a GPU job loads anything: compare the free VRAM (``memory`` = :func:`gpu_memory`, None = no GPU: no
+    check) with :func:`estimate` for this job, and decide ``training.gradient_checkpointing: auto`` (off when the job
+    fits without it, ~30% faster; on when only with it). Raises :class:`NotEnoughVram` with one line and the numbers
+    when it fits neither way; returns the facts for ``result.json`` (None without a GPU or without the base's
+    ``config.json``, which the load then reports)."""
+    if memory is None:
+        return None
+    shape = base_config(cfg["model"]["name"])
+    if shape is None:
+        return None
+    free, total = memory
+    t, four_bit = cfg["training"], bool(cfg["model"]["load_in_4bit"])
+    size = dtype_bytes(precision(cuda_capability(), bool(t.get("gpu_fp32"))))
+
+    def need(checkpointing: bool) -> Estimate:
+        return estimate(shape, cfg["model"]["max_seq_length"], t["per_device_train_batch_size"], cfg["lora"]["r"],
+                        four_bit=four_bit, gradient_checkpointing=checkpointing, dtype_size=size,
+                        unsloth=backend == "unsloth")
+
+    setting = t.get("gradient_checkpointing", "auto")
+    choices = [setting == "on"] if setting in ("on", "off") else [False, True]
+    for checkpointing in choices:
+        est = need(checkpointing)
+        if est.total_bytes <= free:
+            return {"vram_free_bytes": free, "vram_total_bytes": total, "vram_estimate_bytes": est.total_bytes,
+                    "gradient_checkpointing": "on" if checkpointing else "off"}
+    parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in est.parts.items())
+    raise NotEnoughVram(
+        f"not enough GPU memory: the job needs ~{est.total_gib:.1f} GiB ({parts}; model.max_seq_length "
+        f"{cfg['model']['max_seq_length']}, batch {t['per_device_train_batch_size']}, r {cfg['lora']['r']}, "
+        f"{'4-bit' if four_bit else '16-bit'}), {free / GIB:.1f} GiB free of {total / GIB:.1f} (another process or "
+        "Ollama holds the rest; lower max_seq_length or the batch, or load in 4 bits)")
+
+
+def oom_numbers() -> str:
+    """The GPU's figures for an out-of-memory report: peak allocated, free and total (empty without a GPU)."""
+    memory = gpu_memory()
+    if memory is None:
+        return ""
+    peak = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            peak = f"peak {torch.cuda.max_memory_allocated() / GIB:.1f} GiB allocated, "
+    except Exception:
+        peak = ""
+    return f" ({peak}{memory[0] / GIB:.1f} GiB free of {memory[1] / GIB:.1f})"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import qlora_backends
+import qlora_gpu
 import qlora_pref
 from qlora_metrics import MetricsLog, make_callback, num
 from trainer_common import ConfigError, is_oom, one_line, sayer
@@ -101,6 +102,12 @@ def run(
     cuda = torch.cuda.is_available()
     tune_torch(torch, cuda)
     backend = pick_backend(cfg["backend"], cuda)
+    vram = qlora_gpu.preflight(cfg, backend, qlora_gpu.gpu_memory())  # before the rest loads: fail fast
+    if vram is not None:
+        cfg["training"]["gradient_checkpointing"] = vram["gradient_checkpointing"]
+        say(f"VRAM preflight: ~{vram['vram_estimate_bytes'] / qlora_gpu.GIB:.1f} GiB needed, "
+            f"{vram['vram_free_bytes'] / qlora_gpu.GIB:.1f} GiB free; gradient checkpointing "
+            f"{vram['gradient_checkpointing']}")
     import_stack()
     timings: dict[str, float | None] = {"imports": time.monotonic() - clock}
     objective = cfg["objective"]
@@ -190,6 +197,7 @@ def run(
         "tokens_per_s": num(recorder.tokens / train_seconds) if recorder.tokens and train_seconds > 0 else None,
         "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "timings": {k: (round(v, 3) if v is not None else None) for k, v in timings.items()},
+        **(vram or {}),
         **built.info,
     }
 

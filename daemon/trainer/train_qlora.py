@@ -64,7 +64,8 @@ Outputs, in this order:
     ``new_examples`` (count or null), ``runtime_seconds``, ``peak_rss_bytes``, ``versions``, ``python``,
     ``finished_at``.
 
-Exit codes: 0 ok, 1 anything else, 2 bad config, 3 data problem, 4 out of memory, 143 terminated (SIGTERM).
+Exit codes: 0 ok, 1 anything else, 2 bad config, 3 data problem, 4 out of memory, 5 not enough GPU memory (the VRAM
+preflight, before loading), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 if sys.path[:1] != [_HERE]:  # imported by file path or as daemon.trainer.train_qlora (run by path, it is there)
     sys.path.insert(0, _HERE)  # first: the parts below are this folder's files, whatever else is installed
 
+import qlora_gpu  # noqa: E402
 from qlora_config import load_config, result_path  # noqa: E402
 from qlora_data import read_examples, read_preferences  # noqa: E402
 from qlora_gpu import check_base_cached  # noqa: E402
@@ -185,7 +187,9 @@ def _train(
     except BaseException as e:  # the job's last word must be written whatever happened
         traceback.print_exc()
         code = EXIT_OOM if is_oom(e) else EXIT_FAILED
-        return "failed", code, ("out of memory: " if code == EXIT_OOM else "") + one_line(e), None
+        if code == EXIT_OOM:
+            return "failed", code, f"out of memory: {one_line(e)}{qlora_gpu.oom_numbers()}", None
+        return "failed", code, one_line(e), None
 
 
 def _read_preferences(cfg: dict[str, Any]) -> tuple[list[Any], list[Any]] | None:

@@ -289,3 +289,69 @@ def test_export_merge_device_setting_reaches_the_merge_config(tmp_path: Path) ->
     assert cfg["merge_device"] == "cpu" and merge_export.validate(cfg) == []
     assert merge_export.validate({**cfg, "merge_device": "gpu"}) == ["At 'merge_device': must be one of auto, cpu, "
                                                                      "cuda"]
+
+
+# ---------------------------------------------------------------------------------------------- the VRAM preflight
+
+
+def preflight_cfg(tmp_path: Path, shape: str = "7B", **training: Any) -> dict[str, Any]:
+    """A job config on a base folder holding only ``config.json`` (what the preflight reads) of a real shape."""
+    base = tmp_path / f"base-{shape}"
+    base.mkdir(exist_ok=True)
+    (base / "config.json").write_text(json.dumps({k: v for k, v in qlora_gpu.SHAPES[shape].items() if k != "model"}))
+    return {"model": {"name": str(base), "max_seq_length": 2048, "load_in_4bit": True},
+            "training": {"per_device_train_batch_size": 2, "gradient_checkpointing": "auto", "gpu_fp32": False,
+                         **training},
+            "lora": {"r": 16}}
+
+
+def test_the_preflight_turns_checkpointing_on_only_when_memory_needs_it_and_refuses_what_cannot_fit(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(qlora_gpu.FAKE_GPU_ENV, json.dumps({"capability": [8, 9]}))  # bf16: 2-byte activations
+    cfg = preflight_cfg(tmp_path)
+    without = estimate(qlora_gpu.SHAPES["7B"], 2048, 2, 16, gradient_checkpointing=False, unsloth=False)
+    with_it = estimate(qlora_gpu.SHAPES["7B"], 2048, 2, 16, gradient_checkpointing=True, unsloth=False)
+    assert with_it.total_bytes < without.total_bytes
+    roomy = qlora_gpu.preflight(cfg, "transformers", (without.total_bytes + GIB, 80 * GIB))
+    assert roomy is not None and roomy["gradient_checkpointing"] == "off"  # it fits: the ~30% is not paid
+    assert roomy["vram_estimate_bytes"] == without.total_bytes and roomy["vram_free_bytes"] == without.total_bytes + GIB
+    tight = qlora_gpu.preflight(cfg, "transformers", (with_it.total_bytes + 1, 16 * GIB))
+    assert tight is not None and tight["gradient_checkpointing"] == "on"
+    with pytest.raises(qlora_gpu.NotEnoughVram) as e:
+        qlora_gpu.preflight(cfg, "transformers", (with_it.total_bytes - 1, 8 * GIB))
+    line = str(e.value)
+    assert "\n" not in line and e.value.exit_code == 5
+    assert line.startswith(f"not enough GPU memory: the job needs ~{with_it.total_gib:.1f} GiB (weights ")
+    assert "of 8.0 (another process or Ollama holds the rest" in line
+    forced = preflight_cfg(tmp_path, gradient_checkpointing="off")
+    with pytest.raises(qlora_gpu.NotEnoughVram):  # "off" is obeyed: no falling back to checkpointing
+        qlora_gpu.preflight(forced, "transformers", (with_it.total_bytes + 1, 16 * GIB))
+    assert qlora_gpu.preflight(cfg, "transformers", None) is None  # no GPU: nothing to check
+    unsloth = qlora_gpu.preflight(cfg, "unsloth", (with_it.total_bytes + 1, 16 * GIB))
+    assert unsloth is not None and unsloth["vram_estimate_bytes"] < with_it.total_bytes  # its own variant
+    nobase = {**cfg, "model": {**cfg["model"], "name": str(tmp_path / "nowhere")}}
+    assert qlora_gpu.preflight(nobase, "transformers", (1, 1)) is None  # no config.json: the load will say
+
+
+def test_the_trainer_fails_fast_on_a_card_without_room_through_the_fake_seam(tmp_path: Path) -> None:
+    """The real script on this CPU, the card faked at the one seam: 1 GiB free of 8 for a 7B-shape base. Exit 5
+    with one line and the numbers, before anything heavy loads; job_finished says it."""
+    pytest.importorskip("yaml")
+    pytest.importorskip("torch")
+    from e2e.trainjobs import make_job, trainer_env
+
+    cfg = preflight_cfg(tmp_path)
+    job = make_job(tmp_path / "job", cfg["model"]["name"], backend="transformers").write()
+    env = {**trainer_env(), qlora_gpu.FAKE_GPU_ENV: json.dumps({"capability": [8, 0], "free": GIB, "total": 8 * GIB})}
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, str(TRAINER / "train_qlora.py"), "--config", str(job.config_path)],
+                          capture_output=True, text=True, env=env, cwd=job.dir, timeout=120, check=False)
+    took = time.monotonic() - t
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if "not enough GPU memory" in x]
+    assert len(lines) == 1 and "1.0 GiB free of 8.0" in lines[0] and "Traceback" not in proc.stderr
+    finished = [json.loads(x) for x in job.metrics_path.read_text().splitlines()][-1]
+    assert finished["event"] == "job_finished" and finished["exit_code"] == 5
+    assert finished["error"].startswith("not enough GPU memory: the job needs ~")
+    assert not (job.dir / "output" / "adapter").exists()
+    assert took < 60, took  # torch's import, then the check: no model load (there are no weights to load)
