@@ -36,7 +36,8 @@ from trainjobs import LLAMA_CPP_DIR, TINYMODEL, UNSLOTH_PYTHON, make_job  # noqa
 
 from daemon.demo.storegen import generate_store  # noqa: E402
 
-NEW_KEYS = {"dataset": ("token_cache_dir",), "training": ("padding", "pad_to_multiple_of", "gradient_checkpointing")}
+NEW_KEYS = {"dataset": ("token_cache_dir",),
+            "training": ("padding", "pad_to_multiple_of", "gradient_checkpointing", "gpu_fp32")}
 
 
 def tiny_model(work: Path) -> Path:
