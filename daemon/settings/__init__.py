@@ -31,6 +31,7 @@ from daemon.settings.sections import (
     NotifySettings,
     OllamaSettings,
     PolicySettings,
+    RaySettings,
     RetentionSettings,
     ServiceSettings,
     StateSettings,
@@ -59,6 +60,7 @@ __all__ = [
     "NotifySettings",
     "OllamaSettings",
     "PolicySettings",
+    "RaySettings",
     "RetentionSettings",
     "Section",
     "ServiceSettings",
@@ -130,6 +132,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     log: LogSettings = Field(default_factory=LogSettings)

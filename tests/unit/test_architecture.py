@@ -47,6 +47,33 @@ def test_only_the_ollama_adapter_and_the_webhook_speak_http() -> None:
     assert sorted(http) == sorted(HTTP_MODULES)
 
 
+# The one module that speaks to a Ray cluster (its Jobs API), with the import inside the calls: the service starts,
+# and runs training.executor: local, without the [ray] extra.
+RAY_MODULES = {"train/ray_client.py"}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return imports_of(tree.body)
+
+
+def imports_of(nodes: list[ast.stmt]) -> set[str]:
+    out: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_only_the_ray_adapter_speaks_to_ray_and_imports_it_lazily() -> None:
+    ray = [str(p.relative_to(PKG)) for p in SERVICE_MODULES if "ray" in imports(p)]
+    assert sorted(ray) == sorted(RAY_MODULES)
+    eager = [m for m in RAY_MODULES if "ray" in top_level_imports(PKG / m)]
+    assert eager == []
+
+
 def test_the_service_never_imports_the_training_stack() -> None:
     offenders = {p.name: sorted(HEAVY & imports(p)) for p in SERVICE_MODULES if HEAVY & imports(p)}
     assert offenders == {}
