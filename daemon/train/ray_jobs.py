@@ -98,9 +98,10 @@ def map_back(value: Any, back: Mapping[str, str]) -> Any:
 
 
 def entrypoint(python: str, cluster_dir: str) -> str:
-    """The job's entrypoint: the trainer's argv (absolute paths, :func:`trainer_argv`) quoted for Ray's shell."""
+    """The job's entrypoint for Ray's shell: in the job's folder (the trainer's cwd, as for a local job), ``exec``
+    the trainer's argv (absolute paths, :func:`trainer_argv`), so Ray's SIGTERM reaches the trainer itself."""
     argv = trainer_argv(Path(python), Path(cluster_dir, "trainer", "train_qlora.py"), Path(cluster_dir, "config.yaml"))
-    return shlex.join(argv)
+    return f"cd {shlex.quote(cluster_dir)} && exec {shlex.join(argv)}"
 
 
 def runtime_env(ray: RaySettings, env: Mapping[str, str], job_id: str) -> dict[str, Any]:
@@ -312,7 +313,7 @@ def supervise(state: State, job: runner.Job, ray: RaySettings, *, timeout_s: flo
                 except RayError as exc:
                     _log.warning("ray.stop_failed", job_id=job.id, error=str(exc))
                 stop_sent = time.monotonic()
-            elif stop_sent and time.monotonic() - stop_sent > ray.stop_wait_s + 60:
+            elif stop_sent and (info.status == "PENDING" or time.monotonic() - stop_sent > ray.stop_wait_s + 60):
                 _log.warning("ray.stop_unconfirmed", job_id=job.id, status=info.status)
                 break
             cancel.wait(ray.poll_interval_s) if forced is None else stop.wait(0.5)
