@@ -167,7 +167,7 @@ def test_kill_9_of_the_service_mid_job_reattaches_to_the_one_ray_job(
         "policy:\n  min_new_examples: 1\n  min_total_examples: 1\n  cooldown: 0s\n"
         "dataset:\n  min_train_examples: 1\n  min_eval_examples: 1\nexport:\n  enabled: false\n"
         f"training:\n  python: {fake_python}\n  base_model: {base_model}\n  backend: transformers\n  max_steps: 20\n"
-        "  executor: ray\n  env:\n    FAKE_TRAINER_MODE: slow_ok\n    FAKE_STEP_S: '0.4'\n"
+        "  executor: ray\n  env:\n    FAKE_TRAINER_MODE: slow_ok\n    FAKE_STEP_S: '1.0'\n"
         f"ray:\n  address: {ray_head.address}\n  storage: {tmp_path / 'ray-storage'}\n  entrypoint_num_gpus: 0\n"
         "  poll_interval_s: 0.2\nlog:\n  format: json\n"
     )
@@ -179,6 +179,8 @@ def test_kill_9_of_the_service_mid_job_reattaches_to_the_one_ray_job(
             job_id = wait_for(lambda: running_job(st), "the Ray job's first step mirrored")
         p.p.kill()
         p.p.wait(10)
+        with RayClient(ray_head.address, timeout_s=30) as c:
+            assert (c.info(job_id) or c).status == "RUNNING"  # the job runs on without its service
         q = Proc(tmp_path, cfg)
         try:
             q.wait_for(lambda: [e for e in q.events("job.reattached") if e.get("job_id") == job_id], "re-attached")
