@@ -38,7 +38,7 @@ def version_skew(client_version: str, cluster_version: str) -> str | None:
     if client_version.split(".")[:2] == cluster_version.split(".")[:2]:
         return None
     return (f"Ray version skew: this service has ray {client_version}, the cluster runs ray {cluster_version} "
-            "(install the cluster's version: pip install 'ray[default]=={cluster_version}')")
+            f"(install the cluster's version: pip install 'ray[default]=={cluster_version}')")
 
 
 class RayClient:

@@ -58,9 +58,8 @@ def wait_for(pred: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def ray_section(head: Head, storage: Path, **kw: Any) -> dict[str, Any]:
-    return {"address": head.address, "storage": str(storage), "entrypoint_num_gpus": 0, "poll_interval_s": 0.2,
-            **kw}
+def ray_section(head: Head, default_storage: Path, **kw: Any) -> dict[str, Any]:
+    return {"address": head.address, "storage": str(default_storage), "entrypoint_num_gpus": 0, "poll_interval_s": 0.2} | kw
 
 
 def test_a_cpu_cycle_trains_on_ray_gates_exports_and_registers(
@@ -221,3 +220,36 @@ def test_head_stopped_mid_job_is_one_reason_then_a_backoff_and_a_later_cycle_suc
         records(store, prefix="b")
         r = run_cycle(ok, st, CycleRequest(None))
         assert r.outcome == "promoted", r.reason
+
+
+@pytest.mark.parametrize("case", ["pending", "storage", "unreachable", "failed"])
+def test_each_failure_is_one_line(
+    case: str, ray_head: Head, make_settings: Any, store: Path, fake_python: Path, base_model: Path, tmp_path: Path
+) -> None:
+    records(store)
+    ray: dict[str, Any] = {}
+    if case == "pending":  # a CPU-only head never has the GPU the entrypoint asks for
+        ray = {"entrypoint_num_gpus": 1, "pending_timeout": 2}
+    elif case == "storage":  # a file where the directory should be (a read-only mode would not stop root)
+        (tmp_path / "taken").write_text("")
+        ray = {"storage": str(tmp_path / "taken" / "storage")}
+    elif case == "unreachable":
+        ray = {"address": "http://127.0.0.1:9", "request_timeout_s": 5}
+    s = fake_settings(make_settings, ray_head, fake_python, base_model, tmp_path,
+                      mode="oom" if case == "failed" else "slow_ok", **ray)
+    with State(s.state_dir()) as st:
+        r = run_cycle(s, st, CycleRequest(None))
+        job = st.jobs.get(r.job_id or "")
+    assert r.outcome == "train_failed" and "\n" not in r.reason, r.reason
+    expected = {
+        "pending": "still PENDING after ray.pending_timeout (2s): no node has entrypoint_num_gpus=1 free",
+        "storage": f"ray.storage {tmp_path / 'taken' / 'storage'} is not writable: Not a directory",
+        "unreachable": "Ray head http://127.0.0.1:9 unreachable (connect)",
+        "failed": "Ray job FAILED (out of memory): CUDA out of memory",
+    }[case]
+    assert expected in r.reason
+    assert job is not None and job.status == "failed" and expected in (job.error or "")
+    if case == "pending":
+        with RayClient(ray_head.address, timeout_s=30) as c:
+            info = c.info(job.job_id)
+        assert info is not None and info.status in ("STOPPED", "PENDING")  # stop_job sent; Ray may still settle
