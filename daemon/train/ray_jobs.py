@@ -368,3 +368,55 @@ def cancel_detached(ray: RaySettings, state: State, job_id: str) -> bool:
     with state.transaction():
         state.jobs.stopped(job_id, status="cancelled", error="cancelled by an operator", finished_at=utcnow())
     return True
+
+
+# -- doctor: a tiny job that proves the cluster side -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    status: str  # the probe job's last Ray status (PENDING: never scheduled within the bound)
+    round_trip: bool  # the cluster read our file in storage and wrote one we read back
+    log: str  # the job's output (its last line: what ``source`` printed)
+
+
+def probe(ray: RaySettings, python: str, source: str, *, num_gpus: float, pending_s: float,
+          timeout_s: float) -> Probe:
+    """Run ``source`` as a Ray job in ``python`` on the cluster (``num_gpus`` reserved; stopped when still PENDING
+    after ``pending_s``, or not done after ``timeout_s``), after it copied a token from a file we wrote in
+    ``ray.storage`` to one we read back. Raises :class:`RayError` (one line) when the head is
+    unreachable or the storage not writable here."""
+    import secrets
+
+    job_id = f"chatos-doctor-{secrets.token_hex(6)}"
+    here, there = storage_dirs(ray, job_id)
+    token = secrets.token_hex(16)
+    try:
+        here.mkdir(parents=True)
+        (here / "ping").write_text(token)
+        (here / "probe.py").write_text(f"import pathlib\nd = pathlib.Path({there!r})\n"
+                                       "(d / 'pong').write_text((d / 'ping').read_text())\n" + source)
+    except OSError as exc:
+        raise RayError(f"ray.storage {here.parent} is not writable: {exc.strerror or exc}") from None
+    try:
+        with RayClient(ray.address, timeout_s=ray.request_timeout_s) as client:
+            client.submit(job_id, entrypoint=shlex.join([python, f"{there}/probe.py"]),
+                          runtime_env=runtime_env(ray, {}, job_id), num_gpus=num_gpus, num_cpus=None)
+            start, wait, info = time.monotonic(), threading.Event(), None
+            while True:
+                info = client.info(job_id)
+                waited = time.monotonic() - start
+                if info is not None and info.status in TERMINAL:
+                    break
+                if waited > timeout_s or (info is not None and info.status == "PENDING" and waited > pending_s):
+                    client.stop(job_id, f"doctor: {info.status if info else 'unknown'} after {waited:.0f}s")
+                    break
+                wait.wait(0.5)
+            text = client.logs(job_id) if info is not None and info.status in TERMINAL else ""
+        try:
+            back = (here / "pong").read_text() == token
+        except OSError:
+            back = False
+        return Probe(info.status if info else "UNKNOWN", back, text)
+    finally:
+        shutil.rmtree(here, ignore_errors=True)

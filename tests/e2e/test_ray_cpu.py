@@ -59,7 +59,8 @@ def wait_for(pred: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
 
 
 def ray_section(head: Head, default_storage: Path, **kw: Any) -> dict[str, Any]:
-    return {"address": head.address, "storage": str(default_storage), "entrypoint_num_gpus": 0, "poll_interval_s": 0.2} | kw
+    base = {"address": head.address, "storage": str(default_storage), "entrypoint_num_gpus": 0, "poll_interval_s": 0.2}
+    return base | kw
 
 
 def test_a_cpu_cycle_trains_on_ray_gates_exports_and_registers(
@@ -253,3 +254,24 @@ def test_each_failure_is_one_line(
         with RayClient(ray_head.address, timeout_s=30) as c:
             info = c.info(job.job_id)
         assert info is not None and info.status in ("STOPPED", "PENDING")  # stop_job sent; Ray may still settle
+
+
+def test_doctor_checks_the_head_storage_gpu_and_the_cluster_s_stack(
+    ray_head: Head, make_settings: Any, tmp_path: Path, base_model: Path
+) -> None:
+    from daemon.train import doctor
+
+    s = make_settings(training={"python": sys.executable, "base_model": str(base_model), "backend": "transformers",
+                                "executor": "ray"},
+                      ray=ray_section(ray_head, tmp_path / "ray-storage", entrypoint_num_gpus=1, pending_timeout=5))
+    lines = {c.name: c.line() for c in doctor.run(s, timeout=120)}
+    assert lines["Ray head"].startswith("[ok  ] Ray head: ") and "ray 2.60" in lines["Ray head"]
+    assert lines["Ray GPU"].startswith("[warn] Ray GPU: no node had entrypoint_num_gpus=1 free within 5s")
+    assert lines["Ray storage"] == f"[ok  ] Ray storage: {tmp_path / 'ray-storage'} round-trips a file with the cluster"
+    assert lines["trainer interpreter"].startswith(f"[ok  ] trainer interpreter: {sys.executable} on the cluster")
+    assert lines["import torch"].startswith("[ok  ] import torch: 2.")
+    assert list((tmp_path / "ray-storage").iterdir()) == []  # the probes clean up
+    down = make_settings(training={"executor": "ray"},
+                         ray={"address": "http://127.0.0.1:9", "storage": str(tmp_path), "request_timeout_s": 5})
+    bad = [c for c in doctor.run(down, timeout=8) if not c.ok]
+    assert [c.name for c in bad] == ["base model", "Ray head"] and "unreachable" in bad[1].detail
