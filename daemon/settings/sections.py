@@ -184,6 +184,7 @@ class ExportSettings(Section):
     engine: ExportEngineSettings = Field(default_factory=ExportEngineSettings)
     cache_dir: AbsPath | None = None
     auto_setup: bool = False
+    executor: Literal["local", "ray"] = "local"  # ray: merge + convert as a Ray job (the `ray` section)
 
 
 class RaySettings(Section):

@@ -370,6 +370,49 @@ def cancel_detached(ray: RaySettings, state: State, job_id: str) -> bool:
     return True
 
 
+# -- a job that is not training (merge + convert) ---------------------------------------------------------------
+
+
+def run_job(ray: RaySettings, job_id: str, *, entrypoint: str, env: Mapping[str, str], timeout_s: float,
+            stop: threading.Event) -> tuple[int | None, str, str]:
+    """:func:`daemon.train.runner.run_supervised` on Ray: submit ``entrypoint`` as job ``job_id`` (or find it, after
+    a restart) and wait for its end: (exit status, why, Ray's log). ``why`` is "finished" when it ended by itself;
+    a timeout or a PENDING past ``ray.pending_timeout`` stops it; the service stopping leaves it running (the next
+    try finds it). Raises :class:`RayError` when the head cannot be reached at the start or for
+    ``ray.unreachable_timeout``."""
+    with RayClient(ray.address, timeout_s=ray.request_timeout_s) as client:
+        client.submit(job_id, entrypoint=entrypoint, runtime_env=runtime_env(ray, env, job_id),
+                      num_gpus=ray.entrypoint_num_gpus, num_cpus=ray.entrypoint_num_cpus)
+        started = last_ok = time.monotonic()
+        while True:
+            try:
+                info = client.info(job_id)
+                last_ok = time.monotonic()
+            except RayError as exc:
+                if not exc.unreachable or time.monotonic() - last_ok > ray.unreachable_timeout:
+                    raise
+                info = None
+            waited = time.monotonic() - started
+            if info is not None and info.status in TERMINAL:
+                break
+            if stop.is_set():
+                return None, "the service is stopping (the Ray job runs on)", ""
+            why = (f"timed out after {timeout_s:g}s" if waited > timeout_s else
+                   f"still PENDING after ray.pending_timeout ({ray.pending_timeout:g}s): no node has "
+                   f"entrypoint_num_gpus={ray.entrypoint_num_gpus:g} free"
+                   if info is not None and info.status == "PENDING" and waited > ray.pending_timeout else None)
+            if why is not None:
+                client.stop(job_id, why)
+                return None, why, ""
+            stop.wait(ray.poll_interval_s)
+        code = {"SUCCEEDED": 0, "STOPPED": 143}.get(info.status, exit_code_of(info.message) or 1)
+        try:
+            text = client.logs(job_id)
+        except RayError:
+            text = info.message
+    return code, "finished", text
+
+
 # -- doctor: a tiny job that proves the cluster side -------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ they test the executor, not training, and keep CI's added time small (measured i
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 import time
@@ -63,7 +64,7 @@ def ray_section(head: Head, default_storage: Path, **kw: Any) -> dict[str, Any]:
     return base | kw
 
 
-def test_a_cpu_cycle_trains_on_ray_gates_exports_and_registers(
+def test_a_cpu_cycle_trains_on_ray_gates_exports_on_ray_and_registers(
     ray_head: Head, tiny_models: dict[str, Path], make_settings: Any, store: Path, tmp_path: Path,
     ollama_standin: StandinServer,
 ) -> None:
@@ -81,7 +82,7 @@ def test_a_cpu_cycle_trains_on_ray_gates_exports_and_registers(
         policy={"min_new_examples": 5, "min_total_examples": 5, "cooldown": 0, "max_runs_per_day": 20},
         dataset={"min_train_examples": 4, "min_eval_examples": 2},
         gate={"tolerance": 10.0, "min_new_gain": 0.0, "required": ["loss"]},
-        export={"quantization": "q8_0", "smoke": {"require_stop": False}},
+        export={"quantization": "q8_0", "smoke": {"require_stop": False}, "executor": "ray"},
         ollama={"host": ollama_standin.url, "model_name": "chatos-ray", "keep_versions": 1, "timeout_s": 30},
     )
     steps: list[str] = []
@@ -91,9 +92,16 @@ def test_a_cpu_cycle_trains_on_ray_gates_exports_and_registers(
         assert r.outcome == "registered" and r.model_tag == "chatos-ray:v1", r.reason
         row = st.jobs.get(r.job_id or "")
         assert row is not None and row.params["executor"] == "ray" and row.status == "promoted"
-    # the job ran on Ray under our job id, and the adapter and result came home with our paths
-    ours = [j for j in jobs_on(ray_head) if j.submission_id == r.job_id]
-    assert [str(j.status.value) for j in ours] == ["SUCCEEDED"]
+        version = st.models.get(1)
+        assert version is not None
+    # training and the export ran on Ray under our job id, and the adapter and result came home with our paths
+    ours = {j.submission_id: str(j.status.value) for j in jobs_on(ray_head) if r.job_id in (j.submission_id or "")}
+    assert ours == {r.job_id: "SUCCEEDED", f"{r.job_id}-export": "SUCCEEDED"}
+    gguf = Path(version.gguf_path)
+    assert gguf.is_relative_to(s.state_dir() / "exports") and gguf.name == "chatos-ray-v1.q8_0.gguf"
+    assert version.gguf_sha256 == "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert not (tmp_path / "ray-storage" / f"{r.job_id}-export").exists()  # the GGUF is not left in storage
+    assert "[merge_export]" in (gguf.parent / "export.log").read_text()  # the child's log, from Ray
     assert Path(row.result_path).is_file() and row.result is not None
     adapter = Path(row.result["adapter_dir"])
     assert adapter.is_relative_to(Path(row.job_dir)) and (adapter / "adapter_config.json").is_file()
