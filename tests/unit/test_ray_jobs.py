@@ -4,6 +4,7 @@ and runtime_env, what a terminal Ray status means, and the version-skew line."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,37 @@ def test_exit_code_and_version_skew() -> None:
     assert version_skew("2.60.0", "2.59.0") == (
         "Ray version skew: this service has ray 2.60.0, the cluster runs ray 2.59.0 (install the cluster's "
         "version: pip install 'ray[default]==2.59.0')")
+
+
+def test_the_export_config_moves_to_the_cluster_and_its_result_comes_back() -> None:
+    from daemon.publish.ray_export import cluster_config
+
+    cfg = {"out_dir": "/state/exports/j-1", "adapter_dir": "/state/jobs/j-1/output/adapter",
+           "base_model": "/models/base", "gguf_path": "/state/exports/j-1/m-v1.gguf",
+           "converter": {"root": "/cache/llama.cpp-0.3.36", "argv": ["/venv/bin/python",
+                                                                     "/cache/llama.cpp-0.3.36/convert_hf_to_gguf.py",
+                                                                     "/state/exports/j-1/merged"]},
+           "chat_template": "{{ '/state/exports/j-1' }}"}
+    mapped, back = cluster_config(cfg, there="/nfs/j-1-export", converters="/nfs/converters", python="/venv/bin/python",
+                                  cluster_python="/opt/t/bin/python", base_model="/cluster/base")
+    assert mapped["adapter_dir"] == "/nfs/j-1-export/adapter" and mapped["base_model"] == "/cluster/base"
+    conv = "/nfs/converters/llama.cpp-0.3.36"
+    assert mapped["converter"]["argv"] == ["/opt/t/bin/python", f"{conv}/convert_hf_to_gguf.py", "/nfs/j-1-export/merged"]
+    assert mapped["gguf_path"] == "/nfs/j-1-export/m-v1.gguf"
+    assert mapped["chat_template"] == cfg["chat_template"]  # only whole path prefixes move, never text
+    assert map_back({"gguf": {"path": "/nfs/j-1-export/m-v1.gguf"}}, back) == {"gguf": {"path": cfg["gguf_path"]}}
+
+
+def test_the_gguf_streams_back_only_when_its_sha256_matches(tmp_path: Path) -> None:
+    import hashlib
+
+    from daemon.publish.ray_export import stream_back
+
+    src = tmp_path / "src.gguf"
+    src.write_bytes(b"GGUF" + bytes(range(256)) * 9000)  # over two chunks
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert stream_back(src, tmp_path / "a.gguf", f"sha256:{good}") == (good, src.stat().st_size)
+    assert (tmp_path / "a.gguf").read_bytes() == src.read_bytes()
+    with pytest.raises(ValueError, match=f"has sha256 {good}, the export child wrote 00"):
+        stream_back(src, tmp_path / "b.gguf", "00")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "src.gguf"]  # no partial, no b.gguf
