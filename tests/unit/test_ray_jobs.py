@@ -98,7 +98,8 @@ def test_the_export_config_moves_to_the_cluster_and_its_result_comes_back() -> N
                                   cluster_python="/opt/t/bin/python", base_model="/cluster/base")
     assert mapped["adapter_dir"] == "/nfs/j-1-export/adapter" and mapped["base_model"] == "/cluster/base"
     conv = "/nfs/converters/llama.cpp-0.3.36"
-    assert mapped["converter"]["argv"] == ["/opt/t/bin/python", f"{conv}/convert_hf_to_gguf.py", "/nfs/j-1-export/merged"]
+    argv = ["/opt/t/bin/python", f"{conv}/convert_hf_to_gguf.py", "/nfs/j-1-export/merged"]
+    assert mapped["converter"]["argv"] == argv
     assert mapped["gguf_path"] == "/nfs/j-1-export/m-v1.gguf"
     assert mapped["chat_template"] == cfg["chat_template"]  # only whole path prefixes move, never text
     assert map_back({"gguf": {"path": "/nfs/j-1-export/m-v1.gguf"}}, back) == {"gguf": {"path": cfg["gguf_path"]}}
