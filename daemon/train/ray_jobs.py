@@ -261,17 +261,11 @@ def supervise(state: State, job: runner.Job, ray: RaySettings, *, timeout_s: flo
     client: RayClient | None = None
     info = None
     forced: tuple[str, str] | None = None
-    stop_sent, last_saved = 0.0, 0.0
+    stop_sent = 0.0
     try:
         while True:
             mirror.pull()
-            for obj in job.poll_metrics():
-                if on_progress and "step" in obj:
-                    on_progress(obj)
-            if time.monotonic() - last_saved > 2.0 and job.latest:
-                with state.transaction():
-                    state.jobs.progress(job.id, job.latest)
-                last_saved = time.monotonic()
+            job.follow(state, on_progress)
             if stop.is_set():
                 _log.info("ray.job_left_running", job_id=job.id, reason="the service is stopping")
                 return runner.JobOutcome(job.id, "interrupted", "the service is stopping (the Ray job runs on; the "

@@ -86,6 +86,7 @@ class Job:
         self._metrics_rest = b""
         self.latest: dict[str, Any] = {}
         self.finished_event: dict[str, Any] | None = None
+        self._saved = 0.0
 
     def poll_metrics(self) -> list[dict[str, Any]]:
         """New complete lines of metrics.jsonl since the last call."""
@@ -104,6 +105,16 @@ class Job:
             elif "step" in obj:
                 self.latest = obj
         return lines
+
+    def follow(self, state: State, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+        """New step lines to ``on_progress``; the latest one saved in state at most every 2 s."""
+        for obj in self.poll_metrics():
+            if on_progress and "step" in obj:
+                on_progress(obj)
+        if time.monotonic() - self._saved > 2.0 and self.latest:
+            with state.transaction():
+                state.jobs.progress(self.id, self.latest)
+            self._saved = time.monotonic()
 
     def exit_code(self) -> int | None:
         if self.proc is not None:
@@ -201,15 +212,8 @@ def supervise(
     started = time.monotonic()
     wake = threading.Event()
     forced: tuple[str, str] | None = None
-    last_saved = 0.0
     while True:
-        for obj in job.poll_metrics():
-            if on_progress and "step" in obj:
-                on_progress(obj)
-        if time.monotonic() - last_saved > 2.0 and job.latest:
-            with state.transaction():
-                state.jobs.progress(job.id, job.latest)
-            last_saved = time.monotonic()
+        job.follow(state, on_progress)
         if not job.running():
             break
         if forced is None:

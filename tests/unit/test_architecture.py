@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,13 @@ HEAVY = {"torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsl
 
 
 def imports(path: Path) -> set[str]:
+    return imports_of(ast.walk(ast.parse(path.read_text())))
+
+
+def imports_of(nodes: Iterable[ast.AST]) -> set[str]:
+    """The top-level packages that ``nodes`` import (absolute imports only)."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             out |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -53,18 +59,8 @@ RAY_MODULES = {"train/ray_client.py"}
 
 
 def top_level_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    return imports_of(tree.body)
-
-
-def imports_of(nodes: list[ast.stmt]) -> set[str]:
-    out: set[str] = set()
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module.split(".")[0])
-    return out
+    """What the module imports when it is imported (not inside its functions)."""
+    return imports_of(ast.parse(path.read_text()).body)
 
 
 def test_only_the_ray_adapter_speaks_to_ray_and_imports_it_lazily() -> None:
