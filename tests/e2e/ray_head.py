@@ -1,5 +1,8 @@
 """A real local Ray head for the Ray executor's tests and bench (``ray start --head`` through subprocess, stopped
-with ``ray stop --force``): a private temp dir and free ports, ready once its Jobs API answers."""
+with ``ray stop --force``): a private temp dir and free ports, ready once its Jobs API answers.
+
+``ray stop --force`` stops every Ray process of this user on the machine, not only this head's: one head at a time
+(the tests share one per session; the bench starts its own and is not run beside them)."""
 
 from __future__ import annotations
 

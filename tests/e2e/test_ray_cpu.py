@@ -283,3 +283,30 @@ def test_doctor_checks_the_head_storage_gpu_and_the_cluster_s_stack(
                          ray={"address": "http://127.0.0.1:9", "storage": str(tmp_path), "request_timeout_s": 5})
     bad = [c for c in doctor.run(down, timeout=8) if not c.ok]
     assert [c.name for c in bad] == ["base model", "Ray head"] and "unreachable" in bad[1].detail
+
+
+def test_cancel_without_a_service_stops_the_job_on_its_cluster(
+    ray_head: Head, make_settings: Any, store: Path, fake_python: Path, base_model: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    import yaml
+
+    records(store)
+    s = fake_settings(make_settings, ray_head, fake_python, base_model, tmp_path, mode="hang")
+    cfg = tmp_path / "retrain.yaml"
+    cfg.write_text(yaml.safe_dump({"store": {"root": str(store)}, "state": {"dir": str(s.state_dir())},
+                                   "service": {"runtime_dir": str(tmp_path / "run")},
+                                   "training": {"executor": "ray"}, "ray": dict(s.ray.model_dump())}))
+    with State(s.state_dir()) as st:
+        t, out = in_thread(lambda: run_cycle(s, st, CycleRequest(None)))
+        with State(s.state_dir()) as watch:
+            job_id = wait_for(lambda: running_job(watch), "the Ray job's first step mirrored")
+        done = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "cancel", job_id],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0 and done.stdout.strip() == f"cancelled {job_id}", done.stderr
+        t.join(120)
+        assert out and out[0].outcome == "cancelled", out
+    with RayClient(ray_head.address, timeout_s=30) as c:
+        info = c.info(job_id)
+    assert info is not None and info.status == "STOPPED"
