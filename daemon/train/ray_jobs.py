@@ -284,7 +284,7 @@ def supervise(state: State, job: runner.Job, ray: RaySettings, *, timeout_s: flo
                 if client is not None:
                     client.close()
                 client = None
-                cancel.wait(ray.poll_interval_s)
+                stop.wait(ray.poll_interval_s)  # not cancel: a cancel set while the head is away must not spin
                 continue
             if info is None:
                 forced = forced or ("interrupted", f"the Ray cluster at {ray.address} does not know job {job.id} "
