@@ -310,3 +310,24 @@ def test_cancel_without_a_service_stops_the_job_on_its_cluster(
     with RayClient(ray_head.address, timeout_s=30) as c:
         info = c.info(job_id)
     assert info is not None and info.status == "STOPPED"
+
+
+def test_a_job_its_cluster_does_not_know_is_interrupted_at_the_re_attach(
+    ray_head: Head, make_settings: Any, tmp_path: Path
+) -> None:
+    from daemon.train import ray_jobs, runner
+
+    s = make_settings(training={"executor": "ray"}, ray=ray_section(ray_head, tmp_path / "ray-storage"))
+    job_dir = tmp_path / "state" / "jobs" / "j-lost"
+    cfg = {"job_id": "j-lost", "backend": "transformers", "model": {}, "lora": {},
+           "training": {"output_dir": str(job_dir / "output")}, "metrics": {"output_path": str(job_dir / "m.jsonl")},
+           "result": {"output_path": str(job_dir / "result.json")}}
+    with State(s.state_dir()) as st:  # recorded, then the service died before the submit reached the head
+        runner.record_job(st, config=cfg, dataset_version=1, cycle_id=None, executor={"executor": "ray"})
+        live, lost = runner.reattach(st)
+        assert [j.id for j in live] == ["j-lost"] and lost == []  # a Ray job is asked about, not given up
+        out = ray_jobs.supervise(st, live[0], s.ray, timeout_s=60, cancel=threading.Event(), stop=threading.Event())
+        assert (out.status, out.reason) == ("interrupted", f"the Ray cluster at {ray_head.address} does not know job "
+                                            "j-lost (its head restarted, or the job was never submitted)")
+        row = st.jobs.get("j-lost")
+        assert row is not None and row.status == "interrupted" and row.error == out.reason
