@@ -28,7 +28,8 @@ from daemon.cycle.pipeline import CycleRequest, run_cycle
 from daemon.service import control, unit
 from daemon.service.lifecycle import Service
 from daemon.train import doctor as preflight
-from daemon.train import gate, runner
+from daemon.train import gate, ray_jobs, runner
+from daemon.train.ray_client import RayError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,7 +229,12 @@ def cancel(args: argparse.Namespace) -> int:
     with api.open_state(s) as st:
         running = [r.job_id for r in st.jobs.recent(status="running")]
         target = args.job_id or (running[0] if running else None)
-        if target is None or not runner.cancel_detached(st, target):
+        try:  # a Ray job is stopped on its cluster; a local trainer by its process group
+            done = target is not None and (ray_jobs.cancel_detached(s.ray, st, target)
+                                           or runner.cancel_detached(st, target))
+        except RayError as exc:
+            raise CliError(f"cannot cancel {target}: {exc}", EXIT_ERROR) from None
+        if not done:
             raise CliError(f"no running job{' ' + args.job_id if args.job_id else ''} to cancel", EXIT_DATA)
     print(f"cancelled {target}")
     return EXIT_OK

@@ -9,10 +9,11 @@ from typing import Any
 from daemon import disk, faults, log
 from daemon.cycle import registering
 from daemon.cycle.context import Cycle, CycleResult, Outcome
-from daemon.publish import converter, export, registry
+from daemon.publish import converter, export, ray_export, registry
 from daemon.settings import Settings
 from daemon.state import PendingExport, State, private_dir
 from daemon.train import gate, jobspec, regressions, runner, templates
+from daemon.train.ray_client import RayError
 
 _log = log.get("daemon.cycle")
 PREVIOUS_CHAMPION = "previous_champion"  # in the pending export's gate numbers: the champion the candidate replaced
@@ -112,6 +113,13 @@ def _convert(cycle: Cycle, cfg: dict[str, Any], out_dir: Path, job_id: str, gate
     """Run merge + convert as a supervised child; remember its pid (it outlives a SIGKILLed service)."""
     state, settings = cycle.state, cycle.settings
     cfg_path = export.write_config(out_dir / "export.yaml", cfg)
+    if settings.export.executor == "ray":  # on the cluster: nothing here to stop after a crash (no pid)
+        with state.transaction():
+            state.service.set_pending_export(PendingExport(job_id, gate_numbers))
+        try:
+            return ray_export.run(settings, cfg, out_dir, job_id, cycle.stop)
+        except RayError as exc:
+            return None, str(exc)
 
     def spawned(pid: int, start: int | None) -> None:
         with state.transaction():

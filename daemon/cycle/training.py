@@ -4,7 +4,7 @@ hand the outcome to the gate. A job re-attached after a restart joins here too."
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from daemon.dataset.builder import TRAIN_IDS, read_train_ids
 from daemon.publish import gpu_share
 from daemon.settings import Settings
 from daemon.state import State, private_dir
-from daemon.train import gate, jobspec, lineage, objective, plan, progress, runner, templates
+from daemon.train import gate, jobspec, lineage, objective, plan, progress, ray_jobs, runner, templates
+from daemon.train.ray_client import RayError
 
 STEPS_KEPT = 200  # the step lines the progress line's pace is measured over (the newest)
 _log = log.get("daemon.cycle")
@@ -192,12 +193,18 @@ def run(cycle: Cycle) -> bool:
     result.job_id = job_id
     with cycle.timed("train"):
         try:
-            job = runner.start_job(state, python=t.python, config=cfg, dataset_version=version,
-                                   cycle_id=result.cycle_id, env=t.env, created_at=cycle.now().isoformat(),
-                                   plan=summary, trained=trained)
-        except OSError as exc:
+            if t.executor == "ray":
+                job = ray_jobs.start_job(state, t, settings.ray, config=cfg, dataset_version=version,
+                                         cycle_id=result.cycle_id, created_at=cycle.now().isoformat(), plan=summary,
+                                         trained=trained)
+            else:
+                job = runner.start_job(state, python=t.python, config=cfg, dataset_version=version,
+                                       cycle_id=result.cycle_id, env=t.env, created_at=cycle.now().isoformat(),
+                                       plan=summary, trained=trained)
+        except (OSError, RayError) as exc:
             result.job_status = "failed"
-            result.end(Outcome.TRAIN_FAILED, f"cannot start the trainer {t.python}: {exc.strerror or exc}")
+            result.end(Outcome.TRAIN_FAILED, str(exc) if isinstance(exc, RayError)
+                       else f"cannot start the trainer {t.python}: {exc.strerror or exc}")
             deciding.set_backoff(settings, state, cycle.now())
             return False
 
@@ -210,8 +217,7 @@ def run(cycle: Cycle) -> bool:
             shown = progress.job_progress(seen, p.steps, cycle.now())
             cycle.report("training", f"job {job_id} {shown.line() if shown else 'started'}")
 
-        outcome = runner.supervise(state, job, timeout_s=t.timeout, cancel=cycle.cancel, stop=cycle.stop,
-                                   on_progress=on_step)
+        outcome = _supervise(cycle, job, on_step)
     gating.conclude(cycle, outcome)
     return True
 
@@ -222,6 +228,14 @@ def reattached(cycle: Cycle, job: runner.Job) -> None:
     cycle.step("training", f"re-attached job {job.id}")
     result.decision, result.reason = True, f"re-attached job {job.id} after a restart"
     result.dataset_version = job.row.get("dataset_version")
-    outcome = runner.supervise(cycle.state, job, timeout_s=cycle.settings.training.timeout, cancel=cycle.cancel,
-                               stop=cycle.stop)
-    gating.conclude(cycle, outcome)
+    gating.conclude(cycle, _supervise(cycle, job, None))
+
+
+def _supervise(cycle: Cycle, job: runner.Job, on_step: Callable[[dict[str, Any]], None] | None) -> runner.JobOutcome:
+    """Follow the job where it runs: a process here, or a Ray job (its row's params say which)."""
+    timeout = cycle.settings.training.timeout
+    if runner.is_remote(job.row):
+        return ray_jobs.supervise(cycle.state, job, cycle.settings.ray, timeout_s=timeout, cancel=cycle.cancel,
+                                  stop=cycle.stop, on_progress=on_step)
+    return runner.supervise(cycle.state, job, timeout_s=timeout, cancel=cycle.cancel, stop=cycle.stop,
+                            on_progress=on_step)

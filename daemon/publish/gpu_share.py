@@ -41,13 +41,15 @@ class Freed:
 
 
 def wanted(settings: Settings) -> tuple[bool, str]:
-    """Whether to unload before a job, and why: ``training.unload_ollama`` true/false, or auto = when Ollama runs on
-    this host (the trainer's GPU is then the one it holds)."""
+    """Whether to unload before a job, and why: ``training.unload_ollama`` true/false, or auto = when the job runs
+    here (``training.executor: local``) and Ollama runs on this host (the trainer's GPU is then the one it holds)."""
     setting = settings.training.unload_ollama
     if setting is True:
         return True, "training.unload_ollama is true"
     if setting is False:
         return False, "training.unload_ollama is false"
+    if settings.training.executor != "local":
+        return False, f"auto: the job runs on the {settings.training.executor} cluster, not beside Ollama"
     if is_loopback_url(settings.ollama.host):
         return True, "auto: Ollama runs on this host"
     return False, f"auto: Ollama runs on another host ({settings.ollama.host})"

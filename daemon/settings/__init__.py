@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.settings.sections import (
@@ -31,6 +31,7 @@ from daemon.settings.sections import (
     NotifySettings,
     OllamaSettings,
     PolicySettings,
+    RaySettings,
     RetentionSettings,
     ServiceSettings,
     StateSettings,
@@ -59,6 +60,7 @@ __all__ = [
     "NotifySettings",
     "OllamaSettings",
     "PolicySettings",
+    "RaySettings",
     "RetentionSettings",
     "Section",
     "ServiceSettings",
@@ -130,12 +132,22 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+
+    @model_validator(mode="after")
+    def _ray_needs_storage(self) -> Settings:
+        users = [f"{name}.executor" for name in ("training", "export") if getattr(self, name).executor == "ray"]
+        if users and not self.ray.storage:
+            verb = "is" if len(users) == 1 else "are"
+            raise ValueError(f"At 'ray.storage': empty, while {' and '.join(users)} {verb} ray: give it a directory "
+                             "both this machine and the Ray cluster see")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -240,7 +252,7 @@ def format_errors(exc: ValidationError) -> list[str]:
             msg = "unknown key"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"At '{loc}': {msg}")
+        lines.append(f"At '{loc}': {msg}" if loc else msg)  # a cross-section rule names its own key
     return lines
 
 

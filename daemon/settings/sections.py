@@ -132,6 +132,7 @@ class TrainingSettings(Section):
     config_template: AbsPath | None = None
     retry_backoff: Duration = Field(default=600.0, gt=0)
     unload_ollama: Literal["auto"] | bool = "auto"  # auto: when ollama.host is this host
+    executor: Literal["local", "ray"] = "local"  # ray: a Ray Jobs job on the cluster of the `ray` section
 
 
 GateCheck = Literal["loss", "learned_new", "preference", "canary", "regressions"]
@@ -185,6 +186,25 @@ class ExportSettings(Section):
     cache_dir: AbsPath | None = None
     auto_setup: bool = False
     merge_device: Literal["auto", "cpu", "cuda"] = "auto"
+    executor: Literal["local", "ray"] = "local"  # ray: merge + convert as a Ray job (the `ray` section)
+
+
+class RaySettings(Section):
+    """Where ``training.executor: ray`` (and ``export.executor: ray``) send their jobs (daemon.train.ray_jobs)."""
+
+    address: str = "http://127.0.0.1:8265"  # the head's dashboard / Jobs API
+    entrypoint_num_gpus: float = Field(default=1.0, ge=0)
+    entrypoint_num_cpus: float | None = Field(default=None, ge=0)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    storage: str = ""  # a directory both sides see (empty: `ray` jobs cannot run)
+    cluster_storage: str | None = None  # the same directory as the cluster mounts it (None: the same path)
+    python: str = ""  # the trainer interpreter on the cluster (empty: training.python)
+    base_model: str = ""  # the base model's path on the cluster (empty: training.base_model)
+    request_timeout_s: Duration = Field(default=30.0, gt=0)
+    pending_timeout: Duration = Field(default=600.0, gt=0)
+    unreachable_timeout: Duration = Field(default=120.0, gt=0)
+    stop_wait_s: Duration = Field(default=10.0, gt=0)
+    poll_interval_s: Duration = Field(default=1.0, gt=0)
 
 
 class RetentionSettings(Section):

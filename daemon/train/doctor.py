@@ -10,7 +10,8 @@ from typing import Any
 
 from daemon import proc
 from daemon.settings import Settings
-from daemon.train import jobspec, templates
+from daemon.train import jobspec, ray_jobs, templates
+from daemon.train.ray_client import RayClient, RayError
 
 # Runs inside the trainer's interpreter: what imports there, and what the device can do.
 _PROBE = r"""
@@ -46,9 +47,10 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warn: bool = False  # ok, but worth a look (a CPU-only Ray cluster)
 
     def line(self) -> str:
-        mark = "ok  " if self.ok else "FAIL"
+        mark = ("warn" if self.warn else "ok  ") if self.ok else "FAIL"
         return f"[{mark}] {self.name}: {self.detail}" + ("" if self.ok or not self.fix else f" -> {self.fix}")
 
 
@@ -56,6 +58,10 @@ def run(settings: Settings, *, timeout: float = 180.0) -> list[Check]:
     """Every check, in the order ``doctor`` prints them; the trainer's stack only when its interpreter runs."""
     t = settings.training
     checks = [_template_check(t.chat_template), _base_model_check(t.base_model), _disk_check(settings)]
+    if t.executor == "ray":  # the trainer runs on the cluster: its interpreter and GPU are checked there
+        if settings.ray.base_model:
+            checks[1] = Check("base model", True, f"{settings.ray.base_model} on the Ray cluster")
+        return checks + _ray_checks(settings, timeout)
     info = _probe(t.python, t.backend, timeout, checks)
     if info is not None:
         checks.extend(_stack_checks(info, t.backend))
@@ -115,6 +121,45 @@ def _probe(python: Path, backend: str, timeout: float, checks: list[Check]) -> d
         return None
     checks.append(Check("trainer interpreter", True, f"{python} (Python {info['python']})"))
     return info
+
+
+def _ray_checks(settings: Settings, timeout: float) -> list[Check]:
+    """``training.executor: ray``: the head and its Ray version, a probe job that round-trips a file through
+    ``ray.storage`` and imports the training stack in the cluster's trainer interpreter, and whether a job asking
+    ``entrypoint_num_gpus`` GPUs gets scheduled (a warning when not: a CPU-only cluster)."""
+    ray, t = settings.ray, settings.training
+    python = ray_jobs.cluster_python(t, ray)
+    checks: list[Check] = []
+    try:
+        with RayClient(ray.address, timeout_s=ray.request_timeout_s) as client:
+            checks.append(Check("Ray head", True, f"{ray.address}: ray {client.cluster_version} (ours "
+                                f"{client.client_version})"))
+        gpus, pending = ray.entrypoint_num_gpus, min(timeout, ray.pending_timeout)
+        first = ray_jobs.probe(ray, python, _PROBE, num_gpus=gpus, pending_s=pending, timeout_s=timeout)
+        if gpus and first.status == "PENDING":
+            checks.append(Check("Ray GPU", True, f"no node had entrypoint_num_gpus={gpus:g} free within {pending:g}s "
+                                "(a CPU-only cluster?): jobs would wait PENDING until ray.pending_timeout",
+                                warn=True))
+            first = ray_jobs.probe(ray, python, _PROBE, num_gpus=0, pending_s=pending, timeout_s=timeout)
+        elif gpus:
+            checks.append(Check("Ray GPU", True, f"a job asking {gpus:g} GPU was scheduled"))
+        else:
+            checks.append(Check("Ray GPU", True, "ray.entrypoint_num_gpus is 0: jobs train on a CPU", warn=True))
+    except RayError as exc:
+        return [*checks, Check("Ray head" if not checks else "Ray storage", False, str(exc),
+                               "start the head (ray start --head --dashboard-host=...), check ray.address, "
+                               "ray.storage and the Ray version")]
+    checks.append(Check("Ray storage", first.round_trip, f"{ray.storage} " + (
+        "round-trips a file with the cluster" if first.round_trip else f"did not round-trip (probe {first.status})"),
+        "mount the same directory on the cluster (ray.cluster_storage: its path there)"))
+    try:
+        info: dict[str, Any] = json.loads(first.log.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = first.log.strip().splitlines()[-1:] or [f"the probe job ended {first.status}"]
+        return [*checks, Check("trainer interpreter", False, f"{python} on the cluster: {tail[0][:200]}",
+                               "set ray.python to the cluster's trainer venv python (absolute)")]
+    checks.append(Check("trainer interpreter", True, f"{python} on the cluster (Python {info['python']})"))
+    return checks + _stack_checks(info, t.backend)
 
 
 def _stack_checks(info: dict[str, Any], backend: str) -> list[Check]:

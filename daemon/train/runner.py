@@ -86,6 +86,7 @@ class Job:
         self._metrics_rest = b""
         self.latest: dict[str, Any] = {}
         self.finished_event: dict[str, Any] | None = None
+        self._saved = 0.0
 
     def poll_metrics(self) -> list[dict[str, Any]]:
         """New complete lines of metrics.jsonl since the last call."""
@@ -105,6 +106,16 @@ class Job:
                 self.latest = obj
         return lines
 
+    def follow(self, state: State, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+        """New step lines to ``on_progress``; the latest one saved in state at most every 2 s."""
+        for obj in self.poll_metrics():
+            if on_progress and "step" in obj:
+                on_progress(obj)
+        if time.monotonic() - self._saved > 2.0 and self.latest:
+            with state.transaction():
+                state.jobs.progress(self.id, self.latest)
+            self._saved = time.monotonic()
+
     def exit_code(self) -> int | None:
         if self.proc is not None:
             return self.proc.poll()
@@ -114,6 +125,39 @@ class Job:
         if self.proc is not None:
             return self.proc.poll() is None
         return alive(self.pid, self.pid_start)
+
+
+def record_job(
+    state: State,
+    *,
+    config: dict[str, Any],
+    dataset_version: int,
+    cycle_id: str | None,
+    created_at: str | None = None,
+    plan: dict[str, Any] | None = None,
+    trained: Iterable[str | tuple[str, int]] = (),
+    executor: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Create the job folder and its ``config.yaml`` and record the job as ``starting``; returns its row.
+    ``executor``: where it runs when not here (``{"executor": "ray", ...}``), kept in the row's params."""
+    job_id = config["job_id"]
+    job_dir = private_dir(Path(config["training"]["output_dir"]).parent)
+    cfg_path = job_dir / "config.yaml"
+    fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    new = JobRow(
+        job_id=job_id, cycle_id=cycle_id, dataset_version=dataset_version, status="starting",
+        job_dir=str(job_dir), config_path=str(cfg_path), log_path=str(job_dir / "job.log"),
+        metrics_path=config["metrics"]["output_path"], result_path=config["result"]["output_path"],
+        params={"backend": config["backend"], "model": config["model"], "training": config["training"],
+                "lora": config["lora"], **({"plan": plan} if plan is not None else {}), **(executor or {})},
+        created_at=created_at or utcnow(),
+    )
+    with state.transaction():
+        state.jobs.add(new)
+        state.jobs.add_trained(job_id, trained)
+    return new.as_dict()
 
 
 def start_job(
@@ -133,26 +177,11 @@ def start_job(
     the cycle's clock; now by default) dates the run for the policy's daily limit; ``plan`` (its summary) and
     ``trained`` (the conversations it trains on) are recorded with the job, for its lineage."""
     job_id = config["job_id"]
-    job_dir = private_dir(Path(config["training"]["output_dir"]).parent)
-    cfg_path = job_dir / "config.yaml"
-    fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    log_path = job_dir / "job.log"
-    argv = trainer_argv(python, script, cfg_path)
+    row = record_job(state, config=config, dataset_version=dataset_version, cycle_id=cycle_id,
+                     created_at=created_at, plan=plan, trained=trained)
+    job_dir, log_path = Path(row["job_dir"]), Path(row["log_path"])
+    argv = trainer_argv(python, script, Path(row["config_path"]))
     child_env = {**os.environ, **(env or {}), "CHATOS_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
-    new = JobRow(
-        job_id=job_id, cycle_id=cycle_id, dataset_version=dataset_version, status="starting",
-        job_dir=str(job_dir), config_path=str(cfg_path), log_path=str(log_path),
-        metrics_path=config["metrics"]["output_path"], result_path=config["result"]["output_path"],
-        params={"backend": config["backend"], "model": config["model"], "training": config["training"],
-                "lora": config["lora"], **({"plan": plan} if plan is not None else {})},
-        created_at=created_at or utcnow(),
-    )
-    row = new.as_dict()
-    with state.transaction():
-        state.jobs.add(new)
-        state.jobs.add_trained(job_id, trained)
     _log.info("job.spawn", job_id=job_id, argv=argv, cwd=str(job_dir))
     try:
         proc = spawn_in_session(argv, cwd=job_dir, env=child_env, log_path=log_path)
@@ -183,15 +212,8 @@ def supervise(
     started = time.monotonic()
     wake = threading.Event()
     forced: tuple[str, str] | None = None
-    last_saved = 0.0
     while True:
-        for obj in job.poll_metrics():
-            if on_progress and "step" in obj:
-                on_progress(obj)
-        if time.monotonic() - last_saved > 2.0 and job.latest:
-            with state.transaction():
-                state.jobs.progress(job.id, job.latest)
-            last_saved = time.monotonic()
+        job.follow(state, on_progress)
         if not job.running():
             break
         if forced is None:
@@ -265,6 +287,10 @@ def reattach(state: State) -> tuple[list[Job], list[str]]:
     lost: list[str] = []
     for job_row in state.jobs.recent(status="running") + state.jobs.recent(status="starting"):
         row = job_row.as_dict()
+        if is_remote(row):  # its process is on a cluster: the executor asks the cluster (ray_jobs.supervise)
+            _log.info("job.reattached", job_id=row["job_id"], executor=row["params"].get("executor"))
+            live.append(Job({**row, "pid": 0}))
+            continue
         pid, start = row.get("pid"), row.get("pid_start")
         if not pid and (found := find_trainer(row["job_id"])) is not None:
             pid, start = found, process_start_time(found)
@@ -283,6 +309,11 @@ def reattach(state: State) -> tuple[list[Job], list[str]]:
     return live, lost
 
 
+def is_remote(row: Mapping[str, Any]) -> bool:
+    """The job runs on a cluster (``training.executor: ray``), not as a process here."""
+    return bool((row.get("params") or {}).get("executor", "local") != "local")
+
+
 def stop_stray(pid: int, start: int | None, why: str, grace_s: float = GRACE_S) -> bool:
     """Stop a child that a previous service left running (a SIGKILL does not reach children in their own session):
     SIGTERM to its group, grace, SIGKILL. False when that process (same pid and start time) is gone already."""
@@ -297,7 +328,7 @@ def stop_stray(pid: int, start: int | None, why: str, grace_s: float = GRACE_S) 
 def cancel_detached(state: State, job_id: str, grace_s: float = GRACE_S) -> bool:
     """Cancel a running job when no service supervises it (the CLI's ``cancel`` without a service)."""
     row = state.jobs.get(job_id)
-    if row is None or row.status not in ("running", "starting"):
+    if row is None or row.status not in ("running", "starting") or is_remote(row.as_dict()):
         return False
     job = Job(row.as_dict())
     if job.running():

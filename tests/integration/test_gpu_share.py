@@ -58,6 +58,8 @@ def test_auto_unloads_only_an_ollama_on_this_host(make_settings: Any) -> None:
     forced = make_settings(ollama={"host": "http://10.0.0.5:11434", "allow_remote": True},
                            training={"unload_ollama": True})
     assert gpu_share.wanted(forced)[0] is True
+    on_ray = make_settings(training={"executor": "ray"}, ray={"storage": "/srv/ray-storage"})
+    assert gpu_share.wanted(on_ray) == (False, "auto: the job runs on the ray cluster, not beside Ollama")
 
 
 def test_a_cycle_unloads_ollama_before_its_job_and_trains_when_ollama_is_down(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,13 @@ HEAVY = {"torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsl
 
 
 def imports(path: Path) -> set[str]:
+    return imports_of(ast.walk(ast.parse(path.read_text())))
+
+
+def imports_of(nodes: Iterable[ast.AST]) -> set[str]:
+    """The top-level packages that ``nodes`` import (absolute imports only)."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             out |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -47,6 +53,23 @@ def test_only_the_ollama_adapter_and_the_webhook_speak_http() -> None:
     http = [str(p.relative_to(PKG)) for p in SERVICE_MODULES
             if {"httpx", "requests", "urllib3", "http", "ollama"} & imports(p)]
     assert sorted(http) == sorted(HTTP_MODULES)
+
+
+# The one module that speaks to a Ray cluster (its Jobs API), with the import inside the calls: the service starts,
+# and runs training.executor: local, without the [ray] extra.
+RAY_MODULES = {"train/ray_client.py"}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """What the module imports when it is imported (not inside its functions)."""
+    return imports_of(ast.parse(path.read_text()).body)
+
+
+def test_only_the_ray_adapter_speaks_to_ray_and_imports_it_lazily() -> None:
+    ray = [str(p.relative_to(PKG)) for p in SERVICE_MODULES if "ray" in imports(p)]
+    assert sorted(ray) == sorted(RAY_MODULES)
+    eager = [m for m in RAY_MODULES if "ray" in top_level_imports(PKG / m)]
+    assert eager == []
 
 
 def test_the_service_never_imports_the_training_stack() -> None:

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from daemon import cli, settings
-from daemon.settings import ConfigError, Settings, load, parse_duration
+from daemon.settings import ConfigError, Settings, format_errors, load, parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -256,3 +257,12 @@ def test_gate_checks_and_required(tmp_path: Path) -> None:
     assert any(e.startswith("At 'gate.max_canary_increase'") for e in errs), errs
     p.write_text("gate:\n  checks: []\n")
     assert any(e.startswith("At 'gate.checks'") for e in errors_of(p))
+
+
+def test_a_ray_executor_needs_ray_storage() -> None:
+    with pytest.raises(ValidationError) as exc:
+        Settings(training={"executor": "ray"}, export={"executor": "ray"})
+    assert format_errors(exc.value) == [
+        "At 'ray.storage': empty, while training.executor and export.executor are ray: give it a directory both "
+        "this machine and the Ray cluster see"]
+    assert Settings(training={"executor": "ray"}, ray={"storage": "/mnt/jobs"}).ray.storage == "/mnt/jobs"
