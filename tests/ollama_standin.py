@@ -1027,13 +1027,17 @@ class _Api:
 
     # chat ----------------------------------------------------------------------------------------------------
 
-    def chat(self) -> None:
+    def _model_request(self) -> tuple[dict[str, Any], str, Path, dict[str, Any]]:
+        """A request naming a model: (body, name as given, manifest path, manifest); 400 without one, 404 unknown."""
         req = self.h._json_body()
         raw = req.get("model")
         if not raw:
             raise ApiError(400, "model is required")
         _, path = self._lookup(raw)
-        m = self.store.read_manifest(path)
+        return req, raw, path, self.store.read_manifest(path)
+
+    def chat(self) -> None:
+        req, raw, path, m = self._model_request()
         layers = {x.get("mediaType"): x for x in m.get("layers", [])}
         params = json.loads(self._layer_text(layers[MT_PARAMS])) if MT_PARAMS in layers else {}
         system = self._layer_text(layers[MT_SYSTEM]) if MT_SYSTEM in layers else ""
@@ -1079,12 +1083,7 @@ class _Api:
 
     def generate(self) -> None:
         """``POST /api/generate``: no prompt = load (or unload with ``keep_alive: 0``); a prompt = a one-turn chat."""
-        req = self.h._json_body()
-        raw = req.get("model")
-        if not raw:
-            raise ApiError(400, "model is required")
-        _, path = self._lookup(raw)
-        m = self.store.read_manifest(path)
+        req, raw, path, m = self._model_request()
         now = datetime.now().astimezone().isoformat()
         prompt = req.get("prompt") or ""
         if not prompt:
