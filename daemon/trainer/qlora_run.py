@@ -65,7 +65,8 @@ def tune_torch(torch: Any, cuda: bool) -> None:
     if not os.environ.get("OMP_NUM_THREADS"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, min(cores, 4) if cuda else cores))
-    if cuda and torch.cuda.get_device_capability(0) >= (9, 0) and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+    capability = qlora_gpu.cuda_capability() if cuda else None
+    if capability is not None and capability >= (9, 0) and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 

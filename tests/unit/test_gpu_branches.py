@@ -238,3 +238,39 @@ def test_the_4bit_trl_path_quantizes_at_the_cards_precision(
     assert model.get_output_embeddings().weight.dtype == DTYPES[prec]
     trainable = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {torch.float32}  # the LoRA
+
+
+# ------------------------------------------------------------------------------------------- torch's settings
+
+
+@pytest.mark.parametrize(("capability", "cudnn_off"), [((8, 0), False), ((8, 9), False), ((9, 0), True),
+                                                        ((12, 0), True)])
+def test_cudnn_attention_is_turned_off_on_sm90_and_newer(monkeypatch: pytest.MonkeyPatch,
+                                                         capability: tuple[int, int], cudnn_off: bool) -> None:
+    """PyTorch >= 2.10 prefers cuDNN attention on sm90+ and builds a plan for every new shape (~1 s each): the
+    trainer turns it off there, and only there; the threads follow OMP_NUM_THREADS or the cores (a GPU job keeps
+    at most 4)."""
+    import qlora_run
+
+    on_card(monkeypatch, capability)
+    calls: list[bool] = []
+    threads: list[int] = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    qlora_run.tune_torch(torch, True)
+    assert calls == ([False] if cudnn_off else [])
+    assert threads and 1 <= threads[0] <= 4
+    calls.clear()
+    threads.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    qlora_run.tune_torch(torch, False)  # the CPU: no cuDNN question; the runner's thread count is kept
+    assert calls == [] and threads == []
+
+
+def test_an_out_of_memory_report_carries_the_cards_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(qlora_gpu.FAKE_GPU_ENV, json.dumps({"capability": [8, 6], "free": 2 * qlora_gpu.GIB,
+                                                          "total": 12 * qlora_gpu.GIB}))
+    assert qlora_gpu.oom_numbers() == " (2.0 GiB free of 12.0)"  # torch sees no CUDA here: no peak to add
+    monkeypatch.setenv(qlora_gpu.FAKE_GPU_ENV, json.dumps({"capability": None}))
+    assert qlora_gpu.oom_numbers() == ""
