@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import log
-from daemon.publish.ollama import NotFound, OllamaError
+from daemon.publish.ollama import NotFound, OllamaError, OllamaUnavailable
 from daemon.publish.ollama_client import OllamaClient
 from daemon.settings import Settings
 from daemon.settings.sections import is_loopback_url
@@ -28,10 +28,13 @@ class Freed:
     unloaded: dict[str, int] = field(default_factory=dict)
     skipped: str | None = None
     error: str | None = None
+    unreachable: bool = False  # Ollama not running: it holds nothing (not a problem)
 
     def line(self) -> str:
         if self.skipped:
             return f"ollama left as it is: {self.skipped}"
+        if self.unreachable:
+            return f"ollama holds nothing: {self.error}"
         if self.error:
             return f"could not ask Ollama to unload its models: {self.error}"
         if not self.unloaded:
@@ -73,12 +76,16 @@ def free_gpu(settings: Settings, client: OllamaClient | None = None) -> Freed:
             except NotFound:
                 continue  # deleted since it was listed: nothing held any more
             out.unloaded[name] = _int(m.get("size_vram", m.get("size")))
+    except OllamaUnavailable as e:
+        out.error, out.unreachable = str(e), True
     except OllamaError as e:
         out.error = str(e)
     finally:
         if own:
             client.close()
-    if out.error:
+    if out.unreachable:
+        _log.info("ollama.unload_skipped", reason=out.error)
+    elif out.error:
         _log.warning("ollama.unload_failed", error=out.error)
     elif out.unloaded:
         _log.info("ollama.unloaded", models=sorted(out.unloaded), vram_bytes=sum(out.unloaded.values()))
