@@ -4,6 +4,7 @@ tests/e2e/test_trainer_contract.py, test_train_cpu.py and test_export_cpu.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import json
 import math
@@ -419,3 +420,87 @@ def test_the_shipped_canary_set_reads_as_training_data() -> None:
     assert all(ex[0]["role"] == "user" and ex[-1]["role"] == "assistant" for ex in examples)  # every template
     assert any(len(ex) > 2 for ex in examples) and any(len(ex[-1]["content"].split()) > 40 for ex in examples)
     assert len({ex[0]["content"] for ex in examples}) == len(examples)
+
+
+# ----------------------------------------------------------------------------------------------- the SFT step
+
+
+def test_batching_follows_the_device_and_the_attention() -> None:
+    import qlora_sft
+
+    assert qlora_sft.batching("auto", 64, cuda=False, attn="sdpa").padding == "free"
+    assert qlora_sft.batching("auto", 64, cuda=True, attn="flash_attention_2").padding == "free"
+    gpu = qlora_sft.batching("auto", 64, cuda=True, attn="sdpa")
+    assert (gpu.padding, gpu.pad_to_multiple_of) == ("bucket", 64)
+    assert qlora_sft.batching("longest", 64, cuda=True, attn="sdpa").pad_to_multiple_of is None
+
+    @dataclasses.dataclass
+    class Config:  # the field names SFTConfig / TrainingArguments spell
+        padding_free: bool = False
+        pad_to_multiple_of: int | None = None
+        max_length: int | None = 1024
+        train_sampling_strategy: str = "random"
+
+    assert gpu.sft_kwargs(Config) == {"padding_free": False, "pad_to_multiple_of": 64,
+                                      "train_sampling_strategy": "group_by_length"}
+    assert qlora_sft.batching("free", 64, False, None).sft_kwargs(Config) == {
+        "padding_free": True, "pad_to_multiple_of": None, "max_length": None}  # already cut by qlora_tokens
+
+
+def test_the_trained_tokens_loss_is_the_full_logits_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``qlora_sft``'s loss (only the trained positions through the LM head) equals the token-mean cross-entropy
+    over the full logits, value and gradient, with and without ``num_items_in_batch``, on a padded batch and on the
+    same rows padding-free; and it logs TRL's token accuracy and token count."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import qlora_sft
+    from tinymodel import SHAPE
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**SHAPE, vocab_size=300))
+
+    class Base:
+        def compute_loss(self, *a: Any, **kw: Any) -> Any:
+            raise AssertionError("the plain-head path must not fall back to TRL's loss")
+
+    cls = qlora_sft.sft_class(Base)
+    trainer = cls.__new__(cls)
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m, num_processes=1)
+    trainer.args = SimpleNamespace(average_tokens_across_devices=False)
+    trainer._metrics = {"train": {"mean_token_accuracy": [], "num_tokens": []}, "eval": {}}
+    trainer._total_train_tokens = 0
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    labels = [[-100, -100, 7, 8, 9, 10], [-100, 12, 13, -100]]
+    ids = torch.tensor([rows[0], rows[1] + [0, 0]])
+    lab = torch.tensor([labels[0], labels[1] + [-100, -100]])
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0, 0]])
+
+    def reference(scale: float | None) -> tuple[float, Any]:
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = lab[:, 1:]
+        total = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), target.reshape(-1), ignore_index=-100,
+                                                  reduction="sum")
+        loss = total / (scale if scale is not None else (target != -100).sum())
+        loss.backward()
+        return float(loss.detach()), model.model.embed_tokens.weight.grad.clone()
+
+    model.train()
+    for scale in (None, 12.0):
+        want, want_grad = reference(scale)
+        model.zero_grad()
+        got = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": lab},
+                                   num_items_in_batch=None if scale is None else torch.tensor(scale))
+        got.backward()
+        assert float(got.detach()) == pytest.approx(want, rel=1e-5)
+        assert torch.allclose(model.model.embed_tokens.weight.grad, want_grad, atol=1e-6)
+    flat = {"input_ids": torch.tensor([rows[0] + rows[1]]),
+            "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]),
+            "labels": torch.tensor([labels[0] + labels[1]])}
+    with torch.no_grad():
+        padded = float(trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": lab}))
+        free = float(trainer.compute_loss(model, flat))  # one row, position ids: the packed mask keeps rows apart
+    assert free == pytest.approx(padded, rel=1e-4)
+    assert trainer._total_train_tokens == 10 * 3 + 10  # the attention mask's ones, then the flattened row's length
+    accuracy = trainer._metrics["train"]["mean_token_accuracy"]
+    assert len(accuracy) == 4 and all(0.0 <= a <= 1.0 for a in accuracy)
