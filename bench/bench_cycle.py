@@ -9,7 +9,8 @@ against the Ollama stand-in) and a streamed blob upload of a large file to the s
 Then the objectives (issue 12): SFT vs KTO vs DPO cycles on one store whose thumbs-down chats carry corrections,
 TRL+PEFT, one epoch each (at most --steps): seconds per step, tokens/s, peak RSS, and the preference accuracy on the
 preference eval split before and after training (SFT trains no preference data, so it has none).
-Needs `.ci/train-setup.sh` (training stack, converter files, the Unsloth venv).
+Needs `.ci/train-setup.sh` (training stack, converter files, the Unsloth venv). The trainer's own speed before and
+after issue 14 (the same job run by an older commit's trainer and this one's, in one run) is `bench_trainer.py`.
 """
 
 from __future__ import annotations
