@@ -24,7 +24,7 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "model": {"name": None, "chat_template": "qwen-2.5", "max_seq_length": 1024, "load_in_4bit": True},
     "template": None,
     "dataset": {"train_path": None, "eval_path": None, "new_path": None, "canary_path": None,
-                "pref_train_path": None, "pref_eval_path": None},
+                "pref_train_path": None, "pref_eval_path": None, "token_cache_dir": None},
     "training": {
         "output_dir": None,
         "learning_rate": 2e-4,
@@ -38,6 +38,10 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
         "eval_steps": 20,
         "save_steps": 0,
         "seed": 3407,
+        "padding": "auto",
+        "pad_to_multiple_of": 64,
+        "gradient_checkpointing": "auto",
+        "gpu_fp32": False,
     },
     "lora": {
         "r": 16,
