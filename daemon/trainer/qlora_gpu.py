@@ -358,7 +358,7 @@ def preflight(cfg: dict[str, Any], backend: str, memory: tuple[int, int] | None)
         return None
     free, total = memory
     t, four_bit = cfg["training"], bool(cfg["model"]["load_in_4bit"])
-    size = dtype_bytes(precision(cuda_capability(), bool(t.get("gpu_fp32"))))
+    size = dtype_bytes(run_precision(cfg, cuda=True))
 
     def need(checkpointing: bool) -> Estimate:
         return estimate(shape, cfg["model"]["max_seq_length"], t["per_device_train_batch_size"], cfg["lora"]["r"],

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qlora_metrics import count_tokens
+
 PADDINGS = ("auto", "free", "bucket", "longest")
 
 
@@ -100,11 +102,7 @@ def sft_class(base: Any) -> Any:
                 right = int((logits.argmax(-1) == goal).sum()) if valid else 0
             self._metrics[mode]["mean_token_accuracy"].append(right / valid if valid else 0.0)
             if mode == "train":
-                if "attention_mask" in inputs:
-                    seen = int(inputs["attention_mask"].sum())
-                else:
-                    seen = int(inputs["position_ids"].size(1))
-                self._total_train_tokens += seen
+                self._total_train_tokens += count_tokens(inputs)
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return loss
 
